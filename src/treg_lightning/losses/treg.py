@@ -65,9 +65,12 @@ def reward_weighted_nll(
 
     ``token_scale`` is ``[batch]``; the other three are ``[batch, seq]``.
     """
-    # where(), not a product with the mask: a masked position never contributes, even if its
-    # reward or log-prob is not finite.
-    weighted = torch.where(mask, token_rewards.to(token_logps.dtype) * token_logps, 0.0)
+    # where() on each factor, not a product with the mask: a masked position never contributes,
+    # even if its reward or log-prob is not finite -- nor to the backward pass, where a where()
+    # around the product would still give logp the gradient 0 * r_hat = nan for r_hat = nan/inf.
+    weighted = torch.where(mask, token_rewards.to(token_logps.dtype), 0.0) * torch.where(
+        mask, token_logps, 0.0
+    )
     return -token_scale.to(token_logps.dtype) * weighted.sum(-1)
 
 

@@ -1,0 +1,364 @@
+"""`PreferenceDataModule`: raw pairs -> normalized -> tokenized -> token-reward cache -> batches.
+
+Usable with a plain ``Trainer`` (no CLI needed)::
+
+    data = PreferenceDataModule("demo", tokenizer="smollm2", max_length=512,
+                                max_prompt_length=256, batch_size=4, val_fraction=0.1)
+    trainer.fit(module, datamodule=data)
+
+Token rewards: with ``rewards="annotate"`` (default) ``setup`` builds, or reuses, the
+fingerprinted token-reward cache by running the evaluator over every pair (see
+``treg_lightning.rewards``); this runs on every rank, each annotating its shard. With
+``rewards="none"`` no evaluator runs and batches carry zero token rewards: plain DPO / IPO /
+SimPO training (the T-REG term is then zero), and no reference logps, so losses that need a
+reference use a live reference model.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader
+
+from treg_lightning.data.collate import LengthGroupedSampler, PreferenceCollator, pair_lengths
+from treg_lightning.data.errors import DataFormatError, SkipReport
+from treg_lightning.data.formats import normalize_rows
+from treg_lightning.data.sources import DEMO_SOURCE, RawSource, load_source
+from treg_lightning.data.tokenize import PairTokenizer, tokenize_pairs
+from treg_lightning.models import cache_root, load_causal_lm, load_tokenizer
+from treg_lightning.rewards import (
+    ContrastiveTemplate,
+    TokenRewardAnnotator,
+    check_same_vocab,
+    compute_fingerprint,
+    load_or_build,
+)
+
+SPLITS = ("train", "val")
+
+
+class PreferenceDataModule(pl.LightningDataModule):
+    """Preference pairs with token rewards, served as the contract's padded batch dicts.
+
+    Args:
+        source: Training pairs: "demo" (shipped set), a local .jsonl/.json/.parquet/.csv file,
+            a folder saved with Dataset.save_to_disk, or a Hugging Face hub dataset id.
+        tokenizer: Tokenizer name or path (hub id, folder, .gguf file or "smollm2"); use the
+            policy model's.
+        split: Split of `source` to train on (hub datasets, data folders, saved DatasetDicts).
+        val_source: Validation pairs, same kinds as `source`. Setting it or `val_split`
+            disables `val_fraction`.
+        val_split: Split of `val_source` (or of `source` when `val_source` is unset).
+        val_fraction: Without `val_source`/`val_split`, hold out this fraction of `source`'s
+            rows for validation, chosen by `seed` (0: no validation).
+        max_length: Maximum tokens of prompt + one response.
+        max_prompt_length: Maximum prompt tokens (cut from the left); < `max_length`.
+        chat_template: Jinja chat template replacing the tokenizer's (needed if it has none).
+        batch_size: Pairs per training batch, per device.
+        eval_batch_size: Pairs per validation batch (None: `batch_size`).
+        num_workers: DataLoader worker processes.
+        seed: Seed for the validation hold-out and the batch order (with the epoch).
+        skip_invalid_rows: Skip rows with content problems (empty response, roles out of
+            order, chosen identical to rejected, ...) and report the counts per reason; False
+            raises on the first one. Schema problems (missing columns, unreadable files)
+            always raise.
+        limit: Use only the first `limit` rows of each source (None: all).
+        megabatch_size: Global batches per length-sorted group in the training order (larger:
+            less padding, less random batches).
+        rewards: "annotate": compute (or reuse) token rewards with the evaluator and serve them;
+            "none": serve zero token rewards, run no evaluator (plain DPO / IPO / SimPO).
+        evaluator: Model scoring the response tokens (METHOD.md section 1); None: the model
+            named by `tokenizer` (the reference model, as in the paper).
+        evaluator_dtype: Dtype of the evaluator during annotation ("float32", "bfloat16", ...).
+        template: Contrastive template: preset "instruct" or "revise", or a
+            ContrastiveTemplate with custom texts.
+        store_reference_logps: Also cache the evaluator's token logps under the plain prompt,
+            so DPO / IPO train without a live reference model (valid when the evaluator is
+            the reference model).
+        annotate_batch_size: Sequences per evaluator forward pass during annotation.
+        cache_dir: Folder of token-reward caches (one subfolder per split and fingerprint);
+            None: `$TREG_CACHE/token_rewards` or `~/.cache/treg_lightning/token_rewards`.
+        trust_remote_code: Allow tokenizer/model code from the hub.
+    """
+
+    def __init__(
+        self,
+        source: str = "demo",
+        tokenizer: str = "smollm2",
+        split: str = "train",
+        val_source: str | None = None,
+        val_split: str | None = None,
+        val_fraction: float = 0.0,
+        max_length: int = 2048,
+        max_prompt_length: int = 1800,
+        chat_template: str | None = None,
+        batch_size: int = 2,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 42,
+        skip_invalid_rows: bool = True,
+        limit: int | None = None,
+        megabatch_size: int = 64,
+        rewards: Literal["annotate", "none"] = "annotate",
+        evaluator: str | None = None,
+        evaluator_dtype: str = "float32",
+        template: str | ContrastiveTemplate = "instruct",
+        store_reference_logps: bool = True,
+        annotate_batch_size: int = 8,
+        cache_dir: str | None = None,
+        trust_remote_code: bool = False,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+        if not 0 < max_prompt_length < max_length:
+            raise ValueError(
+                f"max_prompt_length ({max_prompt_length}) must be positive and smaller than "
+                f"max_length ({max_length}), so that every response keeps at least one token."
+            )
+        if rewards not in ("annotate", "none"):
+            raise ValueError(f"rewards must be 'annotate' or 'none', got {rewards!r}.")
+        self.save_hyperparameters(ignore=["template"] if not isinstance(template, str) else [])
+        self.source = source
+        self.tokenizer_name = tokenizer
+        self.split = split
+        self.val_source = val_source
+        self.val_split = val_split
+        self.val_fraction = val_fraction
+        self.max_length = max_length
+        self.max_prompt_length = max_prompt_length
+        self.chat_template = chat_template
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.skip_invalid_rows = skip_invalid_rows
+        self.limit = limit
+        self.megabatch_size = megabatch_size
+        self.rewards = rewards
+        self.evaluator = evaluator
+        self.evaluator_dtype = evaluator_dtype
+        self.template = template
+        self.store_reference_logps = store_reference_logps
+        self.annotate_batch_size = annotate_batch_size
+        self.cache_dir = cache_dir
+        self.trust_remote_code = trust_remote_code
+        self.tokenizer = None
+        self._evaluator = None
+        self.datasets: dict[str, object] = {}
+        self.lengths: dict[str, list[int]] = {}
+        self.reports: dict[str, SkipReport] = {}
+
+    # --- Lightning hooks -----------------------------------------------------------------------
+
+    def prepare_data(self) -> None:
+        """Downloads (hub datasets, tokenizer) once per node; nothing is kept in memory."""
+        self._load_tokenizer()
+        for source, split in self._sources():
+            if source != DEMO_SOURCE and not Path(source).expanduser().exists():
+                load_source(source, split, self.limit)  # a hub dataset: fills the HF cache
+
+    def setup(self, stage: str | None = None) -> None:
+        """Builds the splits needed by `stage` (all when None); idempotent."""
+        wanted = {"fit": SPLITS, "validate": ("val",)}.get(stage or "fit", SPLITS)
+        if all(split in self.datasets for split in wanted):
+            return
+        rows = self.tokenized_rows()
+        for split in wanted:
+            if rows.get(split):
+                self.datasets[split] = self._serve(split, rows[split])
+                self.lengths[split] = pair_lengths(rows[split])
+        self._evaluator = None  # only the annotate pass needs it: free it before training
+
+    def train_dataloader(self) -> DataLoader:
+        return self._dataloader("train", self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if "val" not in self.datasets:
+            return []  # Lightning runs no validation loop for an empty list
+        return self._dataloader("val", self.eval_batch_size, shuffle=False)
+
+    # --- building blocks (overridable) ---------------------------------------------------------
+
+    def tokenized_rows(self) -> dict[str, list[dict]]:
+        """Normalized and tokenized pairs per split ("train", and "val" if any); logs reports.
+
+        Raises:
+            DataFormatError: A schema problem, an invalid row with skip_invalid_rows False, or
+                no usable row left in a split.
+        """
+        tokenizer = self._load_tokenizer()
+        pair_tokenizer = PairTokenizer(
+            tokenizer, self.max_length, self.max_prompt_length, self.chat_template
+        )
+        examples = self._examples()
+        rows = {}
+        for split, (source_name, split_examples) in examples.items():
+            report = self.reports[split]
+            rows[split] = tokenize_pairs(
+                split_examples, pair_tokenizer, self.skip_invalid_rows, report, source_name
+            )
+            self._log_report(split, source_name, report, rows[split])
+        return rows
+
+    def build_caches(self) -> dict[str, object]:
+        """Builds (or reuses) the token-reward cache of every split; returns them by split."""
+        if self.rewards != "annotate":
+            raise ValueError("build_caches needs rewards='annotate'.")
+        rows = self.tokenized_rows()
+        caches = {split: self._load_or_build_cache(split, r) for split, r in rows.items() if r}
+        self._evaluator = None
+        return caches
+
+    # --- internals -----------------------------------------------------------------------------
+
+    def _sources(self) -> list[tuple[str, str]]:
+        sources = [(self.source, self.split)]
+        if self.val_source is not None or self.val_split is not None:
+            sources.append((self.val_source or self.source, self.val_split or self.split))
+        return sources
+
+    def _load_tokenizer(self):
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(
+                self.tokenizer_name, trust_remote_code=self.trust_remote_code
+            )
+        return self.tokenizer
+
+    def _examples(self) -> dict[str, tuple[str, list[dict]]]:
+        """Normalized examples per split, with their source's display name."""
+        sources = {"train": load_source(self.source, self.split, self.limit)}
+        if len(self._sources()) > 1:
+            sources["val"] = load_source(*self._sources()[1], self.limit)
+        elif self.val_fraction > 0:
+            train = sources["train"]
+            held_out = self._held_out(len(train.rows))
+            sources["train"] = train.subset(
+                [i for i in range(len(train.rows)) if i not in held_out]
+            )
+            sources["val"] = train.subset(sorted(held_out))
+        return {split: (raw.name, self._normalize(split, raw)) for split, raw in sources.items()}
+
+    def _normalize(self, split: str, source: RawSource) -> list[dict]:
+        self.reports[split] = SkipReport()
+        return normalize_rows(source, self.skip_invalid_rows, self.reports[split])
+
+    def _held_out(self, num_rows: int) -> set[int]:
+        # Chosen among source rows by seed alone, so the split does not move when skip
+        # settings or lengths change.
+        generator = torch.Generator().manual_seed(self.seed)
+        count = max(1, math.ceil(num_rows * self.val_fraction))
+        return set(torch.randperm(num_rows, generator=generator)[:count].tolist())
+
+    def _log_report(self, split: str, name: str, report: SkipReport, rows: list[dict]) -> None:
+        message = f"{split} data from {name}: {len(rows)} pairs; {report.summary()}"
+        if report.num_skipped:
+            rank_zero_warn(message)
+        else:
+            rank_zero_info(message)
+        if not rows and report.total:
+            raise DataFormatError(
+                f"no usable pairs left: {report.summary()}",
+                file=name,
+                hint="Check the data format (see treg_lightning.data.formats) and the lengths.",
+            )
+
+    def _serve(self, split: str, rows: list[dict]):
+        if self.rewards == "none":
+            return rows
+        return self._load_or_build_cache(split, rows)
+
+    def _load_or_build_cache(self, split: str, rows: list[dict]):
+        """The token-reward cache of `rows` (built with the evaluator when missing)."""
+        annotator = TokenRewardAnnotator(
+            template=self.template,
+            batch_size=self.annotate_batch_size,
+            store_reference_logps=self.store_reference_logps,
+        )
+        evaluator_name = self.evaluator or self.tokenizer_name
+        tokenizer = self._load_tokenizer()
+        model = self._load_evaluator(evaluator_name)
+        settings = {
+            **annotator.settings(),
+            "max_length": self.max_length,
+            "max_prompt_length": self.max_prompt_length,
+            "evaluator_dtype": self.evaluator_dtype,
+        }
+        fingerprint = compute_fingerprint(
+            model=model,
+            tokenizer=tokenizer,
+            template=annotator.template,
+            rows=rows,
+            settings=settings,
+            model_name=evaluator_name,
+        )
+        root = Path(self.cache_dir) if self.cache_dir else cache_root() / "token_rewards"
+        dataset = load_or_build(
+            rows,
+            root / f"{split}-{fingerprint.digest[:16]}",
+            fingerprint,
+            annotate_fn=lambda todo, work_dir: annotator(model, tokenizer, todo, work_dir),
+        )
+        return dataset  # the evaluator is freed on return: only this pass needs it
+
+    def _load_evaluator(self, name: str):
+        """The evaluator model, loaded once per setup (its fingerprint is taken even when the
+        cache exists, so a changed model is never served stale rewards)."""
+        if self._evaluator is None:
+            if name != self.tokenizer_name:
+                check_same_vocab(self._load_tokenizer(), load_tokenizer(name), name)
+            model = load_causal_lm(name, self.evaluator_dtype)
+            self._evaluator = model.to(self._device()).eval()
+        return self._evaluator
+
+    def _device(self) -> torch.device:
+        if self.trainer is not None:
+            return self.trainer.strategy.root_device
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def _replicas(self) -> tuple[int, int]:
+        """(num_replicas, rank) of data parallelism, from the Trainer's strategy if attached."""
+        if self.trainer is not None:
+            # Parallel strategies say how data is split (data-parallel size, not world size,
+            # under tensor parallelism); single-device strategies have no such attribute.
+            kwargs = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) or {}
+            return kwargs.get("num_replicas", 1), kwargs.get("rank", 0)
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_world_size(), dist.get_rank()
+        return 1, 0
+
+    def _dataloader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        if split not in self.datasets:
+            raise RuntimeError(
+                f"no {split} pairs: setup() has not run (the Trainer runs it), or the {split} "
+                "split is empty (see the data report logged by setup)."
+            )
+        dataset = self.datasets[split]
+        num_replicas, rank = self._replicas()
+        sampler = LengthGroupedSampler(
+            self.lengths[split],
+            batch_size,
+            num_replicas=num_replicas,
+            rank=rank,
+            shuffle=shuffle,
+            seed=self.seed,
+            megabatch_size=self.megabatch_size,
+        )
+        tokenizer = self._load_tokenizer()
+        pad_token_id = tokenizer.pad_token_id
+        if pad_token_id is None:
+            pad_token_id = tokenizer.eos_token_id
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            collate_fn=PreferenceCollator(pad_token_id),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
