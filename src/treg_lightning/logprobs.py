@@ -60,7 +60,9 @@ class _ChunkedTokenLogps(torch.autograd.Function):
             rows = slice(start, start + ctx.chunk_size)
             logits, tanh = _chunk_logits(hidden[rows], weight, bias, ctx.softcap)
             # d logp / d z_j = onehot_j - softmax_j, scaled by the incoming gradient.
-            grad_logits = -torch.exp(logits - logsumexp[rows, None])
+            # In place: logits is this chunk's own tensor, and at a 128k vocabulary every
+            # extra [chunk, vocab] float32 temporary costs half a gigabyte.
+            grad_logits = logits.sub_(logsumexp[rows, None]).exp_().neg_()
             grad_logits.scatter_add_(-1, targets[rows, None], torch.ones_like(grad_logits[:, :1]))
             grad_logits *= grad_token_logps[rows, None]
             if tanh is not None:  # chain rule through z = cap * tanh(l / cap)
@@ -68,7 +70,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
             if grad_hidden is not None:
                 grad_hidden[rows] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
             if grad_weight is not None:
-                grad_weight += grad_logits.T @ hidden[rows].to(acc_dtype)
+                grad_weight.addmm_(grad_logits.T, hidden[rows].to(acc_dtype))
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0)
         if grad_weight is not None:
