@@ -219,3 +219,16 @@ def test_cached_token_rewards_builds_then_reuses(rw_model, rw_tokenizer, rw_rows
     settings = read_meta(tmp_path)["description"]["settings"]
     assert settings["dtype"] == "torch.float32" and settings["max_length"] == 9
     assert settings["template"]["name"] == "revise"
+
+
+def test_model_identity_handles_tensors_past_float32_counting():
+    """An embedding of more than 2**24 entries (SmolLM2's has 28M) must not index past its end,
+    and a change to its last entry changes the identity."""
+    from treg_lightning.rewards.cache import model_identity
+
+    module = torch.nn.Embedding(2**24 + 3, 1)
+    torch.nn.init.zeros_(module.weight)
+    before = model_identity(module)
+    with torch.no_grad():
+        module.weight[-1] = 1.0
+    assert model_identity(module) != before

@@ -91,7 +91,10 @@ def model_identity(model: torch.nn.Module) -> str:
         h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
         flat = tensor.detach().reshape(-1)
         if flat.numel() and flat.device.type != "meta":
-            picks = torch.linspace(0, flat.numel() - 1, 16).long().unique().to(flat.device)
+            # float64: float32 cannot count past 2**24, and larger tensors (a 28M-entry
+            # embedding) would round the last index past the end.
+            picks = torch.linspace(0, flat.numel() - 1, 16, dtype=torch.float64)
+            picks = picks.long().unique().to(flat.device)
             h.update(flat.index_select(0, picks).to("cpu", torch.float64).numpy().tobytes())
             h.update(f"{flat.sum(dtype=torch.float64).item():.9e}".encode())
     return h.hexdigest()

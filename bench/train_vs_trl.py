@@ -1,0 +1,665 @@
+"""Train the same model on the same preference pairs with treg-lightning and with TRL's DPOTrainer.
+
+Both sides train one randomly initialised Llama-shaped model, saved once to a temporary folder,
+on the same pairs (lengths drawn from real data), with the same micro-batch, AdamW with the same
+learning rate and no weight decay, gradient-norm clipping at 1.0 (TRL's default, done on our side
+too), for the same number of timed steps after the same number of warm-up steps. Each side runs in
+its own subprocess, so its peak memory (CUDA ``max_memory_allocated``, or peak RSS on CPU) is its
+own.
+
+- **ours**: :class:`treg_lightning.module.PreferenceModule` (``compute_loss``, the module's own
+  code path: one policy forward over chosen + rejected, chunked token log-probs,
+  :class:`~treg_lightning.losses.DPOLoss` + :class:`~treg_lightning.losses.TokenRewardRegularizer`
+  with ``alpha`` = 0.25 and token rewards uniform in (-0.5, 0.5) standing in for the cached
+  ``r_hat``). Reference token log-probs are computed once before timing, as the annotate pass
+  does, and served from the batch (``live_reference=False``: no reference model in memory).
+  Batches come from :class:`~treg_lightning.data.collate.PreferenceCollator` in the order of
+  :class:`~treg_lightning.data.collate.LengthGroupedSampler`. With flash-attn installed (CUDA),
+  the module packs chosen and rejected padding-free (``packing=True``,
+  :mod:`treg_lightning.data.packing`, varlen attention); otherwise padded batches with sdpa.
+- **trl**: ``trl.DPOTrainer`` with ``loss_type="sigmoid"``, a live reference model
+  (``precompute_ref_log_probs=False``), its default gradient checkpointing, pairs in the given
+  (random) order; the only override feeds it the same token ids (``_prepare_dataset`` returns the
+  pre-tokenized rows, which are exactly what TRL's own tokenization would produce).
+
+Printed: non-padding tokens per second (prompt + response tokens of chosen and rejected, i.e. the
+real tokens of both sequences of each pair), peak memory, memory above the static part (weights,
+gradients and AdamW states of the policy, plus the reference weights for TRL, computed
+analytically from the parameter count and dtype), and ours/TRL ratios; on H100/H200 also model
+FLOPs utilisation. ``--out`` writes everything as JSON.
+
+Examples::
+
+    python bench/train_vs_trl.py --size cpu                      # ~2-4 minutes on 2 CPU cores
+    python bench/train_vs_trl.py --size 1b --max-length 1024 2048 --out results.json
+    python bench/train_vs_trl.py --size 1b --find-max-batch       # GPU only
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HH_RLHF = (
+    Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
+)
+# Token length = whitespace words x 1.3 (a typical English BPE ratio; no tokenizer download).
+TOKENS_PER_WORD = 1.3
+# Stand-in when the data file is absent: lognormal (mean, std of log tokens) fitted to the
+# 1,500 rows of hh-rlhf-harmless-base-test (prompt = text up to the last "\n\nAssistant:", words
+# x 1.3). Medians of that file: prompt 81, chosen 27, rejected 35 tokens; 95th percentiles 324,
+# 121, 150.
+FALLBACK_LOGNORMAL = {
+    "prompt": (4.202, 1.088),
+    "chosen": (3.263, 0.982),
+    "rejected": (3.465, 1.043),
+}
+ASSISTANT = "\n\nAssistant:"
+# bf16 dense peak of one H100 SXM / H200 (NVIDIA datasheets), for model FLOPs utilisation.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}
+
+# Llama-shaped models. "1b" is Llama-3.2-1B's shape (without its rope scaling), random weights.
+SIZES = {
+    "cpu": {
+        "model": {
+            "hidden_size": 256,
+            "intermediate_size": 704,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 2,
+            "vocab_size": 32000,
+        },
+        "dtype": "float32",
+        "max_length": [512],
+        "warmup_steps": 2,
+        "steps": 6,
+    },
+    "1b": {
+        "model": {
+            "hidden_size": 2048,
+            "intermediate_size": 8192,
+            "num_hidden_layers": 16,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "vocab_size": 128256,
+            "rope_theta": 500000.0,
+        },
+        "dtype": "bfloat16",
+        "max_length": [1024],
+        "warmup_steps": 5,
+        "steps": 20,
+    },
+}
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+
+
+# ---- data ---------------------------------------------------------------------------------
+
+
+def real_lengths() -> list[tuple[int, int, int]] | None:
+    """(prompt, chosen, rejected) token lengths of every hh-rlhf row, or None without the file."""
+    if not HH_RLHF.exists():
+        return None
+    lengths = []
+    with gzip.open(HH_RLHF, "rt") as handle:
+        for line in handle:
+            row = json.loads(line)
+            cut = row["chosen"].rfind(ASSISTANT) + len(ASSISTANT)
+            texts = (row["chosen"][:cut], row["chosen"][cut:], row["rejected"][cut:])
+            lengths.append(tuple(max(1, round(len(t.split()) * TOKENS_PER_WORD)) for t in texts))
+    return lengths
+
+
+def sample_lengths(count: int, rng: random.Random, table) -> list[tuple[int, int, int]]:
+    if table is not None:
+        return [rng.choice(table) for _ in range(count)]
+    return [
+        tuple(max(1, round(rng.lognormvariate(*FALLBACK_LOGNORMAL[k]))) for k in FALLBACK_LOGNORMAL)
+        for _ in range(count)
+    ]
+
+
+def truncate(lengths, max_length: int, scale: float) -> tuple[int, int, int]:
+    """The contract's rule: the prompt keeps at most max_length // 2 tokens (cut from the left),
+    each response is cut so that prompt + response <= max_length."""
+    prompt, chosen, rejected = (max(1, round(n * scale)) for n in lengths)
+    prompt = max(2, min(prompt, max_length // 2))  # BOS + at least one prompt token
+    return prompt, min(chosen, max_length - prompt), min(rejected, max_length - prompt)
+
+
+def make_rows(spec_lengths, vocab_size: int, rng: random.Random) -> list[dict]:
+    """Cache-like rows: random ids with BOS/EOS, r_hat uniform in (-0.5, 0.5)."""
+
+    def ids(n):
+        return [rng.randrange(3, vocab_size) for _ in range(n)]
+
+    rows = []
+    for index, (prompt, chosen, rejected) in enumerate(spec_lengths):
+        row = {"index": index, "prompt_ids": [BOS_ID] + ids(prompt - 1)}
+        for side, n in (("chosen", chosen), ("rejected", rejected)):
+            row[f"{side}_ids"] = ids(n - 1) + [EOS_ID]
+            row[f"{side}_rewards"] = [rng.random() - 0.5 for _ in range(n)]
+        rows.append(row)
+    return rows
+
+
+def real_tokens(rows) -> int:
+    return sum(
+        2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows
+    )
+
+
+def padded_tokens(batches) -> int:
+    """Tokens a padded [2B, T] forward computes (chosen and rejected padded to one length)."""
+    total = 0
+    for rows in batches:
+        longest = max(
+            len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in rows
+        )
+        total += 2 * len(rows) * longest
+    return total
+
+
+# ---- model --------------------------------------------------------------------------------
+
+
+def build_model_dir(size: str, seed: int, folder: Path) -> int:
+    """Save a random Llama of ``size`` and a word-level tokenizer over its vocab; return #params."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    settings = SIZES[size]
+    config = LlamaConfig(
+        **settings["model"],
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+        pad_token_id=PAD_ID,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(getattr(torch, settings["dtype"]))
+    model.save_pretrained(folder)
+    num_params = sum(p.numel() for p in model.parameters())
+    del model
+    # TRL needs a tokenizer (pad/eos ids); the data is pre-tokenized so any vocab of the right
+    # size does: "<pad>", "<s>", "</s>", then w3 ... w{V-1}.
+    vocab = {"<pad>": PAD_ID, "<s>": BOS_ID, "</s>": EOS_ID}
+    vocab |= {f"w{i}": i for i in range(3, config.vocab_size)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+    tokenizer.save_pretrained(folder)
+    return num_params
+
+
+# ---- one side, in a child process ---------------------------------------------------------
+
+
+def _sync():
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _memory(rss_after_imports: int) -> dict:
+    import torch
+
+    out = {
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "rss_after_imports_bytes": rss_after_imports,
+    }
+    if torch.cuda.is_available():
+        out["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
+        out["device_name"] = torch.cuda.get_device_name()
+    return out
+
+
+def _elapsed(stamps: list[tuple[float, float]], warmup: int) -> dict:
+    """Wall seconds and process CPU seconds (all threads) of the timed steps. CPU seconds do not
+    grow when other processes compete for the cores, so they compare runs on a busy machine."""
+    (wall_end, cpu_end), (wall_start, cpu_start) = stamps[-1], stamps[warmup - 1]
+    return {"elapsed_s": wall_end - wall_start, "cpu_s": cpu_end - cpu_start}
+
+
+def _rss_now() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _cache_reference_logps(module, collator, batches, device) -> None:
+    """What the annotate pass stores: reference token logps per response token, per row."""
+    import torch
+
+    with torch.no_grad():
+        for rows in batches:
+            batch = {k: v.to(device) for k, v in collator(rows).items()}
+            out = module.model_token_logps(module.policy, batch)
+            for b, row in enumerate(rows):
+                start = len(row["prompt_ids"])
+                for side in ("chosen", "rejected"):
+                    end = start + len(row[f"{side}_ids"])
+                    values = out[f"{side}_token_logps"][b, start:end]
+                    row[f"{side}_ref_logps"] = values.float().cpu().tolist()
+
+
+def run_ours(spec: dict) -> dict:
+    import torch
+
+    from treg_lightning.data.collate import LengthGroupedSampler, PreferenceCollator, pair_lengths
+    from treg_lightning.losses import DPOLoss, TokenRewardRegularizer
+    from treg_lightning.module import PreferenceModule
+
+    rss_after_imports = _rss_now()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    module = PreferenceModule(
+        model=spec["model_dir"],
+        loss=DPOLoss(beta=spec["beta"]),
+        regularizer=TokenRewardRegularizer(alpha=spec["alpha"]),
+        live_reference=False,
+        torch_dtype=spec["dtype"],
+        attn_implementation=spec["attn"],
+        gradient_checkpointing=spec["ours_gradient_checkpointing"],
+        packing=spec["packing"],
+    )
+    module.configure_model()
+    module.to(device).train()
+    if spec["compile"]:
+        for layer in getattr(module.policy, module.policy.base_model_prefix).layers:
+            layer.compile(dynamic=True)
+
+    rows, batch_size, warmup = spec["rows"], spec["micro_batch"], spec["warmup_steps"]
+    warmup_rows, timed_rows = rows[: warmup * batch_size], rows[warmup * batch_size :]
+    order = list(range(len(timed_rows)))
+    if spec["length_grouping"]:
+        sampler = LengthGroupedSampler(
+            pair_lengths(timed_rows), batch_size, seed=spec["seed"], megabatch_size=spec["steps"]
+        )
+        order = list(sampler)
+    timed_rows = [timed_rows[i] for i in order]
+    batches = [rows[i : i + batch_size] for i in range(0, len(warmup_rows), batch_size)]
+    batches += [timed_rows[i : i + batch_size] for i in range(0, len(timed_rows), batch_size)]
+    collator = PreferenceCollator(pad_token_id=PAD_ID)
+
+    start = time.perf_counter()
+    _cache_reference_logps(module, collator, batches, device)
+    _sync()
+    reference_seconds = time.perf_counter() - start
+
+    params = [p for p in module.policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=spec["lr"], weight_decay=0.0)
+    losses, stamps = [], []
+    for rows_of_batch in batches:
+        batch = {k: v.to(device) for k, v in collator(rows_of_batch).items()}
+        loss, _ = module.compute_loss(batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _sync()
+        stamps.append((time.perf_counter(), time.process_time()))
+        losses.append(loss.item())
+    timed_batches = batches[warmup:]
+    return {
+        **_elapsed(stamps, warmup),
+        "real_tokens": real_tokens(timed_rows),
+        "computed_tokens": real_tokens(timed_rows)
+        if spec["packing"]
+        else padded_tokens(timed_batches),
+        "reference_precompute_s": reference_seconds,
+        "reference_precompute_pairs": len(rows),
+        "attn_implementation": module.policy.config._attn_implementation,
+        "packing": spec["packing"],
+        "gradient_checkpointing": spec["ours_gradient_checkpointing"],
+        "compile": spec["compile"],
+        "losses": losses,
+        **_memory(rss_after_imports),
+    }
+
+
+def run_trl(spec: dict) -> dict:
+    import uuid
+
+    import datasets
+    import torch
+    from transformers import PreTrainedTokenizerFast, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    # On some images datasets' fingerprinting fails (dill PicklingError on pyarrow's
+    # MonthDayNano); a random fingerprint is harmless here (nothing is cached between runs).
+    datasets.fingerprint.Hasher.hash = classmethod(lambda cls, value: uuid.uuid4().hex)
+    if spec["trl_compact_head"]:
+        import trl.trainer.utils
+
+        # TRL's fused head scores only completion positions on Triton devices (CUDA) and every
+        # position elsewhere; this makes CPU runs score what GPU runs score.
+        trl.trainer.utils._use_triton = lambda device: True
+    rss_after_imports = _rss_now()
+
+    class PreTokenizedDPOTrainer(DPOTrainer):
+        """DPOTrainer fed token ids: the rows already hold ``prompt_ids`` / ``chosen_ids`` /
+        ``rejected_ids``, the very columns TRL's own tokenization produces; the rest is TRL's."""
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.stamps = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            _sync()
+            self.stamps.append((time.perf_counter(), time.process_time()))
+
+    rows, warmup = spec["rows"], spec["warmup_steps"]
+    columns = ("prompt_ids", "chosen_ids", "rejected_ids")
+    dataset = datasets.Dataset.from_list([{k: row[k] for k in columns} for row in rows])
+    on_gpu = torch.cuda.is_available()
+    output_dir = tempfile.mkdtemp(prefix="trl-bench-")
+    config = DPOConfig(
+        output_dir=output_dir,
+        per_device_train_batch_size=spec["micro_batch"],
+        max_steps=warmup + spec["steps"],
+        learning_rate=spec["lr"],
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        optim="adamw_torch",
+        beta=spec["beta"],
+        loss_type=["sigmoid"],
+        max_length=spec["max_length"],
+        bf16=spec["dtype"] == "bfloat16",
+        use_cpu=not on_gpu,
+        model_init_kwargs={"dtype": spec["dtype"], "attn_implementation": spec["attn"]},
+        train_sampling_strategy="sequential",  # the rows are already in a random order
+        logging_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=spec["seed"],
+    )
+    clock = Clock()
+    trainer = PreTokenizedDPOTrainer(
+        model=spec["model_dir"],
+        args=config,
+        train_dataset=dataset,
+        processing_class=PreTrainedTokenizerFast.from_pretrained(spec["model_dir"]),
+        callbacks=[clock],
+    )
+    trainer.train()
+    batch_size = spec["micro_batch"]
+    timed_rows = rows[warmup * batch_size :]
+    timed_batches = [timed_rows[i : i + batch_size] for i in range(0, len(timed_rows), batch_size)]
+    return {
+        **_elapsed(clock.stamps, warmup),
+        "real_tokens": real_tokens(timed_rows),
+        "computed_tokens": padded_tokens(timed_batches),
+        "attn_implementation": trainer.model.config._attn_implementation,
+        "gradient_checkpointing": config.gradient_checkpointing,
+        "reference_model": trainer.ref_model is not None,
+        "compact_head_patched": spec["trl_compact_head"],
+        **_memory(rss_after_imports),
+    }
+
+
+def child_main(side: str, spec_path: str, result_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    result = run_ours(spec) if side == "ours" else run_trl(spec)
+    Path(result_path).write_text(json.dumps(result))
+
+
+# ---- parent -------------------------------------------------------------------------------
+
+
+def run_child(side: str, spec: dict, workdir: Path, timeout: int) -> dict:
+    spec_path, result_path = workdir / f"{side}-spec.json", workdir / f"{side}-result.json"
+    spec_path.write_text(json.dumps(spec))
+    result_path.unlink(missing_ok=True)
+    command = [sys.executable, __file__, "--child", side, str(spec_path), str(result_path)]
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "error": f"timed out after {timeout} s"}
+    if proc.returncode != 0 or not result_path.exists():
+        tail = (proc.stdout + proc.stderr)[-3000:]
+        oom = "out of memory" in tail.lower() or "OutOfMemoryError" in tail
+        return {"ok": False, "oom": oom, "returncode": proc.returncode, "error": tail}
+    return {"ok": True, **json.loads(result_path.read_text())}
+
+
+def static_bytes(num_params: int, dtype: str, side: str) -> int:
+    """Weights + gradients + two AdamW states of the policy (all in the parameter dtype, as
+    torch.optim.AdamW keeps them), plus the reference weights for TRL."""
+    width = 2 if dtype == "bfloat16" else 4
+    copies = 4 + (1 if side == "trl" else 0)
+    return copies * num_params * width
+
+
+def summarize(result: dict, num_params: int, dtype: str, side: str) -> dict:
+    if not result.get("ok"):
+        return result
+    result["tokens_per_s"] = result["real_tokens"] / result["elapsed_s"]
+    result["tokens_per_cpu_s"] = result["real_tokens"] / result["cpu_s"]
+    result["padding_share"] = 1 - result["real_tokens"] / result["computed_tokens"]
+    result["static_bytes"] = static_bytes(num_params, dtype, side)
+    peak = result.get("peak_cuda_bytes", result["peak_rss_bytes"])
+    result["peak_bytes"] = peak
+    # On CPU, RSS also holds the interpreter and libraries: subtract the RSS after imports.
+    baseline = 0 if "peak_cuda_bytes" in result else result["rss_after_imports_bytes"]
+    result["above_static_bytes"] = peak - baseline - result["static_bytes"]
+    peak_flops = next(
+        (v for k, v in PEAK_BF16_FLOPS.items() if k in result.get("device_name", "")), None
+    )
+    if peak_flops and dtype == "bfloat16":
+        result["mfu"] = 6 * num_params * result["tokens_per_s"] / peak_flops
+    return result
+
+
+def best_run(runs: list[dict]) -> dict:
+    """The fastest successful run (least disturbed by other load), with every run's tokens/s."""
+    ok = [r for r in runs if r.get("ok")]
+    if not ok:
+        return runs[-1]
+    best = dict(max(ok, key=lambda r: r["tokens_per_s"]))
+    best["tokens_per_s_all_runs"] = [round(r["tokens_per_s"], 2) for r in ok]
+    best["tokens_per_cpu_s_all_runs"] = [round(r["tokens_per_cpu_s"], 2) for r in ok]
+    return best
+
+
+def print_table(title: str, results: dict) -> None:
+    mib = 2**20
+    print(f"\n{title}")
+    header = f"{'side':<6}{'tokens/s':>11}{'tok/cpu-s':>11}{'peak MiB':>11}{'above static MiB':>18}"
+    header += f"{'padding':>9}"
+    print(header + f"{'MFU':>8}")
+    for side, r in results.items():
+        if not r.get("ok"):
+            print(f"{side:<6} FAILED: {r.get('error', '')[-400:]}")
+            continue
+        mfu = f"{100 * r['mfu']:7.1f}%" if "mfu" in r else f"{'-':>8}"
+        print(
+            f"{side:<6}{r['tokens_per_s']:>11.1f}{r['tokens_per_cpu_s']:>11.1f}"
+            f"{r['peak_bytes'] / mib:>11.0f}"
+            f"{r['above_static_bytes'] / mib:>18.0f}{100 * r['padding_share']:>8.0f}%{mfu}"
+        )
+    ours, trl = results.get("ours", {}), results.get("trl", {})
+    if ours.get("ok") and trl.get("ok"):
+        print(
+            f"ours/trl: tokens/s x{ours['tokens_per_s'] / trl['tokens_per_s']:.2f}, "
+            f"tokens/cpu-s x{ours['tokens_per_cpu_s'] / trl['tokens_per_cpu_s']:.2f}, "
+            f"peak memory x{ours['peak_bytes'] / trl['peak_bytes']:.2f}, "
+            f"memory above static x{ours['above_static_bytes'] / trl['above_static_bytes']:.2f}"
+        )
+
+
+def base_spec(args, model_dir: Path, max_length: int) -> dict:
+    import torch
+
+    from treg_lightning.models import flash_attn_available
+
+    cuda_flash = torch.cuda.is_available() and flash_attn_available()
+    packing = {"on": True, "off": False, "auto": cuda_flash}[args.ours_packing]
+    return {
+        "model_dir": str(model_dir),
+        "dtype": SIZES[args.size]["dtype"],
+        "attn": "flash_attention_2" if cuda_flash else "sdpa",
+        "packing": packing,
+        "ours_gradient_checkpointing": args.ours_gradient_checkpointing == "on",
+        "compile": args.compile,
+        "trl_compact_head": args.trl_compact_head_on_cpu,
+        "length_grouping": not args.no_length_grouping,
+        "micro_batch": args.micro_batch,
+        "warmup_steps": args.warmup_steps,
+        "steps": args.steps,
+        "lr": args.lr,
+        "beta": args.beta,
+        "alpha": args.alpha,
+        "max_length": max_length,
+        "seed": args.seed,
+    }
+
+
+def benchmark(args, model_dir: Path, num_params: int, workdir: Path, table) -> dict:
+    dtype = SIZES[args.size]["dtype"]
+    out = {}
+    for max_length in args.max_length:
+        spec = base_spec(args, model_dir, max_length)
+        rng = random.Random(args.seed)
+        count = (args.warmup_steps + args.steps) * args.micro_batch
+        lengths = [
+            truncate(n, max_length, args.length_scale) for n in sample_lengths(count, rng, table)
+        ]
+        spec["rows"] = make_rows(lengths, SIZES[args.size]["model"]["vocab_size"], rng)
+        runs = {side: [] for side in args.sides}
+        for repeat in range(args.repeats):  # sides alternate, so slow phases of a busy machine
+            for side in args.sides:  # hit both
+                print(f"[max_length {max_length}] {side}, run {repeat + 1}", flush=True)
+                raw = run_child(side, spec, workdir, args.timeout)
+                runs[side].append(summarize(raw, num_params, dtype, side))
+        results = {side: best_run(side_runs) for side, side_runs in runs.items()}
+        print_table(f"max_length {max_length}, micro-batch {args.micro_batch} pairs", results)
+        out[str(max_length)] = results
+    return out
+
+
+def find_max_batch(args, model_dir: Path, num_params: int, workdir: Path) -> dict:
+    """Double the micro-batch until a side runs out of memory; pairs are all max_length long
+    (prompt max_length // 2, both responses filling the rest): what fits in the worst case."""
+    max_length = args.max_length[-1]
+    prompt = max_length // 2
+    out = {}
+    for side in args.sides:
+        largest, batch_size = 0, 1
+        while batch_size <= args.max_batch_cap:
+            spec = base_spec(args, model_dir, max_length)
+            spec.update(micro_batch=batch_size, warmup_steps=1, steps=1)
+            rng = random.Random(args.seed)
+            lengths = [(prompt, max_length - prompt, max_length - prompt)] * (2 * batch_size)
+            spec["rows"] = make_rows(lengths, SIZES[args.size]["model"]["vocab_size"], rng)
+            raw = run_child(side, spec, workdir, args.timeout)
+            status = "ok" if raw["ok"] else "failed"
+            print(f"[find-max-batch {side}] micro-batch {batch_size}: {status}", flush=True)
+            if not raw["ok"]:
+                if not raw.get("oom"):
+                    print(raw.get("error", "")[-2000:])
+                break
+            largest, batch_size = batch_size, 2 * batch_size
+        out[side] = {"max_micro_batch": largest, "max_length": max_length}
+    print(f"\nlargest micro-batch (pairs) at length {max_length}: {out}")
+    return out
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
+    parser.add_argument("--max-length", type=int, nargs="+", help="one run per value")
+    parser.add_argument("--micro-batch", type=int, default=4, help="pairs per optimizer step")
+    parser.add_argument("--warmup-steps", type=int, help="untimed steps first (>= 1)")
+    parser.add_argument("--steps", type=int, help="timed optimizer steps")
+    parser.add_argument("--lr", type=float, default=5e-7)
+    parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--alpha", type=float, default=0.25, help="T-REG strength (0 = plain DPO)")
+    parser.add_argument("--length-scale", type=float, default=1.0, help="stretch real lengths")
+    parser.add_argument("--sides", nargs="+", choices=["ours", "trl"], default=["ours", "trl"])
+    parser.add_argument("--ours-packing", choices=["auto", "on", "off"], default="auto",
+                        help="auto: pack when CUDA + flash-attn are available")  # fmt: skip
+    parser.add_argument("--ours-gradient-checkpointing", choices=["on", "off"], default="on",
+                        help="on = the same as TRL's default")  # fmt: skip
+    parser.add_argument("--no-length-grouping", action="store_true")
+    parser.add_argument("--trl-compact-head-on-cpu", action="store_true",
+                        help="let TRL's fused LM head score only completion tokens on CPU too, "
+                        "as it does on CUDA (default: TRL as installed)")  # fmt: skip
+    parser.add_argument("--compile", action="store_true", help="torch.compile our decoder layers")
+    parser.add_argument("--find-max-batch", action="store_true")
+    parser.add_argument("--max-batch-cap", type=int, default=256)
+    parser.add_argument("--timeout", type=int, default=1800, help="seconds per side")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run the sides alternately this many times, keep each side's "
+                        "fastest run (for busy machines)")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    defaults = SIZES[args.size]
+    args.max_length = args.max_length or ([2048] if args.find_max_batch else defaults["max_length"])
+    args.warmup_steps = args.warmup_steps or defaults["warmup_steps"]
+    args.steps = args.steps or defaults["steps"]
+    if args.warmup_steps < 1:
+        parser.error("--warmup-steps must be >= 1 (the clock starts at the end of warm-up)")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.child:
+        child_main(*args.child)
+        return
+    if args.find_max_batch:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit(
+                "--find-max-batch needs a CUDA device (it doubles the batch until OOM)."
+            )
+    table = real_lengths()
+    source = f"{HH_RLHF} (words x {TOKENS_PER_WORD})" if table else "lognormal stand-in"
+    print(f"pair lengths from {source}; size {args.size}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="treg-bench-") as tmp:
+        workdir = Path(tmp)
+        start = time.perf_counter()
+        num_params = build_model_dir(args.size, args.seed, workdir / "model")
+        seconds = time.perf_counter() - start
+        print(f"model: {num_params / 1e6:.1f}M parameters, built in {seconds:.0f} s", flush=True)
+        report = {
+            "size": args.size,
+            "num_params": num_params,
+            "dtype": SIZES[args.size]["dtype"],
+            "length_source": source,
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "cpu_count": os.cpu_count(),
+        }
+        if args.find_max_batch:
+            report["find_max_batch"] = find_max_batch(args, workdir / "model", num_params, workdir)
+        else:
+            report["runs"] = benchmark(args, workdir / "model", num_params, workdir, table)
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

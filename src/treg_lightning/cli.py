@@ -1,0 +1,166 @@
+"""The ``treg`` command: ``LightningCLI`` over :class:`PreferenceModule` and
+:class:`PreferenceDataModule`.
+
+Subcommands: ``fit``, ``validate``, ``test``, ``predict`` (Lightning's) plus
+
+- ``annotate``: build the token-reward cache of the ``data`` section on its own, on every device
+  of the configured strategy (each process annotates its shard; rank 0 merges);
+- ``export``: write the policy of ``--ckpt_path`` (a ``.ckpt`` file or a sharded checkpoint
+  folder) as a Hugging Face folder (``--output_dir``) with safetensors weights and tokenizer.
+
+Both are methods of :class:`TRegTrainer`, so LightningCLI builds their parsers and runs them
+exactly like the built-in ones (``treg annotate --config configs/demo.yaml``).
+
+Usage::
+
+    treg fit --config configs/demo.yaml
+    treg fit --config configs/llama3_simpo_treg.yaml --trainer.devices 8
+    treg export --config configs/demo.yaml --ckpt_path path/to.ckpt --output_dir policy/
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
+
+from treg_lightning.data.datamodule import PreferenceDataModule
+from treg_lightning.module import PreferenceModule
+
+
+class TRegTrainer(Trainer):
+    """Lightning's ``Trainer`` plus the ``annotate`` and ``export`` entry points."""
+
+    def annotate(
+        self,
+        model: LightningModule | None = None,
+        datamodule: LightningDataModule | None = None,
+    ) -> None:
+        """Build the token-reward cache of the data, on every device of the strategy."""
+        if datamodule is None or not hasattr(datamodule, "build_caches"):
+            raise ValueError(
+                "annotate needs a PreferenceDataModule (the `data` section) with rewards: annotate."
+            )
+        # The strategy needs a module to set up processes (ModelParallelStrategy gives it the
+        # device mesh); PreferenceModule builds no weights until configure_model().
+        self.strategy.connect(model if model is not None else LightningModule())
+        datamodule.trainer = self
+        launcher = self.strategy.launcher
+        if launcher is not None:
+            launcher.launch(self._annotate, datamodule, trainer=self)
+        else:
+            self._annotate(datamodule)
+
+    def _annotate(self, datamodule: LightningDataModule) -> None:
+        self.strategy.setup_environment()  # process group, device
+        if self.local_rank == 0:
+            datamodule.prepare_data()
+        self.strategy.barrier("annotate-prepare")
+        caches = datamodule.build_caches()
+        for split, dataset in caches.items():
+            files = getattr(dataset, "cache_files", None) or [{}]
+            where = Path(files[0].get("filename", "?")).parent
+            rank_zero_info(f"token-reward cache, {split}: {len(dataset)} pairs in {where}")
+
+    def export(
+        self,
+        model: LightningModule,
+        datamodule: LightningDataModule | None = None,
+        ckpt_path: str | None = None,
+        output_dir: str = "export",
+    ) -> Path:
+        """Write the policy of a checkpoint as a Hugging Face folder (safetensors + tokenizer).
+
+        Args:
+            ckpt_path: a ``.ckpt`` file or a sharded checkpoint folder (FSDP2 / FSDP).
+            output_dir: the folder written; ``from_pretrained(output_dir)`` loads it.
+        """
+        from treg_lightning.export import export_checkpoint
+
+        if ckpt_path is None:
+            raise ValueError("export needs --ckpt_path (a .ckpt file or a checkpoint folder).")
+        folder = export_checkpoint(model, ckpt_path, output_dir)
+        print(f"policy written to {folder.resolve()}", flush=True)
+        return folder
+
+
+class TRegCLI(LightningCLI):
+    """``LightningCLI`` for preference optimization with T-REG.
+
+    Links ``model.model`` to ``data.tokenizer`` (the policy's tokenizer tokenizes the data, and
+    the evaluator defaults to it), adds the ``annotate`` and ``export`` subcommands and reads the
+    run's settings from sharded checkpoint folders too.
+    """
+
+    def __init__(
+        self,
+        model_class=PreferenceModule,
+        datamodule_class=PreferenceDataModule,
+        trainer_class=TRegTrainer,
+        **kwargs,
+    ) -> None:
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        # The optimizer and scheduler are the model's own arguments (model.optimizer, ...).
+        kwargs.setdefault("auto_configure_optimizers", False)
+        kwargs.setdefault(
+            "trainer_defaults",
+            # PreferenceDataModule's LengthGroupedSampler already splits batches across
+            # data-parallel ranks; Lightning must not wrap it in another sampler.
+            {"use_distributed_sampler": False},
+        )
+        super().__init__(model_class, datamodule_class, trainer_class=trainer_class, **kwargs)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {
+            **LightningCLI.subcommands(),
+            "annotate": {"model", "datamodule"},
+            "export": {"model", "datamodule"},
+        }
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("model.model", "data.tokenizer")
+
+    def before_fit(self) -> None:
+        # Every launched process checks, before any annotation or model loading.
+        check = getattr(self.model, "check_reference_available", None)
+        if check is not None:
+            check(self.datamodule)
+
+    def _parse_ckpt_path(self) -> None:
+        """As Lightning's, plus the ``meta.pt`` of sharded checkpoint folders."""
+        super()._parse_ckpt_path()
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        meta = Path(ckpt_path) / "meta.pt" if ckpt_path else None
+        if meta is None or not meta.is_file():
+            return
+        hparams = torch.load(meta, weights_only=True, map_location="cpu").get("hyper_parameters")
+        hparams = dict(hparams or {})
+        hparams.pop("_instantiator", None)
+        hparams.pop("_class_path", None)
+        if hparams:
+            try:
+                self.config = self.parser.parse_object(
+                    {subcommand: {"model": hparams}}, self.config
+                )
+            except SystemExit:
+                sys.stderr.write(f"Parsing the hyperparameters of {meta} failed!\n")
+                raise
+
+
+def cli_main(args: ArgsType = None) -> None:
+    """Entry point of the ``treg`` command; ``args`` replaces ``sys.argv[1:]`` (for tests).
+
+    Returns None, so the console script exits with status 0; use ``TRegCLI(args=...)`` to keep
+    the trainer, model and datamodule at hand.
+    """
+    TRegCLI(args=args)
+
+
+if __name__ == "__main__":
+    cli_main()

@@ -1,0 +1,117 @@
+"""Write the trained policy as a Hugging Face folder (safetensors + tokenizer).
+
+Two entry points:
+
+- :func:`export_checkpoint`: from a Lightning checkpoint on disk: a ``.ckpt`` file (single
+  device, DDP, FSDP with a full state dict) or a sharded checkpoint folder written by
+  ``ModelParallelStrategy`` (FSDP2) or ``FSDPStrategy`` (``torch.distributed.checkpoint``
+  format, consolidated here on one process);
+- :func:`export_module`: from a live :class:`PreferenceModule` (after ``fit``), gathering
+  FSDP2 shards onto rank 0 first.
+
+Either folder loads with ``AutoModelForCausalLM.from_pretrained(folder)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+POLICY_PREFIX = "policy."
+
+
+def load_checkpoint_state(ckpt_path: str | Path) -> dict[str, Any]:
+    """The LightningModule ``state_dict`` of a checkpoint file or sharded checkpoint folder."""
+    path = Path(ckpt_path)
+    if path.is_dir():
+        from lightning.fabric.utilities.load import _load_distributed_checkpoint
+
+        if not (path / ".metadata").is_file():
+            raise FileNotFoundError(
+                f"{path} is a folder but not a sharded (torch.distributed.checkpoint) "
+                "checkpoint: it has no .metadata file. Pass a .ckpt file or a checkpoint folder "
+                "written by ModelParallelStrategy / FSDPStrategy."
+            )
+        return _load_distributed_checkpoint(path)["state_dict"]
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint {path} does not exist; check --ckpt_path.")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    return checkpoint["state_dict"]
+
+
+def policy_state_dict(state: dict[str, Any], prefix: str = POLICY_PREFIX) -> dict[str, Any]:
+    """The policy's own keys (``policy.model.layers...`` -> ``model.layers...``)."""
+    policy = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    if not policy:
+        raise KeyError(
+            f"The checkpoint holds no '{prefix}*' weights: it was not written by "
+            "PreferenceModule (its keys start with "
+            f"{sorted({k.split('.')[0] for k in state})})."
+        )
+    # checkpoint_wrapper (activation checkpointing) may leave its prefix in saved names.
+    return {k.replace("_checkpoint_wrapped_module.", ""): v for k, v in policy.items()}
+
+
+def save_pretrained(
+    policy: nn.Module, output_dir: str | Path, tokenizer=None, state_dict: dict | None = None
+) -> Path:
+    """``policy.save_pretrained`` (safetensors) and the tokenizer into ``output_dir``."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    policy.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(output_dir)
+    return output_dir
+
+
+def export_checkpoint(module, ckpt_path: str | Path, output_dir: str | Path) -> Path:
+    """Load the policy of ``module`` from ``ckpt_path`` and write it to ``output_dir``.
+
+    ``module`` is an unconfigured :class:`PreferenceModule` with the run's settings (the CLI
+    reads them from the checkpoint); its policy is built on CPU, then overwritten.
+    """
+    from treg_lightning.models import load_tokenizer
+
+    module.build_policy()
+    state = policy_state_dict(load_checkpoint_state(ckpt_path))
+    state = {k: v.to(p.dtype) for (k, v), p in _matched(module.policy, state)}
+    module.policy.load_state_dict(state, strict=True)
+    tokenizer = load_tokenizer(module.model_name, trust_remote_code=module.trust_remote_code)
+    return save_pretrained(module.policy, output_dir, tokenizer)
+
+
+def _matched(policy: nn.Module, state: dict[str, Any]):
+    own = policy.state_dict()
+    missing = sorted(set(own) - set(state))
+    if missing:
+        raise KeyError(
+            f"The checkpoint lacks {len(missing)} policy weights (e.g. {missing[:3]}): it was "
+            "trained with another model. Use the config of the run that wrote it."
+        )
+    return [((k, state[k]), own[k]) for k in own]
+
+
+def export_module(module, output_dir: str | Path, tokenizer=None) -> Path | None:
+    """Write the live policy of ``module``; collective under FSDP2 (call on every rank).
+
+    Returns the folder on global rank 0 and None on other ranks.
+    """
+    from treg_lightning.parallel import is_sharded
+
+    policy = module.policy
+    state_dict = None
+    if is_sharded(policy):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state_dict = get_model_state_dict(policy, options=options)
+    if module.global_rank != 0:
+        return None
+    if state_dict is not None:
+        state_dict = {
+            k.replace("_checkpoint_wrapped_module.", ""): v for k, v in state_dict.items()
+        }
+    return save_pretrained(policy, output_dir, tokenizer, state_dict=state_dict)

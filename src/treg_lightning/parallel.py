@@ -1,0 +1,143 @@
+"""Sharding for Hugging Face causal LMs: FSDP2 (``fully_shard``) and an FSDP1 wrap policy.
+
+FSDP2 is what :class:`~treg_lightning.module.PreferenceModule` applies in ``configure_model()``
+under Lightning's ``ModelParallelStrategy``; the FSDP1 helper serves ``FSDPStrategy`` users
+(``configs/strategy/fsdp1.yaml``). Both find the decoder-layer class from the model's
+``_no_split_modules``, the list Hugging Face keeps for exactly this purpose.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def decoder_layer_classes(model: nn.Module) -> set[type[nn.Module]]:
+    """The transformer block classes of ``model`` (e.g. ``{LlamaDecoderLayer}``)."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    classes = {type(m) for m in model.modules() if type(m).__name__ in names}
+    if not classes:
+        raise ValueError(
+            f"Cannot find the decoder layers of {type(model).__name__}: its `_no_split_modules` "
+            f"is {sorted(names) or 'empty'}. Shard it yourself by overriding "
+            "PreferenceModule.configure_model()."
+        )
+    return classes
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    classes = tuple(decoder_layer_classes(model))
+    return [m for m in model.modules() if isinstance(m, classes)]
+
+
+def _wrap_with_activation_checkpointing(model: nn.Module) -> None:
+    """Replace every decoder layer by a non-reentrant checkpoint wrapper, in place.
+
+    The wrapper strips its ``_checkpoint_wrapped_module.`` prefix from state dicts, so
+    checkpoints and exports keep the plain Hugging Face parameter names.
+    """
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    classes = tuple(decoder_layer_classes(model))
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, classes):
+                parent.register_module(name, checkpoint_wrapper(child))
+
+
+def apply_fsdp2(
+    model: nn.Module,
+    device_mesh,
+    param_dtype: torch.dtype | None = None,
+    reduce_dtype: torch.dtype | None = torch.float32,
+    activation_checkpointing: bool = True,
+    cpu_offload: bool = False,
+    root: nn.Module | None = None,
+) -> nn.Module:
+    """Shard ``model`` with FSDP2, in place, and return it.
+
+    Units: each decoder layer, the input embedding (when it is not tied to the output
+    projection), then the root. The output projection (``lm_head``) stays in the root unit on
+    purpose: PreferenceModule reads ``lm_head.weight`` directly for the chunked log-probs
+    (:func:`treg_lightning.logprobs.token_logps_from_hidden`), which is only valid while its
+    owning unit is unsharded, and the root is unsharded for the whole root forward. A tied
+    embedding stays in the root for the same reason.
+
+    Args:
+        model: a Hugging Face causal LM (anything with ``_no_split_modules``).
+        device_mesh: the mesh from Lightning's ``ModelParallelStrategy`` (``self.device_mesh``);
+            its ``"data_parallel"`` dimension is used when present.
+        param_dtype: dtype of the all-gathered parameters for compute (``torch.bfloat16`` on
+            GPU); None keeps the stored dtype (float32 on CPU with gloo).
+        reduce_dtype: dtype of the gradient reduce-scatter; float32 keeps small updates exact.
+        activation_checkpointing: recompute each decoder layer in the backward pass.
+        cpu_offload: keep sharded parameters, gradients and optimizer states on CPU.
+        root: the module to shard last as the root unit (default ``model``); pass the wrapper
+            whose ``forward`` runs the model when the model's own forward is not called.
+    """
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    mesh = _data_parallel_mesh(device_mesh)
+    if activation_checkpointing:
+        _wrap_with_activation_checkpointing(model)
+    kwargs = {
+        "mesh": mesh,
+        "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype),
+    }
+    if cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    layers = decoder_layers(model)
+    for index, layer in enumerate(layers):
+        # The last layer's parameters are needed again right away by the backward pass.
+        fully_shard(layer, reshard_after_forward=index < len(layers) - 1, **kwargs)
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embedding is not None and not _is_tied(model):
+        fully_shard(embedding, **kwargs)
+    fully_shard(root if root is not None else model, **kwargs)
+    return model
+
+
+def _data_parallel_mesh(device_mesh):
+    names = getattr(device_mesh, "mesh_dim_names", None) or ()
+    return device_mesh["data_parallel"] if "data_parallel" in names else device_mesh
+
+
+def _is_tied(model: nn.Module) -> bool:
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return output is not None and inputs is not None and output.weight is inputs.weight
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether FSDP2 has been applied to ``model`` or any of its submodules."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+DEFAULT_DECODER_LAYERS = (
+    "LlamaDecoderLayer",
+    "Gemma2DecoderLayer",
+    "MistralDecoderLayer",
+    "Qwen2DecoderLayer",
+)
+
+
+class DecoderLayerWrapPolicy:
+    """FSDP1 ``auto_wrap_policy``: one FSDP unit per transformer decoder layer.
+
+    For ``lightning.pytorch.strategies.FSDPStrategy(auto_wrap_policy=...)`` (see
+    ``configs/strategy/fsdp1.yaml``). Classes are matched by name, so no model code is imported
+    to build the policy.
+
+    Args:
+        layer_class_names: names of the decoder-layer classes; the default covers Llama,
+            Gemma-2, Mistral and Qwen2.
+    """
+
+    def __init__(self, layer_class_names: list[str] | None = None) -> None:
+        self.layer_class_names = set(layer_class_names or DEFAULT_DECODER_LAYERS)
+
+    def __call__(self, module: nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
+        # The legacy FSDP1 callable-policy protocol: always recurse, wrap matching layers.
+        return True if recurse else type(module).__name__ in self.layer_class_names

@@ -1,0 +1,148 @@
+"""Every shipped config parses (`--print_config`) without network access, and the paper configs
+carry the hyperparameters of METHOD.md section 4."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import yaml
+
+from treg_lightning.cli import cli_main
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+RUN_CONFIGS = sorted(CONFIGS.glob("*.yaml"))
+STRATEGY_CONFIGS = sorted((CONFIGS / "strategy").glob("*.yaml"))
+
+
+def print_config(*args: str, subcommand: str = "fit") -> dict:
+    """`treg SUBCOMMAND ARGS --print_config` -> the printed config as a dict."""
+    out = io.StringIO()
+    with (
+        mock.patch.object(sys, "argv", ["treg"]),
+        contextlib.redirect_stdout(out),
+        pytest.raises(SystemExit) as exit_info,
+    ):
+        cli_main([subcommand, *args, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    return yaml.safe_load(out.getvalue())
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    # Parsing must not touch the hub: any download attempt fails loudly.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+def test_configs_exist():
+    names = {p.name for p in RUN_CONFIGS}
+    assert {
+        "demo.yaml",
+        "llama3_simpo_treg.yaml",
+        "llama3_dpo_treg.yaml",
+        "llama3_ipo_treg.yaml",
+        "gemma2_simpo_treg.yaml",
+    } <= names
+    assert {p.name for p in STRATEGY_CONFIGS} == {"ddp.yaml", "fsdp1.yaml", "fsdp2.yaml"}
+
+
+@pytest.mark.parametrize("config", RUN_CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("subcommand", ["fit", "annotate"])
+def test_run_config_parses(config, subcommand):
+    printed = print_config("--config", str(config), subcommand=subcommand)
+    assert printed["model"]["model"]
+    assert "tokenizer" not in printed["data"]  # a link target: always model.model
+
+
+@pytest.mark.parametrize("strategy", STRATEGY_CONFIGS, ids=lambda p: p.name)
+def test_strategy_config_composes(strategy):
+    printed = print_config("--config", str(CONFIGS / "demo.yaml"), "--config", str(strategy))
+    assert printed["trainer"]["strategy"]["class_path"].startswith("lightning.pytorch.strategies")
+
+
+def test_fsdp1_wrap_policy_instantiates():
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from treg_lightning.parallel import DecoderLayerWrapPolicy
+
+    strategy = yaml.safe_load((CONFIGS / "strategy" / "fsdp1.yaml").read_text())["trainer"]
+    parser = ArgumentParser()
+    parser.add_argument("--strategy", type=FSDPStrategy)
+    init = parser.instantiate(parser.parse_object({"strategy": strategy["strategy"]}))
+    policy = init.strategy.kwargs["auto_wrap_policy"]
+    assert isinstance(policy, DecoderLayerWrapPolicy)
+    checkpointing = init.strategy._activation_checkpointing_kwargs["auto_wrap_policy"]
+    assert isinstance(checkpointing, DecoderLayerWrapPolicy)
+
+
+PAPER = {
+    # config: (model, dataset, loss class, loss args, lr)
+    "llama3_simpo_treg.yaml": (
+        "meta-llama/Meta-Llama-3-8B-Instruct",
+        "princeton-nlp/llama3-ultrafeedback-armorm",
+        "SimPOLoss",
+        {"beta": 10.0, "gamma_beta_ratio": 0.3},
+        1e-6,
+    ),
+    "llama3_dpo_treg.yaml": (
+        "meta-llama/Meta-Llama-3-8B-Instruct",
+        "princeton-nlp/llama3-ultrafeedback-armorm",
+        "DPOLoss",
+        {"beta": 0.01},
+        5e-7,
+    ),
+    "llama3_ipo_treg.yaml": (
+        "meta-llama/Meta-Llama-3-8B-Instruct",
+        "princeton-nlp/llama3-ultrafeedback-armorm",
+        "IPOLoss",
+        {"tau": 0.1},
+        5e-7,
+    ),
+    "gemma2_simpo_treg.yaml": (
+        "google/gemma-2-9b-it",
+        "princeton-nlp/gemma2-ultrafeedback-armorm",
+        "SimPOLoss",
+        {"beta": 10.0, "gamma_beta_ratio": 0.5},
+        8e-7,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_paper_hyperparameters(name):
+    model, dataset, loss, loss_args, lr = PAPER[name]
+    c = print_config("--config", str(CONFIGS / name))
+    trainer, m, data = c["trainer"], c["model"], c["data"]
+    assert c["seed_everything"] == 42
+    assert m["model"] == model and data["source"] == dataset
+    assert m["loss"]["class_path"].endswith(loss)
+    assert {k: m["loss"]["init_args"][k] for k in loss_args} == loss_args
+    assert m["optimizer"]["class_path"] == "torch.optim.AdamW"
+    assert m["optimizer"]["init_args"]["lr"] == pytest.approx(lr)
+    assert m["scheduler"]["class_path"].endswith("WarmupCosineLR")
+    assert m["scheduler"]["init_args"]["warmup_ratio"] == 0.1
+    assert m["regularizer"]["init_args"]["alpha"] in (0.1, 0.25, 0.5)
+    # effective batch 128 = 2 per device x 8 accumulation x 8 GPUs, 1 epoch, FSDP2
+    assert data["batch_size"] * trainer["accumulate_grad_batches"] * trainer["devices"] == 128
+    assert trainer["max_epochs"] == 1
+    assert trainer["strategy"]["class_path"].endswith("ModelParallelStrategy")
+    assert trainer["strategy"]["init_args"]["data_parallel_size"] == trainer["devices"]
+    assert m["fsdp_param_dtype"] == "bfloat16"
+    assert (data["max_length"], data["max_prompt_length"]) == (2048, 1800)
+    if name.startswith("gemma2"):
+        # Gemma-2: soft-capping from the config (auto) and never sdpa attention.
+        assert m["softcap"] is None and m["attn_implementation"] in (None, "eager")
+
+
+def test_demo_config_is_cpu_sized():
+    c = print_config("--config", str(CONFIGS / "demo.yaml"))
+    assert c["trainer"]["accelerator"] == "cpu"
+    assert c["model"]["model"] == "smollm2" and c["model"]["torch_dtype"] == "float32"
+    assert c["data"]["source"] == "demo" and c["data"]["max_length"] <= 256
+    assert c["trainer"]["max_steps"] <= 12
