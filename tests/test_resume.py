@@ -57,10 +57,12 @@ def make_module(model_dir):
     )
 
 
-def fit(model_dir, root, name, ckpt_path=None, **limits):
+def fit(model_dir, root, name, ckpt_path=None, every_n_train_steps=None, **limits):
     L.seed_everything(0)
     record = RecordLosses()
-    checkpoint = ModelCheckpoint(dirpath=root / name, save_last=True)
+    checkpoint = ModelCheckpoint(
+        dirpath=root / name, save_last=True, every_n_train_steps=every_n_train_steps
+    )
     trainer = L.Trainer(
         accelerator="cpu",
         logger=False,
@@ -80,8 +82,7 @@ def test_resume_equals_uninterrupted(tiny_model_dir, tmp_path):
     weights equal those of the run that never stopped (weights, AdamW moments, scheduler
     position, sampler epoch and RNG all restored).
 
-    The stop is at an epoch end: PreferenceDataModule's DataLoader is not resumable mid-epoch,
-    and Lightning then restarts the interrupted epoch from its first batch (it warns)."""
+    Mid-epoch stops are covered by test_resume_mid_epoch_equals_uninterrupted below."""
     total = 2 * STEPS_PER_EPOCH
     straight, straight_module, _ = fit(tiny_model_dir, tmp_path, "straight", max_epochs=2)
     first, _, checkpoint = fit(tiny_model_dir, tmp_path, "first", max_epochs=1)
@@ -97,4 +98,45 @@ def test_resume_equals_uninterrupted(tiny_model_dir, tmp_path):
     for step, loss in resumed.items():
         assert loss == pytest.approx(straight[step], rel=1e-5), step
     for key, value in straight_module.policy.state_dict().items():
+        torch.testing.assert_close(resumed_module.policy.state_dict()[key], value)
+
+
+@pytest.fixture(scope="module")
+def straight_two_epochs(tiny_model_dir, tmp_path_factory):
+    """The uninterrupted 2-epoch run (max_steps), shared by the mid-epoch resume cases."""
+    root = tmp_path_factory.mktemp("resume-mid-epoch")
+    losses, module, _ = fit(tiny_model_dir, root, "straight", max_steps=2 * STEPS_PER_EPOCH)
+    return root, losses, module.policy.state_dict()
+
+
+@pytest.mark.parametrize("stop", [2, STEPS_PER_EPOCH, STEPS_PER_EPOCH + 3])
+def test_resume_mid_epoch_equals_uninterrupted(tiny_model_dir, straight_two_epochs, stop):
+    """Stop with max_steps mid-epoch (2 of 4 batches; 3 of epoch 2) or exactly at an epoch end,
+    resume from last.ckpt to 2 epochs: every later step has the loss of the run that never
+    stopped. ResumableDataLoader stores (epoch, batches consumed) in the checkpoint and skips
+    those batches of the seed+epoch order; without it the epoch would restart from batch 0."""
+    root, straight, straight_weights = straight_two_epochs
+    total = 2 * STEPS_PER_EPOCH
+    first, _, checkpoint = fit(
+        tiny_model_dir, root, f"first-{stop}", max_steps=stop, every_n_train_steps=1
+    )
+    state = torch.load(checkpoint.last_model_path, weights_only=True)["loops"]
+    loader_state = state["fit_loop"]["state_dict"]["combined_loader"][0]
+    assert loader_state == {
+        "epoch": (stop - 1) // STEPS_PER_EPOCH,
+        "batches": (stop - 1) % STEPS_PER_EPOCH + 1,
+    }
+    resumed, resumed_module, _ = fit(
+        tiny_model_dir,
+        root,
+        f"resumed-{stop}",
+        ckpt_path=checkpoint.last_model_path,
+        every_n_train_steps=1,
+        max_steps=total,
+    )
+    assert sorted(first) == list(range(1, stop + 1))
+    assert sorted(resumed) == list(range(stop + 1, total + 1))
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(straight[step], rel=1e-6, abs=1e-6), step
+    for key, value in straight_weights.items():
         torch.testing.assert_close(resumed_module.policy.state_dict()[key], value)

@@ -20,20 +20,34 @@ Usage::
 
 from __future__ import annotations
 
+import difflib
+import re
 import sys
 from pathlib import Path
 
 import torch
+from jsonargparse import lazy_instance
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from treg_lightning.data.datamodule import PreferenceDataModule
+from treg_lightning.guards import NonFiniteGuard
 from treg_lightning.module import PreferenceModule
+from treg_lightning.outputs import check_writable, disk_full_hint
 
 
 class TRegTrainer(Trainer):
     """Lightning's ``Trainer`` plus the ``annotate`` and ``export`` entry points."""
+
+    def save_checkpoint(self, filepath, weights_only: bool = False, storage_options=None) -> None:
+        # A full disk mid-run must say which file and what to do, not a bare errno 28.
+        advice = (
+            "free space or point the checkpoint folder (ModelCheckpoint dirpath / "
+            "trainer.default_root_dir) elsewhere; earlier checkpoints are kept"
+        )
+        with disk_full_hint(filepath, advice):
+            super().save_checkpoint(filepath, weights_only, storage_options)
 
     def annotate(
         self,
@@ -88,6 +102,27 @@ class TRegTrainer(Trainer):
         return folder
 
 
+class TRegArgumentParser(LightningArgumentParser):
+    """``LightningArgumentParser`` whose "does not accept option" errors suggest the close key
+    (a typo in a YAML key, ``max_lenght``, otherwise only prints the whole usage)."""
+
+    def error(self, message: str, *args, **kwargs):
+        match = re.search(r"does not accept options? '([^']+)'", str(message))
+        if match:
+            keys = set(re.findall(r"--([\w.]+)", self._all_usages()))
+            close = difflib.get_close_matches(match.group(1), sorted(keys), n=1, cutoff=0.75)
+            if close:
+                message = f"{message}. Did you mean '{close[0]}'?"
+        return super().error(message, *args, **kwargs)
+
+    def _all_usages(self) -> str:
+        texts = [self.format_usage()]
+        action = getattr(self, "_subcommands_action", None)
+        for parser in getattr(action, "_name_parser_map", {}).values():
+            texts.append(parser.format_usage())
+        return "\n".join(texts)
+
+
 class TRegCLI(LightningCLI):
     """``LightningCLI`` for preference optimization with T-REG.
 
@@ -103,6 +138,7 @@ class TRegCLI(LightningCLI):
         trainer_class=TRegTrainer,
         **kwargs,
     ) -> None:
+        kwargs.setdefault("parser_class", TRegArgumentParser)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         # The optimizer and scheduler are the model's own arguments (model.optimizer, ...).
         kwargs.setdefault("auto_configure_optimizers", False)
@@ -124,12 +160,64 @@ class TRegCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.model", "data.tokenizer")
+        parser.add_argument(
+            "--guard",
+            type=NonFiniteGuard | None,
+            default=lazy_instance(NonFiniteGuard),
+            help="Stop (or skip the step) on a non-finite loss or gradient, naming the step and "
+            "dataset rows, before the optimizer writes NaN into the weights; null disables it. "
+            "E.g. --guard.action=skip --guard.max_skips=5.",
+        )
+        parser.callback_keys.append("guard")  # the instance joins the trainer's callbacks
+
+    def _instantiate_trainer(self, config, callbacks):
+        return super()._instantiate_trainer(config, [c for c in callbacks if c is not None])
 
     def before_fit(self) -> None:
         # Every launched process checks, before any annotation or model loading.
         check = getattr(self.model, "check_reference_available", None)
         if check is not None:
             check(self.datamodule)
+        check_writable(self.output_folders())
+        ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
+        if (
+            ckpt_path not in (None, "last", "best", "hpc", "registry")
+            and not Path(ckpt_path).exists()
+        ):
+            # Lightning would only find out after the annotate pass and the model load.
+            raise FileNotFoundError(
+                f"--ckpt_path {ckpt_path} does not exist: give the .ckpt file (or sharded "
+                "checkpoint folder) to resume from, e.g. <dirpath>/last.ckpt, or drop "
+                "--ckpt_path to start a new run."
+            )
+
+    def before_annotate(self) -> None:
+        check_writable(self.output_folders())
+
+    def before_export(self) -> None:
+        output_dir = self.config_init[self.subcommand].get("output_dir")
+        check_writable([("--output_dir", output_dir)])
+
+    def output_folders(self) -> list[tuple[str, object]]:
+        """``(setting, folder)`` of every folder the run will write, for the start-up check."""
+        from treg_lightning.callbacks import ExportOnFitEnd
+        from treg_lightning.models import cache_root
+
+        trainer = self.trainer
+        folders = [("trainer.default_root_dir", trainer.default_root_dir)]
+        for logger in trainer.loggers:
+            folders.append(("trainer.logger save_dir", getattr(logger, "save_dir", None)))
+        for callback in trainer.callbacks:
+            if getattr(callback, "dirpath", None) is not None:
+                folders.append(("ModelCheckpoint dirpath", callback.dirpath))
+            if isinstance(callback, ExportOnFitEnd):
+                folders.append(("ExportOnFitEnd export_dir", callback.export_dir))
+                heatmap = callback.heatmap_path
+                folders.append(("ExportOnFitEnd heatmap_path", heatmap and Path(heatmap).parent))
+        if getattr(self.datamodule, "rewards", None) == "annotate":
+            cache_dir = self.datamodule.cache_dir or cache_root() / "token_rewards"
+            folders.append(("data.cache_dir", cache_dir))
+        return folders
 
     def _parse_ckpt_path(self) -> None:
         """As Lightning's, plus the ``meta.pt`` of sharded checkpoint folders."""

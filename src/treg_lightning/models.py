@@ -15,6 +15,7 @@ Remote code is never trusted unless ``trust_remote_code=True`` is passed.
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
 import shutil
@@ -121,6 +122,7 @@ def choose_attn_implementation(requested: str | None, device_type: str, model_ty
         models with attention soft-capping (Gemma-2, which sdpa gets wrong), else ``"sdpa"``.
     """
     if requested not in (None, "auto"):
+        check_attn_implementation(requested)
         if requested == "flash_attention_2" and not flash_attn_available():
             raise ValueError(
                 "attn_implementation='flash_attention_2' was requested but flash-attn is not "
@@ -133,6 +135,41 @@ def choose_attn_implementation(requested: str | None, device_type: str, model_ty
     if model_type in _EAGER_WITHOUT_FLASH:
         return "eager"
     return "sdpa"
+
+
+def check_attn_implementation(name: str | None) -> None:
+    """Refuse an attention kernel name transformers does not know, at start-up (transformers
+    itself only fails once the model loads, after the annotate pass)."""
+    if name in (None, "auto", "eager") or "/" in str(name):  # "org/kernel": a hub kernel
+        return
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    known = sorted({"eager", *(k for k in ALL_ATTENTION_FUNCTIONS.keys() if "|" not in k)})
+    if name not in known:
+        close = difflib.get_close_matches(str(name), known, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(
+            f"attn_implementation {name!r} is not an attention kernel transformers knows; use "
+            f"one of {known}, or leave it unset to pick one for the device.{hint}"
+        )
+
+
+def check_vocab_fits(tokenizer, model: torch.nn.Module, model_name: str) -> None:
+    """Refuse a tokenizer whose ids reach past the model's embedding table.
+
+    Otherwise the first batch holding such an id fails deep inside the embedding lookup (an
+    index error on CPU, a device-side assert on GPU) instead of naming the mismatch.
+    """
+    embeddings = model.get_input_embeddings()
+    rows = getattr(embeddings, "num_embeddings", None)
+    if rows is not None and len(tokenizer) > rows:
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise ValueError(
+            f"the tokenizer {name!r} has {len(tokenizer)} tokens but the model {model_name!r} "
+            f"embeds only {rows}: they do not belong together. Use the tokenizer saved with the "
+            "model (data.tokenizer follows model.model), or resize the model's embeddings "
+            "before training."
+        )
 
 
 def load_tokenizer(name_or_path: str | os.PathLike, trust_remote_code: bool = False):

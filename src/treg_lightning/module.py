@@ -183,6 +183,7 @@ class PreferenceModule(L.LightningModule):
     ) -> None:
         super().__init__()
         _portable_hparams(self, locals())
+        _check_model_settings(torch_dtype, attn_implementation)
         self.model_name = model
         self.loss = loss
         self.regularizer = regularizer
@@ -262,6 +263,11 @@ class PreferenceModule(L.LightningModule):
     def build_policy(self) -> nn.Module:
         """Load the trainable policy into ``self.policy``."""
         policy = self.load_model(self.model_name).train()  # from_pretrained returns eval mode
+        tokenizer = getattr(getattr(self._trainer, "datamodule", None), "tokenizer", None)
+        if tokenizer is not None:  # before the first forward, not inside the embedding lookup
+            from treg_lightning.models import check_vocab_fits
+
+            check_vocab_fits(tokenizer, policy, self.model_name)
         policy.config.use_cache = False
         if self.gradient_checkpointing and self._fsdp_mesh() is None:
             policy.gradient_checkpointing_enable({"use_reentrant": False})
@@ -529,6 +535,15 @@ class PreferenceModule(L.LightningModule):
         config = self.policy.config if self.policy is not None else None
         pad = getattr(config, "pad_token_id", None)
         return int(pad) if isinstance(pad, int) else 0
+
+
+def _check_model_settings(torch_dtype: str, attn_implementation: str | None) -> None:
+    """Refuse an unknown dtype or attention kernel at start-up, not when configure_model loads
+    the model (after the annotate pass)."""
+    from treg_lightning.models import check_attn_implementation, parse_dtype
+
+    parse_dtype(torch_dtype)
+    check_attn_implementation(attn_implementation)
 
 
 def _portable_hparams(module: L.LightningModule, init_args: dict[str, Any]) -> None:

@@ -150,6 +150,9 @@ class LengthGroupedSampler(DistributedSampler):
         self.lengths = list(lengths)
         self.batch_size = batch_size
         self.megabatch_size = megabatch_size
+        # Indices to drop from the start of the next iteration only (mid-epoch resume, see
+        # ResumableDataLoader): skipping here means the skipped batches are never collated.
+        self.skip_samples = 0
 
     def __iter__(self):
         order = self._global_order()
@@ -159,7 +162,8 @@ class LengthGroupedSampler(DistributedSampler):
             chunk = order[start : start + global_batch]
             share = len(chunk) // self.num_replicas  # chunk length is a multiple of replicas
             mine.extend(chunk[self.rank * share : (self.rank + 1) * share])
-        return iter(mine)
+        skip, self.skip_samples = self.skip_samples, 0
+        return iter(mine[skip:])
 
     def _global_order(self) -> list[int]:
         generator = torch.Generator()

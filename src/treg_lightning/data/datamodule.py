@@ -28,9 +28,16 @@ from torch.utils.data import DataLoader
 from treg_lightning.data.collate import LengthGroupedSampler, PreferenceCollator, pair_lengths
 from treg_lightning.data.errors import DataFormatError, SkipReport
 from treg_lightning.data.formats import normalize_rows
+from treg_lightning.data.resumable import ResumableDataLoader
 from treg_lightning.data.sources import DEMO_SOURCE, RawSource, load_source
 from treg_lightning.data.tokenize import PairTokenizer, tokenize_pairs
-from treg_lightning.models import cache_root, load_causal_lm, load_tokenizer
+from treg_lightning.models import (
+    cache_root,
+    check_vocab_fits,
+    load_causal_lm,
+    load_tokenizer,
+    parse_dtype,
+)
 from treg_lightning.rewards import (
     ContrastiveTemplate,
     TokenRewardAnnotator,
@@ -38,6 +45,7 @@ from treg_lightning.rewards import (
     compute_fingerprint,
     load_or_build,
 )
+from treg_lightning.rewards.prompts import get_template
 
 SPLITS = ("train", "val")
 
@@ -123,6 +131,9 @@ class PreferenceDataModule(pl.LightningDataModule):
             )
         if rewards not in ("annotate", "none"):
             raise ValueError(f"rewards must be 'annotate' or 'none', got {rewards!r}.")
+        # Checked at start-up, not after tokenizing every pair (where the annotate pass uses them).
+        get_template(template)
+        parse_dtype(evaluator_dtype)
         self.save_hyperparameters(ignore=["template"] if not isinstance(template, str) else [])
         self.source = source
         self.tokenizer_name = tokenizer
@@ -176,7 +187,9 @@ class PreferenceDataModule(pl.LightningDataModule):
         self._evaluator = None  # only the annotate pass needs it: free it before training
 
     def train_dataloader(self) -> DataLoader:
-        return self._dataloader("train", self.batch_size, shuffle=True)
+        loader = self._dataloader("train", self.batch_size, shuffle=True)
+        loader.consumed = self._batches_consumed
+        return loader
 
     def val_dataloader(self) -> DataLoader | list:
         if "val" not in self.datasets:
@@ -313,6 +326,7 @@ class PreferenceDataModule(pl.LightningDataModule):
             if name != self.tokenizer_name:
                 check_same_vocab(self._load_tokenizer(), load_tokenizer(name), name)
             model = load_causal_lm(name, self.evaluator_dtype)
+            check_vocab_fits(self._load_tokenizer(), model, name)  # before any annotate forward
             self._evaluator = model.to(self._device()).eval()
         return self._evaluator
 
@@ -320,6 +334,14 @@ class PreferenceDataModule(pl.LightningDataModule):
         if self.trainer is not None:
             return self.trainer.strategy.root_device
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def _batches_consumed(self) -> int | None:
+        # The fit loop's count of batches stepped on this epoch; the loader has yielded one
+        # more (Lightning fetches ahead), which a resumed run must not skip.
+        try:
+            return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        except AttributeError:
+            return None
 
     def _replicas(self) -> tuple[int, int]:
         """(num_replicas, rank) of data parallelism, from the Trainer's strategy if attached."""
@@ -354,7 +376,10 @@ class PreferenceDataModule(pl.LightningDataModule):
         pad_token_id = tokenizer.pad_token_id
         if pad_token_id is None:
             pad_token_id = tokenizer.eos_token_id
-        return DataLoader(
+        # Resumable mid-epoch: Lightning stores its position in checkpoints (training only; the
+        # validation loop always runs whole).
+        loader_class = ResumableDataLoader if shuffle else DataLoader
+        return loader_class(
             dataset,
             batch_size=batch_size,
             sampler=sampler,

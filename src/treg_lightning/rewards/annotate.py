@@ -34,6 +34,7 @@ from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
 from treg_lightning.logprobs import token_logps_from_hidden
+from treg_lightning.outputs import disk_full_hint
 from treg_lightning.rewards.prompts import ContrastiveTemplate, get_template
 
 RESPONSES = ("chosen", "rejected")
@@ -346,8 +347,13 @@ def _write_chunk(path: Path, columns: dict[str, list[np.ndarray]], key: str) -> 
         tensors[f"{name}.values"] = np.concatenate(arrays).astype(np.float32)
         tensors[f"{name}.lengths"] = np.array([len(a) for a in arrays], np.int64)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    save_file(tensors, str(tmp), metadata={"key": key})
-    os.replace(tmp, path)
+    advice = "free space or point cache_dir elsewhere; finished chunks are kept"
+    try:
+        with disk_full_hint(path, advice):
+            save_file(tensors, str(tmp), metadata={"key": key})
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a partial chunk (disk full, error) is never left behind
 
 
 def _read_chunk(path: Path) -> dict[str, list[np.ndarray]]:

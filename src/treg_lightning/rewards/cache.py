@@ -40,6 +40,8 @@ from typing import Any
 import datasets
 import torch
 
+from treg_lightning.outputs import disk_full_hint
+
 FORMAT = "treg-lightning-token-rewards"
 FORMAT_VERSION = 1
 ID_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
@@ -307,7 +309,13 @@ def _save(dataset: datasets.Dataset | None, cache_dir: Path, fp: Fingerprint) ->
     if not isinstance(dataset, datasets.Dataset):
         raise TypeError(f"annotate_fn must return a datasets.Dataset on rank 0, got {dataset!r}.")
     tmp = cache_dir / f".data.tmp-{uuid.uuid4().hex[:8]}"
-    dataset.save_to_disk(str(tmp))
+    advice = "free space or point cache_dir elsewhere; finished chunks are kept in work/"
+    try:
+        with disk_full_hint(tmp, advice):
+            dataset.save_to_disk(str(tmp))
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # free what the failed write took
+        raise
     shutil.rmtree(cache_dir / "data", ignore_errors=True)  # left by a run killed right here
     os.replace(tmp, cache_dir / "data")
     meta = {
