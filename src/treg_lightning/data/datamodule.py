@@ -41,8 +41,8 @@ from treg_lightning.models import (
 from treg_lightning.rewards import (
     ContrastiveTemplate,
     TokenRewardAnnotator,
+    annotation_fingerprint,
     check_same_vocab,
-    compute_fingerprint,
     load_or_build,
 )
 from treg_lightning.rewards.prompts import get_template
@@ -296,19 +296,9 @@ class PreferenceDataModule(pl.LightningDataModule):
         evaluator_name = self.evaluator or self.tokenizer_name
         tokenizer = self._load_tokenizer()
         model = self._load_evaluator(evaluator_name)
-        settings = {
-            **annotator.settings(),
-            "max_length": self.max_length,
-            "max_prompt_length": self.max_prompt_length,
-            "evaluator_dtype": self.evaluator_dtype,
-        }
-        fingerprint = compute_fingerprint(
-            model=model,
-            tokenizer=tokenizer,
-            template=annotator.template,
-            rows=rows,
-            settings=settings,
-            model_name=evaluator_name,
+        lengths = {"max_length": self.max_length, "max_prompt_length": self.max_prompt_length}
+        fingerprint = annotation_fingerprint(
+            model, tokenizer, annotator, rows, lengths, model_name=evaluator_name
         )
         root = Path(self.cache_dir) if self.cache_dir else cache_root() / "token_rewards"
         dataset = load_or_build(

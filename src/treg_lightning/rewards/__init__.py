@@ -5,6 +5,7 @@ from treg_lightning.rewards.annotate import TokenRewardAnnotator, check_same_voc
 from treg_lightning.rewards.cache import (
     CacheError,
     Fingerprint,
+    annotation_fingerprint,
     cached_token_rewards,
     compute_fingerprint,
     load_or_build,
@@ -25,6 +26,7 @@ __all__ = [
     "ContrastiveTemplate",
     "Fingerprint",
     "TokenRewardAnnotator",
+    "annotation_fingerprint",
     "cached_token_rewards",
     "check_same_vocab",
     "compute_fingerprint",

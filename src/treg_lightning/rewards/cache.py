@@ -179,9 +179,26 @@ def cached_token_rewards(
         settings: extra settings that change the cached values (lengths, dtype); the
             annotator's own settings are always included.
     """
+    fp = annotation_fingerprint(model, tokenizer, annotator, rows, settings, model_name)
+    return load_or_build(rows, cache_dir, fp, lambda r, w: annotator(model, tokenizer, r, w))
+
+
+def annotation_fingerprint(
+    model: torch.nn.Module,
+    tokenizer,
+    annotator,
+    rows: list[Mapping[str, Any]],
+    settings: Mapping[str, Any] | None = None,
+    model_name: str = "",
+) -> Fingerprint:
+    """The fingerprint of annotating ``rows`` with ``annotator`` and the evaluator ``model``.
+
+    ``settings`` are the extra inputs that change the cached values (lengths); the annotator's
+    own settings and the evaluator's dtype are always included.
+    """
     settings = {**annotator.settings(), **dict(settings or {})}
     settings["dtype"] = str(next(model.parameters()).dtype)
-    fp = compute_fingerprint(
+    return compute_fingerprint(
         model=model,
         tokenizer=tokenizer,
         template=annotator.template,
@@ -189,7 +206,6 @@ def cached_token_rewards(
         settings=settings,
         model_name=model_name,
     )
-    return load_or_build(rows, cache_dir, fp, lambda r, w: annotator(model, tokenizer, r, w))
 
 
 def read_meta(cache_dir: str | Path) -> dict[str, Any]:
