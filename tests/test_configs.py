@@ -145,4 +145,6 @@ def test_demo_config_is_cpu_sized():
     assert c["trainer"]["accelerator"] == "cpu"
     assert c["model"]["model"] == "smollm2" and c["model"]["torch_dtype"] == "float32"
     assert c["data"]["source"] == "demo" and c["data"]["max_length"] <= 256
-    assert c["trainer"]["max_steps"] <= 12
+    # 40 pairs and 15 steps took 1 min 48 s end to end on 2 CPU cores (README); the budget of
+    # `make demo` is 5 minutes, so the demo stays within these bounds.
+    assert c["trainer"]["max_steps"] <= 20 and c["data"]["limit"] <= 48

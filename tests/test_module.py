@@ -309,3 +309,21 @@ def test_undefined_pearson_counts_with_weight_zero():
     expected = torch.corrcoef(torch.stack([preds, target]))[0, 1]
     assert abs(float(expected)) > 0.1
     assert float(metrics["token_reward_pearson"].compute()) == pytest.approx(float(expected))
+
+
+def test_compiled_layers_give_the_same_loss(simpo_module, tiny_model_dir):
+    """compile=True wraps every decoder layer in torch.compile (dynamo traces them; the "eager"
+    backend keeps the test fast) and changes no value."""
+    compiled = PreferenceModule(
+        str(tiny_model_dir), loss=SimPOLoss(beta=2.0, gamma_beta_ratio=0.5),
+        regularizer=TokenRewardRegularizer(alpha=0.5), compile=True,
+        compile_options={"backend": "eager"},
+    )  # fmt: skip
+    compiled.configure_model()
+    compiled.policy.load_state_dict(simpo_module.policy.state_dict())
+    layers = compiled.policy.model.layers
+    assert all(layer._compiled_call_impl is not None for layer in layers)
+    batch = make_batch(seed=6)
+    torch.testing.assert_close(
+        compiled.compute_loss(batch)[0], simpo_module.compute_loss(batch)[0], atol=1e-6, rtol=1e-6
+    )

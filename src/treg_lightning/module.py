@@ -159,6 +159,10 @@ class PreferenceModule(L.LightningModule):
         fsdp_param_dtype: FSDP2 compute dtype of the all-gathered parameters (``"bfloat16"`` on
             GPU); None keeps the stored dtype. Only used under ``ModelParallelStrategy``.
         fsdp_cpu_offload: FSDP2 offloads parameters, gradients and optimizer states to CPU.
+        compile: ``torch.compile`` each decoder layer of the policy (after sharding). Off by
+            default: on the CPU benchmark it gained nothing measurable (bench/README.md).
+        compile_options: keyword arguments for ``torch.compile`` (default ``{"dynamic": True}``:
+            sequence lengths change from batch to batch).
         trust_remote_code: allow model code from the hub.
     """
 
@@ -179,6 +183,8 @@ class PreferenceModule(L.LightningModule):
         packing: bool | None = None,
         fsdp_param_dtype: str | None = None,
         fsdp_cpu_offload: bool = False,
+        compile: bool = False,
+        compile_options: dict[str, Any] | None = None,
         trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
@@ -199,6 +205,8 @@ class PreferenceModule(L.LightningModule):
         self.packing = packing
         self.fsdp_param_dtype = fsdp_param_dtype
         self.fsdp_cpu_offload = fsdp_cpu_offload
+        self.compile = compile
+        self.compile_options = compile_options
         self.trust_remote_code = trust_remote_code
         self.policy: nn.Module | None = None
         self.reference: nn.Module | None = None
@@ -312,7 +320,7 @@ class PreferenceModule(L.LightningModule):
         from torch.distributed.fsdp import register_fsdp_forward_method
 
         from treg_lightning.models import parse_dtype
-        from treg_lightning.parallel import apply_fsdp2
+        from treg_lightning.parallel import apply_fsdp2, decoder_layers
 
         lm.token_logps = MethodType(_policy_token_logps, lm)
         mesh = self._fsdp_mesh()
@@ -326,6 +334,10 @@ class PreferenceModule(L.LightningModule):
                 cpu_offload=self.fsdp_cpu_offload,
             )
             register_fsdp_forward_method(lm, "token_logps")
+        if self.compile:
+            options = {"dynamic": True, **(self.compile_options or {})}
+            for layer in decoder_layers(lm):
+                layer.compile(**options)
         return lm
 
     def train(self, mode: bool = True):
