@@ -1,5 +1,5 @@
 """Every shipped config parses (`--print_config`) without network access, and the paper configs
-carry the hyperparameters of METHOD.md section 4."""
+carry the hyperparameters of docs/method.md section 4."""
 
 from __future__ import annotations
 

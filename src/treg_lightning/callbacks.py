@@ -7,6 +7,9 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
+from treg_lightning.data.datamodule import PreferenceDataModule
+from treg_lightning.pairs import field
+
 
 class ExportOnFitEnd(Callback):
     """After ``fit``: export the policy as a Hugging Face folder, write the token-reward heat
@@ -49,7 +52,8 @@ class ExportOnFitEnd(Callback):
             self._print(trainer, log_dir)
 
     def _tokenizer(self, trainer: L.Trainer, pl_module: L.LightningModule):
-        tokenizer = getattr(trainer.datamodule, "tokenizer", None)
+        data = trainer.datamodule
+        tokenizer = data.tokenizer if isinstance(data, PreferenceDataModule) else None
         if tokenizer is None:
             from treg_lightning.models import load_tokenizer
 
@@ -57,10 +61,10 @@ class ExportOnFitEnd(Callback):
         return tokenizer
 
     def _cache_rows(self, trainer: L.Trainer):
-        datasets = getattr(trainer.datamodule, "datasets", None) or {}
-        rows = datasets.get("train")
-        if rows is None or "chosen_rewards" not in getattr(rows, "column_names", ()):
-            return None  # no token-reward cache (rewards="none"): nothing to draw
+        data = trainer.datamodule
+        rows = data.datasets.get("train") if isinstance(data, PreferenceDataModule) else None
+        if not rows or rows[0].get(field("chosen", "token_rewards")) is None:
+            return None  # no token rewards (data.rewards: null): nothing to draw
         return rows
 
     def _print(self, trainer: L.Trainer, log_dir: str | None) -> None:

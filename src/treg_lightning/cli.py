@@ -55,9 +55,10 @@ class TRegTrainer(Trainer):
         datamodule: LightningDataModule | None = None,
     ) -> None:
         """Build the token-reward cache of the data, on every device of the strategy."""
-        if datamodule is None or not hasattr(datamodule, "build_caches"):
+        if not isinstance(datamodule, PreferenceDataModule):
             raise ValueError(
-                "annotate needs a PreferenceDataModule (the `data` section) with rewards: annotate."
+                "annotate needs a PreferenceDataModule (the `data` section) with a reward "
+                "source (data.rewards)."
             )
         # The strategy needs a module to set up processes (ModelParallelStrategy gives it the
         # device mesh); PreferenceModule builds no weights until configure_model().
@@ -74,7 +75,7 @@ class TRegTrainer(Trainer):
         if self.local_rank == 0:
             datamodule.prepare_data()
         self.strategy.barrier("annotate-prepare")
-        caches = datamodule.build_caches()
+        caches = datamodule.annotate()
         for split, dataset in caches.items():
             files = getattr(dataset, "cache_files", None) or [{}]
             where = Path(files[0].get("filename", "?")).parent
@@ -175,9 +176,7 @@ class TRegCLI(LightningCLI):
 
     def before_fit(self) -> None:
         # Every launched process checks, before any annotation or model loading.
-        check = getattr(self.model, "check_reference_available", None)
-        if check is not None:
-            check(self.datamodule)
+        self.check_inputs()
         check_writable(self.output_folders())
         ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
         if (
@@ -191,8 +190,20 @@ class TRegCLI(LightningCLI):
                 "--ckpt_path to start a new run."
             )
 
+    def before_validate(self) -> None:
+        self.check_inputs()
+
+    def before_test(self) -> None:
+        self.check_inputs()
+
     def before_annotate(self) -> None:
         check_writable(self.output_folders())
+
+    def check_inputs(self) -> None:
+        """The start-up check of what the loss and regularizer need against the data's reward
+        source (:func:`treg_lightning.checks.check_pair_inputs`), before any model loads."""
+        if isinstance(self.model, PreferenceModule):
+            self.model.check_inputs(self.datamodule)
 
     def before_export(self) -> None:
         output_dir = self.config_init[self.subcommand].get("output_dir")
@@ -201,7 +212,6 @@ class TRegCLI(LightningCLI):
     def output_folders(self) -> list[tuple[str, object]]:
         """``(setting, folder)`` of every folder the run will write, for the start-up check."""
         from treg_lightning.callbacks import ExportOnFitEnd
-        from treg_lightning.models import cache_root
 
         trainer = self.trainer
         folders = [("trainer.default_root_dir", trainer.default_root_dir)]
@@ -214,9 +224,10 @@ class TRegCLI(LightningCLI):
                 folders.append(("ExportOnFitEnd export_dir", callback.export_dir))
                 heatmap = callback.heatmap_path
                 folders.append(("ExportOnFitEnd heatmap_path", heatmap and Path(heatmap).parent))
-        if getattr(self.datamodule, "rewards", None) == "annotate":
-            cache_dir = self.datamodule.cache_dir or cache_root() / "token_rewards"
-            folders.append(("data.cache_dir", cache_dir))
+        data = self.datamodule
+        rewards = data.rewards if isinstance(data, PreferenceDataModule) else None
+        if rewards is not None and rewards.cache_folder is not None:
+            folders.append(("data.rewards.cache_dir", rewards.cache_folder))
         return folders
 
     def _parse_ckpt_path(self) -> None:

@@ -30,8 +30,8 @@ def test_render_heatmap(rw_tokenizer, rw_rows, tmp_path):
         rows.append(
             {
                 **row,
-                "chosen_rewards": [0.25 * (-1) ** t for t in range(n_c)],
-                "rejected_rewards": [-0.1] * n_r,
+                "chosen_token_rewards": [0.25 * (-1) ** t for t in range(n_c)],
+                "rejected_token_rewards": [-0.1] * n_r,
             }
         )
     path = render_heatmap(rows, rw_tokenizer, tmp_path / "out" / "map.html", n=3)
@@ -50,8 +50,8 @@ def test_render_limits_to_n(rw_tokenizer, rw_rows, tmp_path):
     rows = [
         {
             **r,
-            "chosen_rewards": [0.0] * len(r["chosen_ids"]),
-            "rejected_rewards": [0.0] * len(r["rejected_ids"]),
+            "chosen_token_rewards": [0.0] * len(r["chosen_ids"]),
+            "rejected_token_rewards": [0.0] * len(r["rejected_ids"]),
         }
         for r in rw_rows
     ]

@@ -1,4 +1,4 @@
-"""Contrastive prompt templates for self-generated token rewards (METHOD.md section 1).
+"""Contrastive prompt templates for self-generated token rewards (docs/method.md section 1).
 
 The evaluator scores every response token under two opposite contexts built from the same
 prompt: ``x_better`` asks for a helpful, correct, coherent, concise response, ``x_worse`` for an

@@ -12,6 +12,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from treg_lightning.pairs import SIDES, field
+
 _NEGATIVE = (215, 48, 39)  # red end of the diverging scale
 _POSITIVE = (26, 152, 80)  # green end
 
@@ -71,7 +73,7 @@ def render_heatmap(
 
     Args:
         rows: token-reward cache rows (``prompt_ids``, ``chosen_ids``, ``rejected_ids``,
-            ``chosen_rewards``, ``rejected_rewards``; ``index`` if present).
+            ``chosen_token_rewards``, ``rejected_token_rewards``; ``index`` if present).
         tokenizer: the tokenizer that produced the ids.
         path: output ``.html`` file.
         n: number of pairs shown.
@@ -81,7 +83,7 @@ def render_heatmap(
     """
     shown = [row for _, row in zip(range(n), rows, strict=False)]
     scale = max(
-        (abs(r) for row in shown for k in ("chosen_rewards", "rejected_rewards") for r in row[k]),
+        (abs(r) for row in shown for side in SIDES for r in row[field(side, "token_rewards")]),
         default=0.0,
     )
     body = [
@@ -93,8 +95,8 @@ def render_heatmap(
         prompt = tokenizer.decode(list(row["prompt_ids"]))
         body.append(f'<div class="pair"><h2>Pair {row.get("index", j)}</h2>')
         body.append(f'<div class="prompt">{html.escape(prompt)}</div>')
-        for name in ("chosen", "rejected"):
-            rewards = [float(r) for r in row[f"{name}_rewards"]]
+        for name in SIDES:
+            rewards = [float(r) for r in row[field(name, "token_rewards")]]
             body.append(f"<h3>{name} (mean reward {_mean(rewards):+.4f})</h3>")
             ids = row[f"{name}_ids"]
             body.append(f'<div class="resp">{_response_html(tokenizer, ids, rewards, scale)}</div>')
