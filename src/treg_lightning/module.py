@@ -40,6 +40,7 @@ from treg_lightning.losses import SimPOLoss, TokenRewardRegularizer
 from treg_lightning.losses.base import LossOutput
 from treg_lightning.losses.treg import RegularizerOutput
 from treg_lightning.metrics import PreferenceMetrics
+from treg_lightning.models import check_attn_implementation, parse_dtype
 from treg_lightning.pairs import SIDES, PairScores, field
 from treg_lightning.rewards.source import TokenRewardSource
 from treg_lightning.schedulers import WarmupCosineLR
@@ -107,7 +108,9 @@ class PreferenceModule(L.LightningModule):
     ) -> None:
         super().__init__()
         portable_hparams(self, locals())
-        _check_model_settings(torch_dtype, attn_implementation)
+        # At start-up, not when configure_model loads the model (after the annotate pass).
+        parse_dtype(torch_dtype)
+        check_attn_implementation(attn_implementation)
         self.model_name = model
         self.loss = loss
         self.regularizer = regularizer
@@ -227,7 +230,6 @@ class PreferenceModule(L.LightningModule):
         """Bind the token-logps forward and shard with FSDP2 when the strategy asks for it."""
         from torch.distributed.fsdp import register_fsdp_forward_method
 
-        from treg_lightning.models import parse_dtype
         from treg_lightning.parallel import apply_fsdp2, decoder_layers
 
         bind_token_logps(lm)
@@ -399,12 +401,3 @@ class PreferenceModule(L.LightningModule):
         config = self.policy.config if self.policy is not None else None
         pad = getattr(config, "pad_token_id", None)
         return int(pad) if isinstance(pad, int) else 0
-
-
-def _check_model_settings(torch_dtype: str, attn_implementation: str | None) -> None:
-    """Refuse an unknown dtype or attention kernel at start-up, not when configure_model loads
-    the model (after the annotate pass)."""
-    from treg_lightning.models import check_attn_implementation, parse_dtype
-
-    parse_dtype(torch_dtype)
-    check_attn_implementation(attn_implementation)

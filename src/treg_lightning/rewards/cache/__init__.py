@@ -22,6 +22,8 @@ from treg_lightning.rewards.cache.chunks import (
     my_chunks,
 )
 from treg_lightning.rewards.cache.fingerprint import (
+    FORMAT,
+    FORMAT_VERSION,
     Fingerprint,
     compute_fingerprint,
     model_identity,
@@ -29,8 +31,6 @@ from treg_lightning.rewards.cache.fingerprint import (
     tokenizer_identity,
 )
 from treg_lightning.rewards.cache.store import (
-    FORMAT,
-    FORMAT_VERSION,
     CacheError,
     load_or_build,
     read_meta,

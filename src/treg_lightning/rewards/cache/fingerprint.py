@@ -18,6 +18,11 @@ import torch
 
 from treg_lightning.pairs import ID_FIELDS, SIDES
 
+FORMAT = "treg-lightning-token-rewards"
+# 2: per-token columns named as the pair contract's fields ({side}_token_rewards,
+# {side}_ref_token_logps); version 1 called them {side}_rewards and {side}_ref_logps.
+FORMAT_VERSION = 2
+
 # Config keys that name or place a model rather than define it.
 _VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "_attn_implementation_autoset")
 
@@ -114,6 +119,8 @@ def compute_fingerprint(
     template_dict = template.to_dict() if hasattr(template, "to_dict") else {"repr": repr(template)}
     # template=None (a source without one) gives the part of {"repr": "None"}: still stable.
     parts = {
+        # A new format never shares a folder (digest) with caches of an older one.
+        "format": _sha(f"{FORMAT}/{FORMAT_VERSION}"),
         "model": model_identity(model),
         "tokenizer": tokenizer_identity(tokenizer),
         "template": _sha(_json(template_dict)),

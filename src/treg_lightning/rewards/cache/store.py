@@ -16,12 +16,7 @@ import datasets
 from treg_lightning.outputs import disk_full_hint
 from treg_lightning.pairs import ID_FIELDS
 from treg_lightning.rewards.cache.chunks import Columns, build_in_chunks, distributed
-from treg_lightning.rewards.cache.fingerprint import Fingerprint
-
-FORMAT = "treg-lightning-token-rewards"
-# 2: per-token columns named as the pair contract's fields ({side}_token_rewards,
-# {side}_ref_token_logps); version 1 called them {side}_rewards and {side}_ref_logps.
-FORMAT_VERSION = 2
+from treg_lightning.rewards.cache.fingerprint import FORMAT, FORMAT_VERSION, Fingerprint
 
 
 class CacheError(RuntimeError):
