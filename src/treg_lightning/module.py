@@ -32,7 +32,7 @@ from torch import nn
 
 from treg_lightning.logprobs import sequence_logps, token_logps_from_hidden
 from treg_lightning.losses import SimPOLoss, TokenRewardRegularizer
-from treg_lightning.losses.base import LossOutput
+from treg_lightning.losses.base import LossOutput, PreferenceLossModule
 from treg_lightning.losses.treg import RegularizerOutput
 from treg_lightning.metrics import PreferenceMetrics
 
@@ -169,7 +169,7 @@ class PreferenceModule(L.LightningModule):
     def __init__(
         self,
         model: str,
-        loss: nn.Module = lazy_instance(SimPOLoss),
+        loss: PreferenceLossModule = lazy_instance(SimPOLoss),
         regularizer: TokenRewardRegularizer | None = lazy_instance(TokenRewardRegularizer),
         optimizer: OptimizerCallable | None = None,
         scheduler: LRSchedulerCallable | None = WarmupCosineLR,

@@ -15,10 +15,12 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from treg_lightning.errors import UserError
+
 _DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
-class OutputFolderError(OSError):
+class OutputFolderError(UserError, OSError):
     """An output folder cannot be created or written (the message names it and the setting)."""
 
     def __str__(self) -> str:

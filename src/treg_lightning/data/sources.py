@@ -26,6 +26,7 @@ from importlib import resources
 from pathlib import Path
 
 from treg_lightning.data.errors import DataFormatError
+from treg_lightning.errors import MissingFileError
 
 DEMO_SOURCE = "demo"
 
@@ -87,7 +88,7 @@ def load_source(source: str, split: str = "train", limit: int | None = None) -> 
         elif path.is_dir():
             loaded = _read_folder(path, split)
         elif _looks_like_path(source):
-            raise FileNotFoundError(f"{source}: no such file or folder. {SOURCE_HINT}")
+            raise MissingFileError(f"{source}: no such file or folder. {SOURCE_HINT}")
         else:
             loaded = _read_hub(source, split, limit)
     if limit is not None:
@@ -99,7 +100,7 @@ def load_source(source: str, split: str = "train", limit: int | None = None) -> 
 def _demo_path() -> Path:
     path = Path(str(resources.files("treg_lightning.data") / "demo" / "pairs.jsonl"))
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"the demo set {path} is missing from the installed package; reinstall treg-lightning."
         )
     return path

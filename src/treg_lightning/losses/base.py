@@ -12,10 +12,14 @@ Adding a loss means one new file with one class that satisfies :class:`Preferenc
 
 from __future__ import annotations
 
+from abc import ABCMeta, abstractmethod
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
+from torch import nn
+
+from treg_lightning.errors import ConfigError
 
 
 @dataclass
@@ -74,10 +78,34 @@ class PreferenceLoss(Protocol):
         ...
 
 
+class PreferenceLossModule(nn.Module, metaclass=ABCMeta):
+    """``nn.Module`` base of the shipped losses, and the type of ``PreferenceModule(loss=...)``.
+
+    Typing the argument with it makes ``treg fit --help`` list the preference losses (this
+    class's subclasses: ours and any user loss deriving from it) instead of every ``nn.Module``.
+    A user loss need not derive from it: any ``nn.Module`` class with a ``needs_reference``
+    attribute (the :class:`PreferenceLoss` protocol) counts as a subclass, so
+    ``class_path: my_pkg.MyLoss`` still works; it is just not listed.
+    """
+
+    needs_reference: bool
+
+    @abstractmethod
+    def forward(self, *args, **kwargs) -> LossOutput:
+        """The loss of a batch of pairs (see :class:`PreferenceLoss` for the arguments)."""
+
+    @classmethod
+    def __subclasshook__(cls, other: type) -> bool:
+        if cls is not PreferenceLossModule:  # issubclass(x, DPOLoss) stays nominal
+            return NotImplemented
+        follows = issubclass(other, nn.Module) and hasattr(other, "needs_reference")
+        return True if follows else NotImplemented
+
+
 def require_reference(name: str, ref_chosen_logps, ref_rejected_logps) -> None:
     """Raise a clear error when a reference-based loss gets no reference log-probs."""
     if ref_chosen_logps is None or ref_rejected_logps is None:
-        raise ValueError(
+        raise ConfigError(
             f"{name} needs reference log-probabilities: serve cached reference token logps "
             "(annotate with store_reference_logps=True) or keep the reference model enabled."
         )

@@ -35,6 +35,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from treg_lightning.errors import ConfigError
 from treg_lightning.losses.base import LossOutput
 
 
@@ -94,11 +95,11 @@ class TokenRewardRegularizer(nn.Module):
     ) -> None:
         super().__init__()
         if alpha < 0:
-            raise ValueError(f"TokenRewardRegularizer: alpha must be >= 0, got {alpha}.")
+            raise ConfigError(f"TokenRewardRegularizer: alpha must be >= 0, got {alpha}.")
         if weighting not in ("dynamic", "static"):
-            raise ValueError(f"weighting must be 'dynamic' or 'static', got {weighting!r}.")
+            raise ConfigError(f"weighting must be 'dynamic' or 'static', got {weighting!r}.")
         if token_rewards not in ("self", "sft", "implicit"):
-            raise ValueError(
+            raise ConfigError(
                 f"token_rewards must be 'self', 'sft' or 'implicit', got {token_rewards!r}."
             )
         self.alpha = alpha
@@ -169,7 +170,7 @@ class TokenRewardRegularizer(nn.Module):
                 ),
             )
         if chosen_token_rewards is None or rejected_token_rewards is None:
-            raise ValueError(
+            raise ConfigError(
                 "TokenRewardRegularizer(token_rewards='self') needs cached token rewards in the "
                 "batch (chosen_token_rewards / rejected_token_rewards): build the token-reward "
                 "cache with `treg annotate`, or set regularizer.alpha: 0 to train without T-REG."

@@ -33,6 +33,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
+from treg_lightning.errors import ConfigError
 from treg_lightning.logprobs import token_logps_from_hidden
 from treg_lightning.outputs import disk_full_hint
 from treg_lightning.rewards.prompts import ContrastiveTemplate, get_template
@@ -68,7 +69,7 @@ class TokenRewardAnnotator:
         progress: bool = True,
     ) -> None:
         if batch_size < 1 or chunk_pairs < 1:
-            raise ValueError("batch_size and chunk_pairs must be >= 1.")
+            raise ConfigError("batch_size and chunk_pairs must be >= 1.")
         self.template = get_template(template)
         self.batch_size = batch_size
         self.store_reference_logps = store_reference_logps
@@ -314,7 +315,7 @@ def check_same_vocab(tokenizer, evaluator_tokenizer, evaluator_name: str = "eval
     a, b = tokenizer.get_vocab(), evaluator_tokenizer.get_vocab()
     if a != b:
         diff = sorted(set(a.items()) ^ set(b.items()), key=str)[:5]
-        raise ValueError(
+        raise ConfigError(
             f"The {evaluator_name} model's tokenizer differs from the data tokenizer (vocab sizes "
             f"{len(b)} vs {len(a)}; e.g. {diff}): token rewards need the same vocabulary. Use an "
             "evaluator from the same model family, or leave it unset to use the reference model."

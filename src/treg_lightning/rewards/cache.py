@@ -40,6 +40,7 @@ from typing import Any
 import datasets
 import torch
 
+from treg_lightning.errors import UserError
 from treg_lightning.outputs import disk_full_hint
 
 FORMAT = "treg-lightning-token-rewards"
@@ -49,7 +50,7 @@ ID_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 _VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "_attn_implementation_autoset")
 
 
-class CacheError(RuntimeError):
+class CacheError(UserError, RuntimeError):
     """A token-reward cache exists but cannot be used (the message says why and what to do)."""
 
 
