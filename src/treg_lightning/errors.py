@@ -12,6 +12,7 @@ built-in type callers already catch (``ConfigError`` is a ``ValueError``, ``Miss
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
@@ -70,8 +71,9 @@ def is_user_error(error: BaseException) -> bool:
         return True
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-    # Lightning raises MisconfigurationException exactly for invalid Trainer settings.
-    return isinstance(error, MisconfigurationException)
+    # Lightning raises MisconfigurationException exactly for invalid Trainer settings; the
+    # parser raises ArgumentError (instead of exiting) in debug mode (JSONARGPARSE_DEBUG).
+    return isinstance(error, (MisconfigurationException, argparse.ArgumentError))
 
 
 def _raised_by_our_constructor(error: BaseException) -> bool:
