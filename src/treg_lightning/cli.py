@@ -217,10 +217,10 @@ class TRegCLI(LightningCLI):
                 check(self.datamodule)
             except ValueError as error:  # the module's own check of the settings
                 raise ConfigError(str(error)) from error
-        check_writable(self.output_folders())
-        startup.check_run_outputs(self.trainer)
-        startup.skip_validation_without_data(self.trainer, self.datamodule)
         self._check_ckpt_fits()
+        startup.check_run_outputs(self.trainer)
+        check_writable(self.output_folders())
+        startup.skip_validation_without_data(self.trainer, self.datamodule)
 
     def before_validate(self) -> None:
         self._check_ckpt_fits()
@@ -234,9 +234,9 @@ class TRegCLI(LightningCLI):
     def before_export(self) -> None:
         config = self.config_init[self.subcommand]
         output_dir = config.get("output_dir")
-        check_writable([("--output_dir", output_dir)])
-        check_not_overwriting(output_dir, "--output_dir", config.get("overwrite"), "--overwrite")
         self._check_ckpt_fits()
+        check_not_overwriting(output_dir, "--output_dir", config.get("overwrite"), "--overwrite")
+        check_writable([("--output_dir", output_dir)])
 
     def _check_ckpt_fits(self) -> None:
         ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
@@ -301,7 +301,7 @@ def cli_main(args: ArgsType = None) -> None:
     debug = debug_requested(args)
     saved = os.environ.get("JSONARGPARSE_DEBUG")
     if debug:
-        os.environ["JSONARGPARSE_DEBUG"] = "1"  # parse errors raise (with traceback), not exit
+        os.environ["JSONARGPARSE_DEBUG"] = "true"  # parse errors raise (with traceback), not exit
     try:
         with exit_statuses(debug), known_noise_hidden():
             TRegCLI(args=args)

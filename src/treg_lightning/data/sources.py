@@ -176,7 +176,7 @@ def _parse_json_object(line: str, name: str, number: int) -> dict:
         value = json.loads(line)
     except json.JSONDecodeError as error:
         raise DataFormatError(
-            f"invalid JSON ({error.msg} at column {error.colno}); the file may be truncated",
+            f"invalid JSON ({error.msg}, column {error.colno}); the file may be truncated",
             file=name,
             line=number,
             hint="Each line of a .jsonl file must be one complete JSON object.",
@@ -199,7 +199,7 @@ def _read_json(path: Path, name: str) -> RawSource:
         if error.msg == "Extra data":  # several objects, one per line: it is really jsonl
             return _read_jsonl(path, name)
         raise DataFormatError(
-            f"invalid JSON ({error.msg} at column {error.colno}); the file may be truncated",
+            f"invalid JSON ({error.msg}, column {error.colno}); the file may be truncated",
             file=name,
             line=error.lineno,
             hint="Write the file again, or use .jsonl with one object per line.",

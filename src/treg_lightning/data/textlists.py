@@ -28,13 +28,11 @@ MAX_CHARS = 5_000_000
 
 
 def looks_like_messages(text: str) -> bool:
-    """Whether ``text`` reads as a flattened message list (or one message) rather than prose."""
-    stripped = text.strip()
-    return (
-        len(stripped) > 1
-        and (stripped[0], stripped[-1]) in (("[", "]"), ("{", "}"))
-        and _ROLE_KEY.search(stripped[:2000]) is not None
-    )
+    """Whether ``text`` reads as a flattened message list (or one message) rather than prose:
+    it opens a list of dicts (or a dict) and names a quoted ``role`` key. The end is not
+    looked at, so a cell cut off by a tool's length limit is caught (and refused) too."""
+    opening = text.lstrip()[:2].replace(" ", "")
+    return opening.startswith(("[{", "{")) and _ROLE_KEY.search(text) is not None
 
 
 def parse_messages(text: str, field: str) -> list:
