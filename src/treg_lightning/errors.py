@@ -61,7 +61,9 @@ def user_error_in(error: BaseException) -> BaseException | None:
             return current
         if isinstance(current, ValueError) and _raised_by_our_constructor(current):
             return ConfigError(str(current))
-        current = current.__cause__ or current.__context__
+        # Only explicit `raise ... from ...`: a bug raised while handling a user error (its
+        # __context__) stays a bug.
+        current = current.__cause__
     return None
 
 
