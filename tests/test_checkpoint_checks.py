@@ -6,13 +6,14 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import warnings
 from pathlib import Path
 from unittest import mock
 
 import pytest
 import torch
 
-from treg_lightning.checkpoints import check_checkpoint_file, check_checkpoint_fits
+from treg_lightning.checkpoints import check_checkpoint_file, check_checkpoint_fits, policy_shapes
 from treg_lightning.cli import TRegCLI, cli_main
 
 REACHED = AssertionError("reached a model load that the checkpoint check should have preceded")
@@ -181,6 +182,42 @@ def test_folder_with_damaged_metadata(tiny_model_dir, tmp_path, capsys):
     (folder / ".metadata").write_bytes(b"cut")
     message = refused("validate", folder, tiny_model_dir, tmp_path, capsys)
     assert message.startswith(f"--ckpt_path {folder} has a damaged .metadata file (")
+
+
+def _sharded_checkpoint(folder: Path, policy: dict) -> Path:
+    """A torch.distributed.checkpoint folder laid out as ModelParallelStrategy writes it."""
+    import torch.distributed.checkpoint as dcp
+
+    state = {
+        "state_dict": {f"policy.{k}": v for k, v in policy.items()},
+        "optimizer_0": {
+            "state": {f"policy.{k}": {"exp_avg": v.clone()} for k, v in policy.items()}
+        },
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "no process group": one process writes it all
+        dcp.save(state, checkpoint_id=str(folder))
+    return folder
+
+
+def test_sharded_folder_of_another_model(tiny_model_dir, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    good = _sharded_checkpoint(tmp_path / "good", policy)
+    from treg_lightning.module import PreferenceModule
+
+    check_checkpoint_fits(good, PreferenceModule(str(tiny_model_dir)))
+    assert set(policy_shapes(good)) == set(policy)  # the optimizer's moments are not weights
+    rows, width = policy["lm_head.weight"].shape
+    policy["lm_head.weight"] = torch.zeros(rows + 8, width)  # another vocabulary
+    other = _sharded_checkpoint(tmp_path / "other", policy)
+    message = refused("export", other, tiny_model_dir, tmp_path, capsys)
+    assert message.startswith(
+        f"--ckpt_path {other} was written for another model than model.model={tiny_model_dir} "
+        f"(e.g. lm_head.weight has shape [{rows + 8}, {width}] in the checkpoint but "
+        f"[{rows}, {width}] in {tiny_model_dir})."
+    )
 
 
 def test_missing_file(tiny_model_dir, tmp_path, capsys):

@@ -64,10 +64,12 @@ def policy_shapes(path: Path, setting: str = "--ckpt_path") -> dict[str, tuple[i
     Names drop the ``policy.`` prefix (``model.layers.0...``), as in the Hugging Face model.
     """
     entries = _folder_entries(path, setting) if path.is_dir() else _file_entries(path, setting)
+    # A sharded folder names its weights "state_dict.policy.*" beside "optimizer_0.state.policy.*"
+    # (the optimizer's moments), which are not weights.
     policy = {
-        name.split(POLICY_PREFIX, 1)[1].replace(_WRAPPER, ""): shape
+        name.removeprefix("state_dict.")[len(POLICY_PREFIX) :].replace(_WRAPPER, ""): shape
         for name, shape in entries.items()
-        if POLICY_PREFIX in name
+        if name.removeprefix("state_dict.").startswith(POLICY_PREFIX)
     }
     if not policy:
         tops = sorted({name.split(".")[0] for name in entries})[:8]
