@@ -156,6 +156,15 @@ def test_bad_config_value_is_one_paragraph_and_status_2(setup, capsys, extra, ex
     assert_nothing_written(setup.tmp)
 
 
+def test_annotate_without_token_rewards(setup, capsys):
+    with no_model_load():
+        status, err = treg(setup(subcommand="annotate"), capsys)  # base args: rewards none
+    assert status == 2
+    assert error_paragraph(err).startswith(
+        "treg annotate builds the token-reward cache, but data.rewards is none"
+    )
+
+
 def test_parse_errors_are_short_and_suggest_the_key(setup, capsys):
     status, err = treg(setup("--data.max_lenght=64"), capsys)
     assert status == 2

@@ -20,7 +20,6 @@ Usage::
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -69,6 +68,11 @@ class TRegTrainer(Trainer):
         if datamodule is None or not hasattr(datamodule, "build_caches"):
             raise ConfigError(
                 "annotate needs a PreferenceDataModule (the `data` section) with rewards: annotate."
+            )
+        if getattr(datamodule, "rewards", None) in (None, "none"):
+            raise ConfigError(
+                "treg annotate builds the token-reward cache, but data.rewards is none (no token "
+                "rewards): drop --data.rewards=none, or skip annotate and run treg fit directly."
             )
         # The strategy needs a module to set up processes (ModelParallelStrategy gives it the
         # device mesh); PreferenceModule builds no weights until configure_model().
@@ -256,10 +260,17 @@ class TRegCLI(LightningCLI):
             if getattr(callback, "dirpath", None) is not None:
                 folders.append(("ModelCheckpoint dirpath", callback.dirpath))
             if isinstance(callback, ExportOnFitEnd):
+                # Paths in the run's own folder are covered by the logger's save_dir: creating
+                # them now would make the logger find its new version folder "not empty".
+                settings = {
+                    "export_dir": callback.export_dir,
+                    "heatmap_path": callback.heatmap_path,
+                }
                 paths = callback.paths(trainer.log_dir)
-                folders.append(("ExportOnFitEnd export_dir", paths["export_dir"]))
-                heatmap = paths["heatmap_path"]
-                folders.append(("ExportOnFitEnd heatmap_path", heatmap and heatmap.parent))
+                for name, path in paths.items():
+                    if path is not None and "{log_dir}" not in settings[name]:
+                        folder = path if name == "export_dir" else path.parent
+                        folders.append((f"ExportOnFitEnd {name}", folder))
         if getattr(self.datamodule, "rewards", None) == "annotate":
             cache_dir = self.datamodule.cache_dir or cache_root() / "token_rewards"
             folders.append(("data.cache_dir", cache_dir))
@@ -298,18 +309,10 @@ def cli_main(args: ArgsType = None) -> None:
     :mod:`treg_lightning.exits`); known third-party noise is hidden (:mod:`treg_lightning.noise`).
     Use ``TRegCLI(args=...)`` to keep the trainer, model and datamodule at hand (it raises).
     """
-    debug = debug_requested(args)
-    saved = os.environ.get("JSONARGPARSE_DEBUG")
-    if debug:
-        os.environ["JSONARGPARSE_DEBUG"] = "true"  # parse errors raise (with traceback), not exit
-    try:
-        with exit_statuses(debug), known_noise_hidden():
-            TRegCLI(args=args)
-    finally:
-        if saved is None:
-            os.environ.pop("JSONARGPARSE_DEBUG", None)
-        else:
-            os.environ["JSONARGPARSE_DEBUG"] = saved
+    # Parse errors are the parser's own messages and exit as they are (JSONARGPARSE_DEBUG=true
+    # shows the parser's internals).
+    with exit_statuses(debug_requested(args)), known_noise_hidden():
+        TRegCLI(args=args)
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ def is_user_error(error: BaseException) -> bool:
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     # Lightning raises MisconfigurationException exactly for invalid Trainer settings; the
-    # parser raises ArgumentError (instead of exiting) in debug mode (JSONARGPARSE_DEBUG).
+    # parser raises ArgumentError instead of exiting when JSONARGPARSE_DEBUG is set.
     return isinstance(error, (MisconfigurationException, argparse.ArgumentError))
 
 
