@@ -178,6 +178,18 @@ def test_empty_prompt_is_counted_not_trained(prompt, chosen, rejected, field):
     assert str(info.value).startswith(f"data.jsonl row 0 (line 1), field '{field}': empty ")
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[ {'role': 'user', 'content': 'Hi'} ]",
+        '  {"content": "Hi", "role": "user"}',  # role after a long content is still found
+        "[{'role': 'user', 'content': 'Hi'}",  # cut off: detected, then refused
+    ],
+)
+def test_flattened_lists_are_detected(text):
+    assert looks_like_messages(text)
+
+
 def test_bare_brackets_stay_text():
     # "[]" names no role: it may be a real answer ("an empty Python list is []"), so it stays text.
     assert not looks_like_messages("[]")

@@ -23,6 +23,8 @@ from treg_lightning.data.errors import InvalidRowError
 
 # A quoted 'role' or "role" key, as in a dict repr or JSON object.
 _ROLE_KEY = re.compile(r"""["']role["']\s*:""")
+# The start of a list of dicts, or of a dict.
+_OPENING = re.compile(r"\s*(\[\s*)?\{")
 # Longest text parsed: ast.literal_eval of a huge or deeply nested literal is slow.
 MAX_CHARS = 5_000_000
 
@@ -31,8 +33,7 @@ def looks_like_messages(text: str) -> bool:
     """Whether ``text`` reads as a flattened message list (or one message) rather than prose:
     it opens a list of dicts (or a dict) and names a quoted ``role`` key. The end is not
     looked at, so a cell cut off by a tool's length limit is caught (and refused) too."""
-    opening = text.lstrip()[:2].replace(" ", "")
-    return opening.startswith(("[{", "{")) and _ROLE_KEY.search(text) is not None
+    return _OPENING.match(text) is not None and _ROLE_KEY.search(text) is not None
 
 
 def parse_messages(text: str, field: str) -> list:
