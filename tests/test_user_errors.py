@@ -178,6 +178,18 @@ def test_parse_errors_are_short_and_suggest_the_key(setup, capsys):
     assert "Parser key \"data.batch_size\":\n  Expected a <class 'int'>. Got value: two" in err
 
 
+def test_choice_error_of_an_optional_class_is_the_class_error(setup, capsys):
+    status, err = treg(setup("--guard.action=halt"), capsys)
+    assert status == 2
+    # Not jsonargparse's dump of every Union subtype tried and the value's repr.
+    assert err[err.index("error: ") :].strip() == (
+        'error: Parser key "guard": Problem with given class_path '
+        "'treg_lightning.guards.NonFiniteGuard':\n"
+        '    Parser key "action":\n'
+        "      Expected a typing.Literal['stop', 'skip']. Got value: halt"
+    )
+
+
 # --- bad data, missing and broken files, folders ---------------------------------------------
 
 

@@ -31,7 +31,13 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from treg_lightning import startup
 from treg_lightning.checkpoints import check_checkpoint_file, check_checkpoint_fits, is_file_path
-from treg_lightning.cli_help import did_you_mean, option_keys, short_usage, show_linked_target
+from treg_lightning.cli_help import (
+    did_you_mean,
+    option_keys,
+    short_usage,
+    show_linked_target,
+    without_union_dump,
+)
 from treg_lightning.data.datamodule import PreferenceDataModule
 from treg_lightning.errors import ConfigError
 from treg_lightning.exits import (
@@ -129,7 +135,7 @@ class TRegArgumentParser(LightningArgumentParser):
     key or flag, ``max_lenght``)."""
 
     def error(self, message: str, *args, **kwargs):
-        message = did_you_mean(str(message), option_keys(self._all_usages()))
+        message = did_you_mean(without_union_dump(str(message)), option_keys(self._all_usages()))
         return super().error(message, *args, **kwargs)
 
     def print_usage(self, file=None) -> None:

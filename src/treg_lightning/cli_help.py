@@ -2,6 +2,8 @@
 lists every ``data.*`` argument.
 
 - A parse error prints the error and the ``--help`` tip, not the 80-line usage of every option.
+- A value refused by an ``X | None`` setting gives X's error, not jsonargparse's list of every
+  type tried.
 - A misspelled key, in YAML (``does not accept option``) or on the command line
   (``unrecognized arguments``), gets "Did you mean ...?" with the closest key.
 - ``data.tokenizer`` is set from ``model.model`` by a link; jsonargparse then lists it only under
@@ -37,6 +39,31 @@ def did_you_mean(message: str, keys: Iterable[str]) -> str:
         if guesses:
             return f"{message}. Did you mean {', '.join(repr(g) for g in guesses)}?"
     return message
+
+
+def without_union_dump(message: str) -> str:
+    """jsonargparse's "Does not validate against any of the Union subtypes" message (the types
+    tried, each one's error, the value's repr) cut to the one error that matters: for an
+    ``X | None`` setting, X's. Other messages are returned as they are."""
+    lines = message.splitlines()
+    try:
+        start = lines.index("  Errors:") + 1
+    except ValueError:
+        return message
+    if "Does not validate against any of the Union subtypes" not in message:
+        return message
+    items: list[list[str]] = []
+    for line in lines[start:]:
+        if line.startswith("    - "):
+            items.append([line[len("    - ") :]])
+        elif line.startswith("      ") and items:
+            items[-1].append(line[len("    ") :])
+        else:
+            break
+    kept = [item for item in items if item != ["Expected a <class 'NoneType'>"]]
+    if len(kept) != 1:
+        return message
+    return "\n".join([f"{lines[0]} {kept[0][0]}", *kept[0][1:]])
 
 
 def option_keys(usage: str) -> list[str]:
