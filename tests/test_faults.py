@@ -273,9 +273,14 @@ def test_unwritable_output_folder_fails_at_start_up(tiny_model_dir, tmp_path, se
 
 
 def test_export_to_unwritable_folder_fails_before_loading(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
     data = write_pairs(tmp_path / "pairs.jsonl")
     (tmp_path / "a-file").write_text("")
     bad = tmp_path / "a-file" / "policy"
+    # A checkpoint that passes the start-up checkpoint checks, so the folder check is reached.
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    torch.save({"state_dict": {f"policy.{k}": v for k, v in policy.items()}}, tmp_path / "x.ckpt")
     args = [
         "export",
         *base_args(tiny_model_dir, data, tmp_path),

@@ -9,12 +9,9 @@ from __future__ import annotations
 
 from torch import nn
 
+from treg_lightning.errors import ConfigError
 from treg_lightning.hparams import real_class
 from treg_lightning.rewards.source import TokenRewardSource
-
-
-class ConfigError(ValueError):
-    """Settings that cannot work together; the message names them and what to change."""
 
 
 def _source_name(rewards: TokenRewardSource | None) -> str:

@@ -120,7 +120,6 @@ def token_logps_from_hidden(
     return token_logps.index_put((batch_idx, pos_idx), selected_logps)
 
 
-
 def sequence_logps(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Sum of ``[batch, seq]`` token log-probs over masked-in positions: ``[batch]``.
 

@@ -28,6 +28,7 @@ from torch import nn
 
 from treg_lightning.checks import check_pair_inputs
 from treg_lightning.data.datamodule import PreferenceDataModule
+from treg_lightning.errors import ConfigError
 from treg_lightning.forward import (
     bind_token_logps,
     packed_token_logps,
@@ -37,7 +38,7 @@ from treg_lightning.forward import (
 from treg_lightning.hparams import portable_hparams
 from treg_lightning.logprobs import model_softcap
 from treg_lightning.losses import SimPOLoss, TokenRewardRegularizer
-from treg_lightning.losses.base import LossOutput
+from treg_lightning.losses.base import LossOutput, PreferenceLossModule
 from treg_lightning.losses.treg import RegularizerOutput
 from treg_lightning.metrics import PreferenceMetrics
 from treg_lightning.models import check_attn_implementation, parse_dtype
@@ -88,7 +89,7 @@ class PreferenceModule(L.LightningModule):
     def __init__(
         self,
         model: str,
-        loss: nn.Module = lazy_instance(SimPOLoss),
+        loss: PreferenceLossModule = lazy_instance(SimPOLoss),
         regularizer: TokenRewardRegularizer | None = lazy_instance(TokenRewardRegularizer),
         optimizer: OptimizerCallable | None = None,
         scheduler: LRSchedulerCallable | None = WarmupCosineLR,
@@ -285,7 +286,7 @@ class PreferenceModule(L.LightningModule):
         if all(field(side, "ref_token_logps") in batch for side in SIDES):
             return {side: batch[field(side, "ref_token_logps")] for side in SIDES}
         if self.reference is None:
-            raise ValueError(
+            raise ConfigError(
                 f"{type(self.loss).__name__} needs reference log-probabilities, but the batch "
                 "has no chosen_ref_token_logps and no reference model is loaded: let the reward "
                 "source cache them (data.rewards with store_reference_logps: true) or set "

@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from treg_lightning.errors import ConfigError
+
 
 class WarmupCosineLR(torch.optim.lr_scheduler.LRScheduler):
     """Linear warmup from 0, then cosine decay to ``min_lr_ratio * lr`` (SimPO's schedule).
@@ -28,7 +30,9 @@ class WarmupCosineLR(torch.optim.lr_scheduler.LRScheduler):
         min_lr_ratio: float = 0.0,
     ) -> None:
         if not 0 <= warmup_ratio <= 1:
-            raise ValueError(f"WarmupCosineLR: warmup_ratio must be in [0, 1], got {warmup_ratio}.")
+            raise ConfigError(
+                f"WarmupCosineLR: warmup_ratio must be in [0, 1], got {warmup_ratio}."
+            )
         self.warmup_ratio = warmup_ratio
         self.num_training_steps = num_training_steps
         self.min_lr_ratio = min_lr_ratio

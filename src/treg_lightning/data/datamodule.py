@@ -31,6 +31,7 @@ from treg_lightning.data.formats import normalize_rows
 from treg_lightning.data.resumable import ResumableDataLoader
 from treg_lightning.data.sources import DEMO_SOURCE, RawSource, load_source
 from treg_lightning.data.tokenize import PairTokenizer, tokenize_pairs
+from treg_lightning.errors import ConfigError
 from treg_lightning.models import load_tokenizer
 from treg_lightning.rewards.cache import distributed
 from treg_lightning.rewards.contrastive import ContrastiveRewards
@@ -97,14 +98,14 @@ class PreferenceDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+            raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}.")
         if not 0 < max_prompt_length < max_length:
-            raise ValueError(
+            raise ConfigError(
                 f"max_prompt_length ({max_prompt_length}) must be positive and smaller than "
                 f"max_length ({max_length}), so that every response keeps at least one token."
             )
         if rewards is not None and not isinstance(rewards, TokenRewardSource):
-            raise ValueError(
+            raise ConfigError(
                 f"rewards must be a token-reward source (e.g. treg_lightning.rewards."
                 f"ContrastiveRewards(...)) or None for no token rewards, got {rewards!r}."
             )
@@ -191,7 +192,7 @@ class PreferenceDataModule(pl.LightningDataModule):
         """Runs the reward source over every split (building its cache); returns the served
         rows by split. What ``treg annotate`` calls."""
         if self.rewards is None:
-            raise ValueError(
+            raise ConfigError(
                 "nothing to annotate: data.rewards is null (no token-reward source). Set it to "
                 "a source, e.g. data.rewards: {class_path: treg_lightning.rewards."
                 "ContrastiveRewards}."

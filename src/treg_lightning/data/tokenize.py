@@ -21,6 +21,7 @@ A pair that cannot be used after truncation raises `InvalidRowError` (counted wh
 from __future__ import annotations
 
 from treg_lightning.data.errors import DataFormatError, InvalidRowError, SkipReport
+from treg_lightning.errors import ConfigError
 from treg_lightning.pairs import SIDES
 
 
@@ -48,17 +49,17 @@ class PairTokenizer:
     ) -> None:
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
         if not 0 < max_prompt_length < max_length:
-            raise ValueError(
+            raise ConfigError(
                 f"max_prompt_length ({max_prompt_length}) must be positive and smaller than "
                 f"max_length ({max_length}), so that every response keeps at least one token."
             )
         if chat_template is None and not getattr(tokenizer, "chat_template", None):
-            raise ValueError(
+            raise ConfigError(
                 f"the tokenizer '{name}' has no chat template. Pass the tokenizer of a chat / "
                 "instruct model, or set `chat_template` to a Jinja template string."
             )
         if tokenizer.eos_token_id is None:
-            raise ValueError(
+            raise ConfigError(
                 f"the tokenizer '{name}' has no eos_token, needed to end each response; "
                 "use a tokenizer that defines one."
             )

@@ -16,11 +16,14 @@ Adding a loss means one new file with one class that satisfies :class:`Preferenc
 
 from __future__ import annotations
 
+from abc import ABCMeta, abstractmethod
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
+from torch import nn
 
+from treg_lightning.errors import ConfigError
 from treg_lightning.pairs import PairScores, ResponseScores
 
 
@@ -75,19 +78,41 @@ class PreferenceLoss(Protocol):
         ...
 
 
+class PreferenceLossModule(nn.Module, metaclass=ABCMeta):
+    """``nn.Module`` base of the shipped losses, and the type of ``PreferenceModule(loss=...)``.
+
+    Typing the argument with it makes ``treg fit --help`` list the preference losses (this
+    class's subclasses: ours and any user loss deriving from it) instead of every ``nn.Module``.
+    A user loss need not derive from it: any ``nn.Module`` class with a ``needs_reference``
+    attribute (the :class:`PreferenceLoss` protocol) counts as a subclass, so
+    ``class_path: my_pkg.MyLoss`` still works; it is just not listed.
+    """
+
+    needs_reference: bool
+
+    @abstractmethod
+    def forward(self, pair: PairScores) -> LossOutput:
+        """The loss of a batch of pairs (see :class:`PreferenceLoss`)."""
+
+    @classmethod
+    def __subclasshook__(cls, other: type) -> bool:
+        if cls is not PreferenceLossModule:  # issubclass(x, DPOLoss) stays nominal
+            return NotImplemented
+        follows = issubclass(other, nn.Module) and hasattr(other, "needs_reference")
+        return True if follows else NotImplemented
+
+
 def require_reference(name: str, pair: PairScores) -> None:
     """Raise a clear error when a reference-based loss gets no reference log-probs."""
     if not pair.has_reference:
-        raise ValueError(
+        raise ConfigError(
             f"{name} needs reference log-probabilities: serve cached reference token logps "
             "(data.rewards with store_reference_logps: true) or keep the reference model "
             "enabled (model.live_reference: null)."
         )
 
 
-def implicit_token_rewards(
-    out: LossOutput, side: str, scores: ResponseScores
-) -> torch.Tensor:
+def implicit_token_rewards(out: LossOutput, side: str, scores: ResponseScores) -> torch.Tensor:
     """The loss's own implicit token rewards ``[batch, seq]``, detached.
 
     ``c(y) * (logp_t - ref_logp_t)`` when the loss uses a reference, ``c(y) * logp_t`` when it
@@ -96,7 +121,7 @@ def implicit_token_rewards(
     log_ratio = scores.token_logps.detach()
     if out.uses_reference:
         if scores.ref_token_logps is None:
-            raise ValueError(
+            raise ConfigError(
                 "the loss's implicit token rewards are relative to the reference, but no "
                 "reference token log-probs were given."
             )

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from treg_lightning.losses.base import LossOutput, require_reference
+from treg_lightning.errors import ConfigError
+from treg_lightning.losses.base import LossOutput, PreferenceLossModule, require_reference
 from treg_lightning.pairs import PairScores
 
 
-class DPOLoss(nn.Module):
+class DPOLoss(PreferenceLossModule):
     """DPO loss with optional label smoothing (cDPO).
 
     Args:
@@ -38,9 +38,9 @@ class DPOLoss(nn.Module):
     def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0) -> None:
         super().__init__()
         if beta <= 0:
-            raise ValueError(f"DPOLoss: beta must be > 0, got {beta}.")
+            raise ConfigError(f"DPOLoss: beta must be > 0, got {beta}.")
         if not 0.0 <= label_smoothing < 0.5:
-            raise ValueError(
+            raise ConfigError(
                 f"DPOLoss: label_smoothing must be in [0, 0.5), got {label_smoothing}."
             )
         self.beta = beta

@@ -17,13 +17,12 @@ Typical ranges: ``tau`` 0.01-1.0 (0.1 is a common default; smaller means a large
 
 from __future__ import annotations
 
-from torch import nn
-
-from treg_lightning.losses.base import LossOutput, require_reference
+from treg_lightning.errors import ConfigError
+from treg_lightning.losses.base import LossOutput, PreferenceLossModule, require_reference
 from treg_lightning.pairs import PairScores
 
 
-class IPOLoss(nn.Module):
+class IPOLoss(PreferenceLossModule):
     """Length-normalized IPO loss.
 
     Args:
@@ -35,7 +34,7 @@ class IPOLoss(nn.Module):
     def __init__(self, tau: float = 0.1) -> None:
         super().__init__()
         if tau <= 0:
-            raise ValueError(f"IPOLoss: tau must be > 0, got {tau}.")
+            raise ConfigError(f"IPOLoss: tau must be > 0, got {tau}.")
         self.tau = tau
 
     def forward(self, pair: PairScores) -> LossOutput:

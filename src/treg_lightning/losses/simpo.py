@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from treg_lightning.losses.base import LossOutput
+from treg_lightning.errors import ConfigError
+from treg_lightning.losses.base import LossOutput, PreferenceLossModule
 from treg_lightning.pairs import PairScores
 
 
-class SimPOLoss(nn.Module):
+class SimPOLoss(PreferenceLossModule):
     """SimPO loss; reference-free.
 
     Args:
@@ -41,9 +41,9 @@ class SimPOLoss(nn.Module):
     def __init__(self, beta: float = 2.0, gamma_beta_ratio: float = 0.5) -> None:
         super().__init__()
         if beta <= 0:
-            raise ValueError(f"SimPOLoss: beta must be > 0, got {beta}.")
+            raise ConfigError(f"SimPOLoss: beta must be > 0, got {beta}.")
         if gamma_beta_ratio < 0:
-            raise ValueError(f"SimPOLoss: gamma_beta_ratio must be >= 0, got {gamma_beta_ratio}.")
+            raise ConfigError(f"SimPOLoss: gamma_beta_ratio must be >= 0, got {gamma_beta_ratio}.")
         self.beta = beta
         self.gamma_beta_ratio = gamma_beta_ratio
 

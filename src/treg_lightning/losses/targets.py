@@ -22,6 +22,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from treg_lightning.errors import ConfigError
 from treg_lightning.losses.base import LossOutput, implicit_token_rewards
 from treg_lightning.pairs import PairScores
 
@@ -32,9 +33,7 @@ class TokenTargets(Protocol):
 
     needs_token_rewards: bool
 
-    def __call__(
-        self, pair: PairScores, out: LossOutput
-    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def __call__(self, pair: PairScores, out: LossOutput) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 class SelfGeneratedRewards:
@@ -44,7 +43,7 @@ class SelfGeneratedRewards:
 
     def __call__(self, pair: PairScores, out: LossOutput) -> tuple[torch.Tensor, torch.Tensor]:
         if not pair.has_token_rewards:
-            raise ValueError(
+            raise ConfigError(
                 "TokenRewardRegularizer with SelfGeneratedRewards targets needs token rewards "
                 "in the batch (chosen_token_rewards / rejected_token_rewards), and this batch "
                 "has none: set data.rewards to a token-reward source (e.g. "

@@ -31,6 +31,7 @@ import torch
 from jsonargparse import lazy_instance
 from torch import nn
 
+from treg_lightning.errors import ConfigError
 from treg_lightning.losses.base import LossOutput
 from treg_lightning.losses.targets import SelfGeneratedRewards, TokenTargets
 from treg_lightning.pairs import PairScores
@@ -92,11 +93,11 @@ class TokenRewardRegularizer(nn.Module):
     ) -> None:
         super().__init__()
         if alpha < 0:
-            raise ValueError(f"TokenRewardRegularizer: alpha must be >= 0, got {alpha}.")
+            raise ConfigError(f"TokenRewardRegularizer: alpha must be >= 0, got {alpha}.")
         if weighting not in ("dynamic", "static"):
-            raise ValueError(f"weighting must be 'dynamic' or 'static', got {weighting!r}.")
+            raise ConfigError(f"weighting must be 'dynamic' or 'static', got {weighting!r}.")
         if not isinstance(targets, TokenTargets):
-            raise ValueError(
+            raise ConfigError(
                 f"targets must be a TokenTargets object (SelfGeneratedRewards, ChosenSFT, "
                 f"ImplicitRewards or your own), got {targets!r}."
             )

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from treg_lightning.errors import ConfigError
 from treg_lightning.logprobs import causal_lm_token_logps, check_plain_logits, model_softcap
 from treg_lightning.pairs import SIDES, field
 from treg_lightning.rewards.prompts import ContrastiveTemplate, get_template
@@ -49,7 +50,7 @@ class ContrastiveScorer:
         logp_chunk_size: int = 1024,
     ) -> None:
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
         self.template = get_template(template)
         self.batch_size = batch_size
         self.store_reference_logps = store_reference_logps
@@ -206,7 +207,7 @@ def check_same_vocab(tokenizer, evaluator_tokenizer, evaluator_name: str = "eval
     a, b = tokenizer.get_vocab(), evaluator_tokenizer.get_vocab()
     if a != b:
         diff = sorted(set(a.items()) ^ set(b.items()), key=str)[:5]
-        raise ValueError(
+        raise ConfigError(
             f"The {evaluator_name} model's tokenizer differs from the data tokenizer (vocab sizes "
             f"{len(b)} vs {len(a)}; e.g. {diff}): token rewards need the same vocabulary. Use an "
             "evaluator from the same model family, or leave it unset to use the reference model."

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from treg_lightning.errors import ConfigError
 from treg_lightning.models import (
     cache_root,
     check_vocab_fits,
@@ -68,7 +69,7 @@ class ContrastiveRewards(TokenRewardSource):
         progress: bool = True,
     ) -> None:
         if chunk_pairs < 1:
-            raise ValueError(f"ContrastiveRewards: chunk_pairs must be >= 1, got {chunk_pairs}.")
+            raise ConfigError(f"ContrastiveRewards: chunk_pairs must be >= 1, got {chunk_pairs}.")
         parse_dtype(evaluator_dtype)  # at start-up, not after tokenizing every pair
         self.scorer = ContrastiveScorer(
             template,

@@ -13,13 +13,14 @@ from typing import Any
 
 import datasets
 
+from treg_lightning.errors import UserError
 from treg_lightning.outputs import disk_full_hint
 from treg_lightning.pairs import ID_FIELDS
 from treg_lightning.rewards.cache.chunks import Columns, build_in_chunks, distributed
 from treg_lightning.rewards.cache.fingerprint import FORMAT, FORMAT_VERSION, Fingerprint
 
 
-class CacheError(RuntimeError):
+class CacheError(UserError, RuntimeError):
     """A token-reward cache exists but cannot be used (the message says why and what to do)."""
 
 
