@@ -10,9 +10,8 @@ import torch
 
 peft = pytest.importorskip("peft", reason="LoRA tests need peft (the `lora`/`dev` extra)")
 
-from treg_lightning import lora  # noqa: E402
-
 from conftest import build_tiny_model  # noqa: E402
+from treg_lightning import lora  # noqa: E402
 
 VOCAB = 61
 

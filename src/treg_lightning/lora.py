@@ -131,7 +131,8 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """
     if not is_peft_model(model):
         raise TypeError(
-            f"adapters_disabled needs a PEFT-wrapped model (apply_lora), got {type(model).__name__}."
+            "adapters_disabled needs a PEFT-wrapped model (apply_lora), got "
+            f"{type(model).__name__}."
         )
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
