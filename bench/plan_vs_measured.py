@@ -1,11 +1,12 @@
 """`treg plan`'s estimate against the measured peak of real PreferenceModule training steps.
 
 Each case runs in a fresh subprocess: a randomly initialised Llama-shaped model saved to a
-temporary folder, loaded by ``PreferenceModule.configure_model()`` (float32, sdpa, CPU), then two
-optimizer steps of two accumulated micro-batches each (the plan's worst case: gradients of the
-previous micro-batch are held while the next one runs). Every sequence has ``max_length``
-tokens, one prompt token, one padded position (so sdpa gets a mask, as with real padded
-batches). T-REG token rewards are random.
+temporary folder, loaded by ``PreferenceModule.configure_model()`` (float32, sdpa, CPU), then
+one optimizer step of two accumulated micro-batches (the plan's worst case: the gradients of
+the first micro-batch are held while the second runs; the optimizer states are created before,
+by a step with zero gradients). Every sequence has ``max_length`` tokens, one prompt token, one
+padded position (so sdpa gets a mask, as with real padded batches). T-REG token rewards are
+random.
 
 The estimate comes from the same code path as ``treg plan``: a config dict (trainer / model /
 data sections) through ``treg_lightning.plan.plan_from_config``.
@@ -16,7 +17,10 @@ Two measures of the peak:
   that sees every tensor storage created by an op and when it is freed, plus the weights and
   optimizer states registered with ``track_external``: the live tensor bytes at the worst
   moment, i.e. what ``torch.cuda.max_memory_allocated()`` reports on a GPU, without the CPU
-  allocator's caching. This is the figure the estimate is checked against.
+  allocator's caching. This is the figure the estimate is checked against. A dispatch mode
+  cannot see temporaries allocated inside one op; the one that matters here, the
+  ``[chunk, vocab]`` buffer inside ``torch.logsumexp``, is made visible by running the same
+  ops separately (``_logsumexp_through_dispatch``).
 - *RSS*: the resident-set high-water mark (``VmHWM``, reset after the model load through
   ``/proc/self/clear_refs``) minus the resident set before the model load, with glibc told to
   return large blocks to the system at once (``MALLOC_MMAP_THRESHOLD_``). It includes what the
@@ -145,9 +149,17 @@ def _tracker():
     return Tracker()
 
 
+def _logsumexp_through_dispatch(x, dim=-1):
+    """torch.logsumexp with its ``[rows, vocab]`` temporary allocated by separate ops, so that
+    the tracker sees it (ATen's kernel makes the same one, ``(x - max).exp_()``, inside the
+    op, where a dispatch mode cannot see it)."""
+    top = x.amax(dim, keepdim=True)
+    return (x - top).exp_().sum(dim).log_() + top.squeeze(dim)
+
+
 def worker(args) -> dict:
-    """One case: load, train 2 steps x 2 micro-batches (the second tracked), report both
-    peaks and the estimate."""
+    """One case: load, create the optimizer states, train one tracked step of 2 micro-batches;
+    report both peaks and the estimate."""
     import torch
 
     from treg_lightning.losses import DPOLoss, SimPOLoss, TokenRewardRegularizer
@@ -155,6 +167,7 @@ def worker(args) -> dict:
     from treg_lightning.plan import plan_from_config
 
     torch.set_num_threads(args.threads)
+    torch.logsumexp = _logsumexp_through_dispatch
     folder = Path(args.folder)
     config = plan_config(folder, args.variant, args.length, args.batch)
     plan = plan_from_config(config, gpu_memory="1TB", reserve="0GB")
@@ -186,7 +199,12 @@ def worker(args) -> dict:
         optimizer.zero_grad(set_to_none=True)
 
     start = time.perf_counter()
-    step()  # the first step creates the optimizer states; the tracked one runs with them
+    # AdamW creates its states at the first step: take one with zero gradients (no update
+    # beyond weight decay), so that the tracked step runs with the states in place.
+    for param in module.policy.parameters():
+        param.grad = torch.zeros_like(param) if param.requires_grad else None
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
     tracker = _tracker()
     tracker.track_external(*(m for m in (module.policy, module.reference) if m is not None))
     tracker.track_external(optimizer)

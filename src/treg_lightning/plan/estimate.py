@@ -268,20 +268,27 @@ def backward_bytes(settings: RunSettings, shape: ModelShape, batch: int) -> floa
 
 def forward_bytes(settings: RunSettings, shape: ModelShape, batch: int) -> float:
     """Working set of a no-grad forward (the live reference's), beside the policy's held
-    activations: one layer's intermediates and the residual stream, or its log-prob block."""
+    activations: one layer's intermediates with the residual stream, or its log-prob block.
+
+    Attention: residual, normed input, q and k before and after the rotary embedding, v, the
+    repeated k/v, the output; sdpa with padding adds the boolean mask and its float copy.
+    MLP: residual, activation, up projection, their product.
+    """
     n, scored = tokens(settings, batch)
     cb, h, i = settings.compute_bytes, shape.hidden_size, shape.intermediate_size
     kernel = attention_kernel(settings.attn_implementation)
     q = shape.num_heads * shape.head_dim
-    k = q if kernel.repeats_kv else shape.num_kv_heads * shape.head_dim
-    attention = n * cb * (2 * q + 2 * k)
+    kv = shape.num_kv_heads * shape.head_dim
+    attention = n * cb * (2 * h + 2 * q + 3 * kv + (2 * q if kernel.repeats_kv else 0))
     if kernel.saves_probs:
         attention += n * shape.num_heads * settings.max_length * 4
-    layer = max(attention, 3 * n * i * cb) + 2 * n * h * cb
+    if kernel.float_mask:
+        attention += n * settings.max_length * (cb + 1)
+    mlp = n * cb * (h + 3 * i)
     chunk = min(settings.logp_chunk_size, scored)
     low = cb if cb < 4 else 0
     logits = (n + scored) * h * cb + chunk * shape.vocab_size * (8 + low)
-    return max(layer, logits)
+    return max(attention, mlp, logits)
 
 
 def max_micro_batch(

@@ -150,7 +150,10 @@ def format_plan(plan: Plan, short: bool = False) -> str:
         lines.append("  to fit, change one of (peak per device with that change alone):")
         for idea in plan.suggestions:
             mark = "fits" if idea.fits else "still too large"
-            lines.append(f"    {idea.change:<34}{_gib(idea.peak)} GiB  {mark:<16}{idea.flags}")
+            host = f" (+{idea.host / GIB:.1f} GiB CPU memory)" if idea.host else ""
+            lines.append(
+                f"    {idea.change:<34}{_gib(idea.peak)} GiB  {mark:<16}{idea.flags}{host}"
+            )
     return "\n".join(lines)
 
 

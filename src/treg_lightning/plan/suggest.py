@@ -19,6 +19,7 @@ class Suggestion:
     flags: str
     peak: float
     fits: bool
+    host: float = 0.0  # CPU memory per device it needs (offload)
 
 
 def _options(settings: RunSettings) -> list[tuple[str, str, object]]:
@@ -91,8 +92,9 @@ def suggestions(
 
     out = []
     for change, flags, transform in _options(settings):
-        value = peak(transform(settings))
-        out.append(Suggestion(change, flags, value, value <= budget))
+        changed = estimate(transform(settings), shape, reference_shape)
+        host = sum(part.bytes for part in changed.host)
+        out.append(Suggestion(change, flags, changed.peak, changed.peak <= budget, host))
     more = _more_devices(settings, shape, budget, reference_shape)
     if more is not None:
         out.append(Suggestion(*more[:2], peak(more[2]), True))
