@@ -26,8 +26,8 @@ Two measures of the peak:
   return large blocks to the system at once (``MALLOC_MMAP_THRESHOLD_``). It includes what the
   interpreter, autograd's graph and the allocators add, so it reads higher.
 
-    python bench/plan_vs_measured.py                       # all cases, ~3 min on 2 cores
-    python bench/plan_vs_measured.py --dry-run             # one tiny case
+    python bench/plan_vs_measured.py                       # 20 cases, ~17 min on 2 busy cores
+    python bench/plan_vs_measured.py --dry-run             # one tiny case, ~25 s
     python bench/plan_vs_measured.py --out bench/results/plan_vs_measured.json
 """
 
