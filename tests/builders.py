@@ -209,3 +209,24 @@ class Annotator:
             world_size=world_size,
             on_chunk_done=done,
         )
+
+
+def tiny_gemma2(vocab_size: int, seed: int = 0, **config):
+    """A random 2-layer Gemma-2 (hidden 32, head_dim 8, eager attention, final-logit soft-capping
+    3.0: small, so the capping visibly changes the logits)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    settings = {
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 8,
+        "query_pre_attn_scalar": 8,
+        "final_logit_softcapping": 3.0,
+        "attn_implementation": "eager",
+        **config,
+    }
+    torch.manual_seed(seed)
+    return Gemma2ForCausalLM(Gemma2Config(vocab_size=vocab_size, **settings))

@@ -6,7 +6,10 @@ Subcommands: ``fit``, ``validate``, ``test``, ``predict`` (Lightning's) plus
 - ``annotate``: build the token-reward cache of the ``data`` section on its own, on every device
   of the configured strategy (each process annotates its shard; rank 0 merges);
 - ``export``: write the policy of ``--ckpt_path`` (a ``.ckpt`` file or a sharded checkpoint
-  folder) as a Hugging Face folder (``--output_dir``) with safetensors weights and tokenizer.
+  folder) as a Hugging Face folder (``--output_dir``) with safetensors weights and tokenizer;
+- ``plan``: print the per-device memory of the config, part by part, from the model's
+  config.json alone (``--devices``, ``--num-nodes``, ``--gpu-memory 80GB``); nothing is built,
+  so a GPU config plans on a CPU machine (:mod:`treg_lightning.plan`).
 
 Both are methods of :class:`TRegTrainer`, so LightningCLI builds their parsers and runs them
 exactly like the built-in ones (``treg annotate --config configs/demo.yaml``).
@@ -16,6 +19,7 @@ Usage::
     treg fit --config configs/demo.yaml
     treg fit --config configs/llama3_simpo_treg.yaml --trainer.devices 8
     treg export --config configs/demo.yaml --ckpt_path path/to.ckpt --output_dir policy/
+    treg plan --config configs/llama3_dpo_treg.yaml --devices 4 --gpu-memory 80GB
 """
 
 from __future__ import annotations
@@ -130,6 +134,35 @@ class TRegTrainer(Trainer):
         print(f"policy written to {folder.resolve()}", flush=True)
         return folder
 
+    # ---- plan --------------------------------------------------------------------------------
+
+    def plan(
+        self,
+        model: LightningModule | None = None,
+        datamodule: LightningDataModule | None = None,
+        devices: int | None = None,
+        num_nodes: int | None = None,
+        gpu_memory: str | None = None,
+        reserve: str = "1GiB",
+    ) -> None:
+        """Print the per-device memory of the run, from the model's config.json (no weights).
+
+        ``treg plan`` reads the parsed config without building the trainer, the model or the
+        data (TRegCLI), so this method only declares its arguments; in Python use
+        ``treg_lightning.plan.plan_from_config(config)``.
+
+        Args:
+            devices: devices per node (default: trainer.devices).
+            num_nodes: nodes (default: trainer.num_nodes).
+            gpu_memory: memory of one device, e.g. 80GB (10^9 bytes) or 79.6GiB (2^30);
+                default 80GB, or this machine's RAM when trainer.accelerator is cpu.
+            reserve: memory kept aside per device (CUDA context, NCCL and cuBLAS workspaces).
+        """
+        raise RuntimeError(
+            "Trainer.plan only declares the arguments of `treg plan`; call "
+            "treg_lightning.plan.plan_from_config(config) instead."
+        )
+
 
 class TRegArgumentParser(LightningArgumentParser):
     """``LightningArgumentParser`` whose errors are short (the error and the ``--help`` tip, not
@@ -186,6 +219,7 @@ class TRegCLI(LightningCLI):
             **LightningCLI.subcommands(),
             "annotate": {"model", "datamodule"},
             "export": {"model", "datamodule"},
+            "plan": {"model", "datamodule"},
         }
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -205,12 +239,43 @@ class TRegCLI(LightningCLI):
             help="Show the traceback of user errors and interrupts too (or set TREG_DEBUG=1).",
         )
 
+    # ---- plan: parse the config, build nothing ------------------------------------------------
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        # --gpu-memory as well as --gpu_memory (jsonargparse only knows the latter).
+        if args is None and sys.argv[1:2] == ["plan"]:
+            sys.argv[1:] = [_plan_option(arg) for arg in sys.argv[1:]]
+        elif isinstance(args, (list, tuple)) and args[:1] == ["plan"]:
+            args = [_plan_option(arg) for arg in args]
+        super().parse_arguments(parser, args)
+
+    def instantiate_classes(self) -> None:
+        if self.subcommand == "plan":  # the trainer would need the configured accelerator
+            self.config_init = self.config
+            self.model = self.datamodule = self.trainer = None
+            return
+        super().instantiate_classes()
+
+    def _run_plan(self) -> None:
+        from treg_lightning.plan.report import run_plan
+
+        config = self.config["plan"].as_dict()
+        run_plan(
+            config,
+            devices=config.get("devices"),
+            num_nodes=config.get("num_nodes"),
+            gpu_memory=config.get("gpu_memory"),
+            reserve=config.get("reserve") or "1GiB",
+        )
+
     def _instantiate_trainer(self, config, callbacks):
         trainer = super()._instantiate_trainer(config, [c for c in callbacks if c is not None])
         startup.fill_data_parallel_size(trainer)
         return trainer
 
     def _run_subcommand(self, subcommand: str) -> None:
+        if subcommand == "plan":
+            return self._run_plan()
         try:
             super()._run_subcommand(subcommand)
         except (KeyboardInterrupt, SystemExit) as stop:
@@ -226,6 +291,9 @@ class TRegCLI(LightningCLI):
         self.check_inputs()
         self._check_ckpt_fits()
         startup.check_run_outputs(self.trainer)
+        from treg_lightning.plan.report import log_fit_plan
+
+        log_fit_plan(self.config[self.subcommand].as_dict(), self.trainer)
         check_writable(self.output_folders())
         startup.skip_validation_without_data(self.trainer, self.datamodule)
 
@@ -310,6 +378,14 @@ class TRegCLI(LightningCLI):
             except SystemExit:
                 sys.stderr.write(f"Parsing the hyperparameters of {meta} failed!\n")
                 raise
+
+
+def _plan_option(arg: str) -> str:
+    """``--gpu-memory=80GB`` -> ``--gpu_memory=80GB`` (top-level options of ``plan`` only)."""
+    key, sep, value = arg.partition("=")
+    if key.startswith("--") and "." not in key:
+        key = "--" + key[2:].replace("-", "_")
+    return key + sep + value
 
 
 def cli_main(args: ArgsType = None) -> None:

@@ -45,6 +45,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
             logsumexp[rows] = torch.logsumexp(logits, dim=-1)
             target_logits = logits.gather(-1, targets[rows, None]).squeeze(-1)
             token_logps[rows] = target_logits - logsumexp[rows]
+            del logits  # else it lives on while the next chunk's logits are computed
         ctx.save_for_backward(hidden, weight, bias, targets, logsumexp)
         ctx.chunk_size, ctx.softcap = chunk_size, softcap
         return token_logps
@@ -73,6 +74,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
                 grad_weight.addmm_(grad_logits.T, hidden[rows].to(acc_dtype))
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0)
+            del logits, tanh, grad_logits  # one [chunk, vocab] block at a time, not two
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         if grad_bias is not None:

@@ -20,7 +20,6 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from treg_lightning.pairs import SIDES, VALUE_FIELDS, field
-from treg_lightning.rewards.cache.store import CacheError
 
 
 class PreferenceCollator:
@@ -82,7 +81,7 @@ def _carried_values(rows: Sequence[dict], side: str) -> list[str]:
             carried.append(name)
         elif any(present):
             missing = [row.get("index") for row, ok in zip(rows, present, strict=True) if not ok]
-            raise CacheError(
+            raise ValueError(
                 f"rows {missing} have no {field(side, name)} while others of their batch do: "
                 "the data serves per-token values for some pairs only. Rebuild the token-reward "
                 "cache (delete its folder) so that every pair is annotated."
@@ -92,7 +91,7 @@ def _carried_values(rows: Sequence[dict], side: str) -> list[str]:
 
 def _per_token(values, num_tokens: int, row: dict, side: str) -> torch.Tensor:
     if len(values) != num_tokens:
-        raise CacheError(
+        raise ValueError(
             f"row {row.get('index')}: {len(values)} per-token values for {num_tokens} "
             f"{side} tokens; the token-reward cache does not match the tokenized data. "
             "Delete the cache folder and rebuild it."

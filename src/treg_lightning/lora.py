@@ -1,0 +1,303 @@
+"""LoRA / DoRA adapters through PEFT: the reference is the same model with its adapters off.
+
+A policy trained with adapters keeps its base weights frozen, so the reference model of DPO /
+IPO is the policy itself with the adapters disabled: no second copy of the weights.
+
+- :func:`apply_lora`: wrap a loaded causal LM with the adapters of a ``peft.LoraConfig``
+  (rank ``r``, ``lora_alpha``, ``lora_dropout``, ``target_modules``; DoRA with ``use_dora``);
+- :func:`adapters_disabled`: context in which the wrapped model computes the base model's
+  outputs (eval mode inside, the previous modes restored after);
+- :func:`decoder_and_head` / :func:`token_logps`: the chunked token log-probs
+  (:func:`treg_lightning.logprobs.token_logps_from_hidden`) of a plain or a PEFT-wrapped model;
+  on a ``PeftModel``, ``getattr(model, model.base_model_prefix)`` is the whole causal LM (PEFT
+  forwards attribute lookups to it), not its decoder, so the decoder is reached through
+  ``get_base_model()``;
+- :func:`save_adapter` (adapter alone, ``PeftModel.from_pretrained`` loads it back) and
+  :func:`save_merged` (a plain Hugging Face folder with the adapters merged into the weights;
+  loads in transformers without PEFT);
+- QLoRA (4-bit base weights through bitsandbytes): :func:`load_quantized_causal_lm`, CUDA only;
+  :func:`check_qlora_available` refuses it elsewhere with what to do instead.
+
+Needs the ``peft`` package: ``pip install 'treg-lightning[lora]'`` (``[qlora]`` adds
+bitsandbytes).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib.util
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from treg_lightning.logprobs import token_logps_from_hidden
+
+
+class QLoRAUnavailable(RuntimeError):
+    """QLoRA was asked for where bitsandbytes or a CUDA device is missing."""
+
+
+def require_peft():
+    """Import ``peft`` or say how to install it."""
+    if importlib.util.find_spec("peft") is None:
+        raise ImportError(
+            "LoRA adapters need the `peft` package: pip install 'treg-lightning[lora]' "
+            "(or pip install peft)."
+        )
+    import peft
+
+    return peft
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    """Whether ``model`` is wrapped by PEFT (a ``PeftModel``)."""
+    if importlib.util.find_spec("peft") is None:
+        return False
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def apply_lora(model: nn.Module, config: Any, autocast_adapter_dtype: bool = True) -> nn.Module:
+    """Wrap the causal LM ``model`` with the adapters of ``config``; the base weights freeze.
+
+    Args:
+        model: a loaded Hugging Face causal LM (optionally 4-bit, see
+            :func:`load_quantized_causal_lm`).
+        config: a ``peft.LoraConfig``; ``task_type`` defaults to ``"CAUSAL_LM"``. Set
+            ``use_dora=True`` for DoRA. The output projection (``lm_head``) cannot carry an
+            adapter: the chunked log-probs read its weight directly.
+        autocast_adapter_dtype: keep adapter weights in float32 when the base is bf16/fp16
+            (PEFT's default; small updates survive).
+
+    Returns:
+        The ``peft.PeftModel``; only the adapter parameters require gradients.
+    """
+    peft = require_peft()
+    if not isinstance(config, peft.LoraConfig):
+        raise TypeError(
+            f"apply_lora takes a peft.LoraConfig (class_path: peft.LoraConfig), got "
+            f"{type(config).__name__}: other PEFT methods are not supported here (prompt "
+            "tuning would also shift the token positions the log-probs are aligned with)."
+        )
+    if config.task_type is None:
+        config = dataclasses.replace(config, task_type="CAUSAL_LM")
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        # Casts the remaining (norm, embedding) weights for stable k-bit training; our
+        # PreferenceModule enables gradient checkpointing itself when asked to.
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    try:
+        wrapped = peft.get_peft_model(model, config, autocast_adapter_dtype=autocast_adapter_dtype)
+    except ValueError as err:
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m)})
+        raise ValueError(
+            f"peft.LoraConfig(target_modules={config.target_modules!r}) does not fit "
+            f"{type(model).__name__}: {err} Its linear layers are named {names} (or use "
+            "target_modules: all-linear)."
+        ) from err
+    _check_head_untouched(wrapped)
+    return wrapped
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear)
+
+
+def _check_head_untouched(model: nn.Module) -> None:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    head = model.get_base_model().get_output_embeddings()
+    if isinstance(head, (BaseTunerLayer, ModulesToSaveWrapper)):
+        raise ValueError(
+            "The LoRA config puts an adapter (or modules_to_save) on the output projection "
+            "(lm_head). treg-lightning's chunked log-probs read lm_head.weight directly, so that "
+            "adapter would be ignored: leave lm_head out of target_modules and modules_to_save."
+        )
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` as its base model: adapters off and every submodule in eval mode.
+
+    The reference log-probs of a LoRA policy: equal to the base model's (no second copy of
+    the weights). Wrap the forward in ``torch.no_grad()`` as for any frozen reference. On exit
+    the adapters are on again and each submodule gets back its previous train/eval mode.
+    """
+    if not is_peft_model(model):
+        raise TypeError(
+            "adapters_disabled needs a PEFT-wrapped model (apply_lora), got "
+            f"{type(model).__name__}."
+        )
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        with model.disable_adapter():
+            yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def base_causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers causal LM (``LlamaForCausalLM``, ...) of a plain or PEFT-wrapped model.
+
+    Under PEFT the adapters are injected into its modules, so its forward runs them (unless
+    disabled).
+    """
+    return model.get_base_model() if is_peft_model(model) else model
+
+
+def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """``(decoder, lm_head)``: the module returning the final hidden states, and the output
+    projection, of a plain or a PEFT-wrapped causal LM."""
+    lm = base_causal_lm(model)
+    return getattr(lm, lm.base_model_prefix), lm.get_output_embeddings()
+
+
+def token_logps(
+    model: nn.Module,
+    model_inputs: dict[str, Any],
+    score_mask: torch.Tensor,
+    chunk_size: int,
+    softcap: float | None,
+) -> torch.Tensor:
+    """``[batch, seq]`` token log-probs of a plain or PEFT-wrapped causal LM, chunked.
+
+    Same contract as the module's per-token forward: ``model_inputs`` go to the decoder; only
+    the scored positions go through ``lm_head``, never as full float32 logits.
+    """
+    decoder, head = decoder_and_head(model)
+    hidden = decoder(**model_inputs)[0]
+    return token_logps_from_hidden(
+        hidden,
+        head.weight,
+        model_inputs["input_ids"],
+        score_mask,
+        chunk_size=chunk_size,
+        softcap=softcap,
+        lm_head_bias=getattr(head, "bias", None),
+    )
+
+
+def save_adapter(model: nn.Module, output_dir: str | Path, tokenizer=None) -> Path:
+    """Write the adapter alone (``adapter_config.json`` + safetensors) into ``output_dir``.
+
+    ``PeftModel.from_pretrained(base_model, output_dir)`` loads it back onto the base model.
+    """
+    if not is_peft_model(model):
+        raise TypeError(f"save_adapter needs a PEFT-wrapped model, got {type(model).__name__}.")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output_dir, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(output_dir)
+    return output_dir
+
+
+def merge_adapters(model: nn.Module, in_place: bool = False) -> nn.Module:
+    """A plain transformers model whose weights are base + adapter (LoRA or DoRA merged).
+
+    Args:
+        model: the PEFT-wrapped model.
+        in_place: merge into ``model`` itself (it is no longer a PEFT model afterwards); the
+            default merges a deep copy, leaving ``model`` training-ready (costs one copy).
+    """
+    if not is_peft_model(model):
+        raise TypeError(f"merge_adapters needs a PEFT-wrapped model, got {type(model).__name__}.")
+    target = model if in_place else copy.deepcopy(model)
+    return target.merge_and_unload(safe_merge=True)
+
+
+def save_merged(
+    model: nn.Module, output_dir: str | Path, tokenizer=None, in_place: bool = False
+) -> Path:
+    """Write the merged model as a Hugging Face folder (safetensors; loads without PEFT)."""
+    from treg_lightning.export import save_pretrained
+
+    merged = merge_adapters(model, in_place=in_place)
+    return save_pretrained(merged, output_dir, tokenizer)
+
+
+def check_qlora_available(device_type: str | None = None) -> None:
+    """Refuse QLoRA where it cannot run: it needs bitsandbytes and a CUDA device.
+
+    Args:
+        device_type: the device the model will train on (default: CUDA when available).
+    """
+    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device_type != "cuda" or not torch.cuda.is_available():
+        raise QLoRAUnavailable(
+            f"QLoRA (a 4-bit base model through bitsandbytes) needs a CUDA device; this run is "
+            f"on {device_type!r}. Train plain LoRA instead (drop the quantization setting, keep "
+            "the LoRA config), or run on a CUDA machine."
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise QLoRAUnavailable(
+            "QLoRA needs the bitsandbytes package: pip install 'treg-lightning[qlora]' (on a "
+            "CUDA machine), or drop the quantization setting to train plain LoRA."
+        )
+
+
+def qlora_config(compute_dtype: str = "bfloat16", double_quant: bool = True):
+    """The usual QLoRA quantization: NF4 weights, ``compute_dtype`` matmuls, nested quantization
+    of the scales (a ``transformers.BitsAndBytesConfig``)."""
+    from transformers import BitsAndBytesConfig
+
+    from treg_lightning.models import parse_dtype
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=parse_dtype(compute_dtype),
+        bnb_4bit_use_double_quant=double_quant,
+    )
+
+
+def load_quantized_causal_lm(
+    name_or_path: str,
+    quantization_config=None,
+    torch_dtype: str = "bfloat16",
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+    device_type: str | None = None,
+) -> nn.Module:
+    """Load a causal LM with 4-bit base weights for QLoRA (then :func:`apply_lora`).
+
+    Refused before anything loads unless a CUDA device and bitsandbytes are present.
+
+    Args:
+        name_or_path: hub id or local folder (``"smollm2"`` resolves to its folder).
+        quantization_config: a ``transformers.BitsAndBytesConfig``; None = :func:`qlora_config`.
+        torch_dtype: dtype of the weights that stay unquantized (norms, embeddings).
+        attn_implementation: as :func:`treg_lightning.models.load_causal_lm`.
+        trust_remote_code: allow model code from the hub.
+        device_type: the device the model trains on (default: CUDA when available).
+    """
+    check_qlora_available(device_type)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from treg_lightning.models import (
+        choose_attn_implementation,
+        parse_dtype,
+        resolve_model_source,
+    )
+
+    source = resolve_model_source(name_or_path)
+    if source.gguf_file is not None:
+        raise ValueError(f"{name_or_path}: QLoRA loads safetensors weights, not GGUF files.")
+    config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+    attn = choose_attn_implementation(attn_implementation, "cuda", config.model_type)
+    return AutoModelForCausalLM.from_pretrained(
+        source.path,
+        quantization_config=quantization_config or qlora_config(torch_dtype),
+        dtype=parse_dtype(torch_dtype),
+        attn_implementation=attn,
+        trust_remote_code=trust_remote_code,
+        device_map={"": torch.cuda.current_device()},
+    )
