@@ -304,7 +304,7 @@ def test_fsdp2_bf16_parameters_close_to_float32(runs):
         for key in ("lm_head.weight", "model.layers.0.self_attn.q_proj.weight"):
             delta, reference = got[step][key] - got[0][key], expected[step][key] - expected[0][key]
             error = ((delta - reference).norm() / reference.norm()).item()
-            assert 1e-5 < error < 0.05, (step, key, error)
+            assert 1e-5 < error < 0.02, (step, key, error)  # measured: 2e-3 to 7e-3
 
 
 @needs("simpo-1", "resume-2")
