@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test test-fast lint format bench demo clean
+.PHONY: install test test-fast lint format bench mutation demo clean
 
 install: $(STAMP)
 
@@ -40,6 +40,10 @@ format: install
 bench: install
 	$(BIN)/python bench/logprobs_memory.py
 	$(BIN)/python bench/train_vs_trl.py --size cpu
+
+# Curated bugs put into a copy of the code one at a time; each must fail its tests (~15 min).
+mutation: install
+	$(BIN)/python bench/mutation.py
 
 demo: install
 	$(BIN)/treg fit --config configs/demo.yaml

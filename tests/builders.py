@@ -7,7 +7,13 @@ Test files and conftest files import them (``from builders import tiny_llama``: 
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
+
+# The checkout under test: what every subprocess of the suite must import first.
+SRC = Path(__file__).resolve().parents[1] / "src"
 
 # A chat template with role tags and an end-of-turn token, BOS first.
 ROLE_TAGS = (
@@ -31,6 +37,20 @@ NO_SYSTEM = (
     "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
 )
 SIDES = ("chosen", "rejected")
+
+
+def checkout_env(*paths, **variables) -> dict[str, str]:
+    """``os.environ`` for a subprocess that imports this checkout's ``treg_lightning``:
+    ``PYTHONPATH`` is ``SRC``, then ``paths``, then the caller's own (never an installed copy
+    first); ``variables`` are set on top (e.g. ``OMP_NUM_THREADS="1"``)."""
+    inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    entries = [str(SRC), *map(str, paths), *inherited]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(entries), **variables}
+
+
+def imported_from_checkout(module_file: str) -> bool:
+    """Whether a subprocess's ``treg_lightning.__file__`` lies in this checkout's ``SRC``."""
+    return Path(module_file).resolve().is_relative_to(SRC.resolve())
 
 
 def byte_tokenizer(

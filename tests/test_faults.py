@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 
+from builders import checkout_env, imported_from_checkout
 from treg_lightning.cli import TRegCLI
 from treg_lightning.guards import NonFiniteError, NonFiniteGuard
 from treg_lightning.module import PreferenceModule
@@ -34,11 +35,16 @@ PAIRS = 12  # 6 batches of 2 per epoch
 FAULTKIT = '''
 import json, time
 import lightning as L
+import treg_lightning
 
 class LossLog(L.Callback):
-    """Append {"step", "loss"} per training step to a JSON lines file, flushed at once."""
+    """Append {"step", "loss"} per training step to a JSON lines file, flushed at once; the
+    first line says which treg_lightning the process imported."""
     def __init__(self, path: str):
         self.path = path
+    def on_train_start(self, trainer, pl_module):
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"treg_lightning": treg_lightning.__file__}) + "\\n")
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         row = {"step": trainer.global_step, "loss": float(outputs["loss"])}
         with open(self.path, "a") as f:
@@ -94,10 +100,13 @@ def cli(args: list[str], **kwargs) -> TRegCLI:
 # --- SIGKILL mid-epoch, then `treg fit --ckpt_path last.ckpt` --------------------------------
 
 
-def _fit_subprocess(tmp_path, model_dir, data, name, max_steps, extra_callbacks=(), ckpt=None):
+def _fit_subprocess(
+    tmp_path, model_dir, data, name, max_steps, extra_callbacks=(), ckpt=None, log="losses"
+):
+    """`treg fit` in a subprocess, run folder `name`, per-step losses in `{name}/{log}.jsonl`."""
     run = tmp_path / name
     callbacks = [
-        {"class_path": "faultkit.LossLog", "init_args": {"path": str(run / "losses.jsonl")}},
+        {"class_path": "faultkit.LossLog", "init_args": {"path": str(run / f"{log}.jsonl")}},
         {
             "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
             "init_args": {
@@ -108,7 +117,7 @@ def _fit_subprocess(tmp_path, model_dir, data, name, max_steps, extra_callbacks=
         },
         *extra_callbacks,
     ]
-    config = tmp_path / f"{name}.yaml"
+    config = tmp_path / f"{name}-{log}.yaml"
     config.write_text(json.dumps({"trainer": {"callbacks": callbacks}}))  # JSON is YAML
     args = [
         sys.executable,
@@ -121,26 +130,26 @@ def _fit_subprocess(tmp_path, model_dir, data, name, max_steps, extra_callbacks=
     ]
     if ckpt is not None:
         args.append(f"--ckpt_path={ckpt}")
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(tmp_path),
-        "OMP_NUM_THREADS": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
+    # The checkout under test first (never an installed copy), then faultkit.py.
+    env = checkout_env(tmp_path, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     return subprocess.Popen(
         args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
 
 
-def _losses(path: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    return {row["step"]: row["loss"] for row in rows}
+def _losses(path: Path) -> list[tuple[int, float]]:
+    """(step, loss) per logged step, in the order logged, of one run's own log."""
+    header, *rows = [json.loads(line) for line in path.read_text().splitlines()]
+    # The run imported the checkout under test, not an installed copy.
+    assert imported_from_checkout(header["treg_lightning"]), header
+    return [(row["step"], row["loss"]) for row in rows]
 
 
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tiny_model_dir, tmp_path):
     """`kill -9` a `treg fit` once step 4's checkpoint is on disk (mid-epoch: 4 of 6 batches),
-    resume with --ckpt_path last.ckpt to 9 steps: steps 5-9 have the losses of an uninterrupted
-    run (within 1e-6)."""
+    resume with --ckpt_path last.ckpt to 9 steps: the resumed run's own log holds steps 5-9,
+    each once, with the losses of an uninterrupted run (within 1e-6). A resume that restarted
+    from step 1, or from any other step, shows as other steps in that log."""
     (tmp_path / "faultkit.py").write_text(FAULTKIT)
     data = write_pairs(tmp_path / "pairs.jsonl")
     total, kill_after = 9, 4
@@ -150,7 +159,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tiny_model_dir, tmp_
         "class_path": "faultkit.PauseAt",
         "init_args": {"step": kill_after, "marker": str(marker)},
     }
-    killed = _fit_subprocess(tmp_path, tiny_model_dir, data, "run", total, [pause])
+    killed = _fit_subprocess(tmp_path, tiny_model_dir, data, "run", total, [pause], log="killed")
     deadline = time.monotonic() + 240
     while not marker.exists():
         assert killed.poll() is None, killed.communicate()[0][-3000:]
@@ -160,18 +169,23 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tiny_model_dir, tmp_
     assert killed.wait() == -signal.SIGKILL
     last = tmp_path / "run" / "ckpt" / "last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] == kill_after
-    resumed = _fit_subprocess(tmp_path, tiny_model_dir, data, "run", total, ckpt=last)
+    resumed = _fit_subprocess(
+        tmp_path, tiny_model_dir, data, "run", total, ckpt=last, log="resumed"
+    )
     out = resumed.communicate(timeout=240)[0]
     assert resumed.returncode == 0, out[-3000:]
     assert straight.wait(timeout=240) == 0, straight.communicate()[0][-3000:]
 
-    expected = _losses(tmp_path / "straight" / "losses.jsonl")
-    got = _losses(tmp_path / "run" / "losses.jsonl")
+    expected = dict(_losses(tmp_path / "straight" / "losses.jsonl"))
+    before = _losses(tmp_path / "run" / "killed.jsonl")
+    after = _losses(tmp_path / "run" / "resumed.jsonl")
     assert sorted(expected) == list(range(1, total + 1))
-    assert sorted(got) == list(range(1, total + 1))  # steps 1-4 killed run, 5-9 resumed
     assert len(set(expected.values())) == total  # the loss moved every step
-    for step in range(1, total + 1):
-        assert got[step] == pytest.approx(expected[step], abs=1e-6), step
+    assert [step for step, _ in before] == list(range(1, kill_after + 1))
+    # The resumed run starts right after the checkpoint's step and logs each later step once.
+    assert [step for step, _ in after] == list(range(kill_after + 1, total + 1))
+    for step, loss in before + after:
+        assert loss == pytest.approx(expected[step], abs=1e-6), step
 
 
 # --- NonFiniteGuard, on by default in the CLI ------------------------------------------------

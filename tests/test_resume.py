@@ -141,3 +141,109 @@ def test_resume_mid_epoch_equals_uninterrupted(tiny_model_dir, straight_two_epoc
         assert loss == pytest.approx(straight[step], rel=1e-6, abs=1e-6), step
     for key, value in straight_weights.items():
         torch.testing.assert_close(resumed_module.policy.state_dict()[key], value)
+
+
+# --- `treg fit --ckpt_path <last.ckpt of a max_steps run> --trainer.max_steps <larger>` -------
+
+
+def _cli_fit(model_dir, data, root, name, *extra):
+    """`treg fit` in this process; returns (per-step losses of this run's own metrics.csv,
+    final policy weights, last.ckpt path)."""
+    import csv
+    import sys
+    from unittest import mock
+
+    from treg_lightning.cli import TRegCLI
+
+    run = root / name
+    args = [
+        "fit",
+        f"--model.model={model_dir}",
+        "--model.loss=treg_lightning.losses.SimPOLoss",
+        "--model.regularizer=null",
+        "--model.optimizer=torch.optim.SGD",
+        "--model.optimizer.lr=0.5",
+        "--model.scheduler=null",
+        f"--data.source={data}",
+        "--data.rewards=null",
+        "--data.max_length=48",
+        "--data.max_prompt_length=24",
+        "--data.batch_size=2",
+        "--trainer.accelerator=cpu",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        "--trainer.log_every_n_steps=1",
+        "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+        f"--trainer.logger.save_dir={run}",
+        f"--trainer.default_root_dir={run}",
+        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+        f"--trainer.callbacks.dirpath={run / 'ckpt'}",
+        "--trainer.callbacks.save_last=true",
+        "--seed_everything=0",
+        *extra,
+    ]
+    with mock.patch.object(sys, "argv", ["treg"]):
+        cli = TRegCLI(args=args)
+    rows = []
+    for path in run.glob("lightning_logs/version_*/metrics.csv"):  # none if nothing was logged
+        with open(path) as f:
+            rows += [row for row in csv.DictReader(f) if row.get("train/loss_step")]
+    steps = [int(row["step"]) + 1 for row in rows]  # the CSV logs 0-based steps
+    assert len(steps) == len(set(steps)), f"{name}: a step was logged twice: {steps}"
+    losses = {step: float(row["train/loss_step"]) for step, row in zip(steps, rows, strict=True)}
+    weights = {k: v.clone() for k, v in cli.model.policy.state_dict().items()}
+    return losses, weights, run / "ckpt" / "last.ckpt"
+
+
+@pytest.mark.parametrize(
+    ("validation", "limits", "continued"),
+    [
+        # No validation: last.ckpt written at on_train_epoch_end; continue across the epoch end.
+        (False, ["--trainer.max_steps=8"], ["--trainer.max_steps=8"]),
+        # The configs' setting (max_epochs: 1) with validation: last.ckpt written at
+        # on_train_end; the continued run trains the rest of the epoch, then validates.
+        (
+            True,
+            ["--trainer.max_epochs=1"],
+            ["--trainer.max_epochs=1", "--trainer.max_steps=100"],
+        ),
+    ],
+    ids=["across-epochs", "max_epochs-1-with-validation"],
+)
+def test_cli_continue_with_larger_max_steps_trains_the_rest(
+    tiny_model_dir, tmp_path, validation, limits, continued
+):
+    """`treg fit --trainer.max_steps=2`, then `treg fit --ckpt_path <its last.ckpt>` with a larger
+    limit: the continued run trains steps 3.. of the same epoch (not the next epoch, not
+    nothing) and ends with the weights and per-step losses of the run that never stopped.
+
+    Lightning ends the cut epoch in the checkpoint (counted as processed); without
+    `reopen_cut_epoch` the continued run trains nothing ("max_epochs=1 reached") or skips to
+    the next epoch."""
+    data = tmp_path / "pairs.jsonl"
+    with data.open("w") as f:
+        for i in range(12):  # 6 batches per epoch; with validation 9 pairs: 5 batches
+            row = {"prompt": f"Add {i} and {i}.", "chosen": f"{2 * i}.", "rejected": "No" * (i + 1)}
+            f.write(json.dumps(row) + "\n")
+    val = ["--data.val_fraction=0.25"] if validation else ["--trainer.limit_val_batches=0"]
+    first_limit = [a for a in limits if "max_epochs" in a] + ["--trainer.max_steps=2"]
+    straight, straight_weights, _ = _cli_fit(
+        tiny_model_dir, data, tmp_path, "straight", *val, *limits
+    )
+    first, _, last = _cli_fit(tiny_model_dir, data, tmp_path, "first", *val, *first_limit)
+    state = torch.load(last, weights_only=True)
+    assert state["global_step"] == 2
+    # The bug's precondition: the checkpoint marks the cut epoch as processed.
+    assert state["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"] == 1
+    continued_losses, weights, _ = _cli_fit(
+        tiny_model_dir, data, tmp_path, "continued", *val, *continued, f"--ckpt_path={last}"
+    )
+    total = 8 if not validation else 5
+    assert sorted(straight) == list(range(1, total + 1))
+    assert len(set(straight.values())) == total  # the loss moved every step
+    assert sorted(first) == [1, 2]
+    assert sorted(continued_losses) == list(range(3, total + 1))
+    for step, loss in continued_losses.items():
+        assert loss == pytest.approx(straight[step], rel=1e-5, abs=1e-6), step
+    for key, value in straight_weights.items():
+        torch.testing.assert_close(weights[key], value, rtol=1e-5, atol=1e-6)

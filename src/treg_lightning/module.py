@@ -28,6 +28,7 @@ from torch import nn
 
 from treg_lightning.checks import check_pair_inputs
 from treg_lightning.data.datamodule import PreferenceDataModule
+from treg_lightning.data.resumable import reopen_cut_epoch
 from treg_lightning.errors import ConfigError
 from treg_lightning.forward import (
     bind_token_logps,
@@ -390,6 +391,7 @@ class PreferenceModule(L.LightningModule):
         return isinstance(strategy, (FSDPStrategy, ModelParallelStrategy))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        reopen_cut_epoch(checkpoint)  # a max_steps stop mid-epoch resumes at its next batch
         state = checkpoint.get("state_dict")
         if (
             state

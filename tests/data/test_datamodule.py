@@ -225,6 +225,7 @@ DDP_SCRIPT = """
 import json, sys
 import lightning.pytorch as pl
 import torch
+import treg_lightning
 from treg_lightning.data import PreferenceDataModule
 
 out, tokenizer_dir = sys.argv[1], sys.argv[2]
@@ -243,7 +244,8 @@ class Recorder(pl.LightningModule):
     def on_train_end(self):
         sampler = self.trainer.train_dataloader.sampler
         record = {"seen": self.seen, "sampler": type(sampler).__name__,
-                  "replicas": [sampler.num_replicas, sampler.rank]}
+                  "replicas": [sampler.num_replicas, sampler.rank],
+                  "treg_lightning": treg_lightning.__file__}
         with open(f"{out}/rank{self.global_rank}.json", "w") as f:
             json.dump(record, f)
 
@@ -266,6 +268,8 @@ def test_ddp_ranks_get_disjoint_length_grouped_shards(tokenizer_dir, tmp_path):
     import subprocess
     import sys
 
+    from builders import checkout_env, imported_from_checkout
+
     script = tmp_path / "ddp_fit.py"
     script.write_text(DDP_SCRIPT)
     result = subprocess.run(
@@ -273,9 +277,11 @@ def test_ddp_ranks_get_disjoint_length_grouped_shards(tokenizer_dir, tmp_path):
         capture_output=True,
         text=True,
         timeout=300,
+        env=checkout_env(),  # the checkout under test, not an installed copy
     )
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(imported_from_checkout(r["treg_lightning"]) for r in ranks)
     assert [r["sampler"] for r in ranks] == ["LengthGroupedSampler"] * 2
     assert [r["replicas"] for r in ranks] == [[2, 0], [2, 1]]
     seen = [[i for batch in r["seen"] for i in batch] for r in ranks]

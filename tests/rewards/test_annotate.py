@@ -5,7 +5,6 @@ scores exactly its own chunks."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from builders import SIDES, Annotator
+from builders import SIDES, Annotator, checkout_env, imported_from_checkout
 from treg_lightning.rewards import annotate as annotate_mod
 from treg_lightning.rewards.annotate import check_same_vocab
 from treg_lightning.rewards.prompts import get_template
@@ -159,7 +158,7 @@ _SCRIPT = textwrap.dedent(
     import torch
     import torch.distributed as dist
     import torch.multiprocessing as mp
-    from builders import SIDES, Annotator
+    from builders import SIDES, Annotator, checkout_env, imported_from_checkout
 
     _spec = importlib.util.spec_from_file_location("rw_conftest", {conftest!r})
     _conftest = importlib.util.module_from_spec(_spec)
@@ -183,8 +182,9 @@ _SCRIPT = textwrap.dedent(
         model, tok, rows = setup()
         mine = annotator()
         ds = mine(model, tok, rows, OUT + "/work2")
+        import treg_lightning
         with open(OUT + f"/chunks-rank{{rank}}.json", "w") as f:
-            json.dump(mine.chunks, f)
+            json.dump({{"chunks": mine.chunks, "treg_lightning": treg_lightning.__file__}}, f)
         if rank == 0:
             ds.save_to_disk(OUT + "/two")
         dist.destroy_process_group()
@@ -212,8 +212,7 @@ def _run_script(tmp_path: Path, mode: str) -> subprocess.CompletedProcess:
     tests = str(Path(__file__).resolve().parents[1])
     script.write_text(_SCRIPT.format(conftest=conftest, tests=tests, out=str(tmp_path)))
     # The checkout under test, not an installed copy, is what the script must import.
-    src = str(Path(__file__).resolve().parents[2] / "src")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": src}
+    env = checkout_env(OMP_NUM_THREADS="1")
     return subprocess.run(
         [sys.executable, str(script), mode], capture_output=True, text=True, env=env, timeout=240
     )
@@ -256,8 +255,9 @@ def test_two_process_gloo_equals_single_process(single_process_run, tmp_path):
     assert _table(two_ds).equals(_table(single_process_run))
     assert len(two_ds) == 7 and two_ds[6]["index"] == 16
     # 7 pairs in chunks of 2 = chunks 0..3: rank r scores exactly the chunks c % 2 == r.
-    done = [json.loads((tmp_path / f"chunks-rank{r}.json").read_text()) for r in (0, 1)]
-    assert done == [[0, 2], [1, 3]]
+    records = [json.loads((tmp_path / f"chunks-rank{r}.json").read_text()) for r in (0, 1)]
+    assert [record["chunks"] for record in records] == [[0, 2], [1, 3]]
+    assert all(imported_from_checkout(record["treg_lightning"]) for record in records)
 
 
 HAND_PAIRS = [

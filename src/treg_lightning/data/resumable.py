@@ -65,3 +65,51 @@ class ResumableDataLoader(DataLoader):
             return
         self.sampler.set_epoch(epoch)
         self.sampler.skip_samples = batches * (self.batch_size or 1)
+
+
+def reopen_cut_epoch(checkpoint: dict[str, Any]) -> bool:
+    """Mark an epoch that ``max_steps`` (or a stop request) cut short as unfinished, in place.
+
+    When a fit stops before the last batch of an epoch, Lightning still ends that epoch: it
+    counts it as processed and runs ``on_train_epoch_end``, where the default ``ModelCheckpoint``
+    (or ``on_train_end``, with validation) writes ``last.ckpt``. Resuming that checkpoint with a
+    larger ``max_steps`` then starts the next epoch (or, with ``max_epochs=1``, trains nothing),
+    while this loader's state says how many batches of the cut epoch were consumed: the rest of
+    the epoch would be skipped silently.
+
+    This rewrites the fit loop's progress of such a checkpoint into the state of one written
+    after the same batch mid-epoch (``on_train_batch_end``), the resume Lightning and this loader
+    already do exactly: the cut epoch continues at its next batch. It applies only when the
+    checkpoint holds this loader's state for those very batches; returns whether it changed
+    anything. Called from ``PreferenceModule.on_load_checkpoint`` (before the loops restore).
+    """
+    fit = (checkpoint.get("loops") or {}).get("fit_loop") or {}
+    batch_progress = fit.get("epoch_loop.batch_progress")
+    epoch_progress = fit.get("epoch_progress")
+    loaders = (fit.get("state_dict") or {}).get("combined_loader") or []
+    if not batch_progress or not epoch_progress:
+        return False
+    batches, epochs = batch_progress["current"], epoch_progress["current"]
+    consumed = batches["processed"]
+    cut = (
+        not batch_progress.get("is_last_batch", True)  # the epoch's data was not exhausted
+        and consumed > 0
+        and batches["completed"] == consumed  # the epoch loop had finished its last batch
+        and epochs["ready"] == epochs["started"] == epochs["processed"] > 0  # epoch ended
+        and any(_own_state(state) and state["batches"] == consumed for state in loaders)
+    )
+    if not cut:
+        return False
+    for progress in (batch_progress["current"], batch_progress["total"]):
+        progress["completed"] = progress["processed"] - 1
+    for progress in (epoch_progress["current"], epoch_progress["total"]):
+        progress["processed"] -= 1
+        progress["completed"] = progress["processed"]
+    loop_state = fit.get("epoch_loop.state_dict") or {}
+    if "_batches_that_stepped" in loop_state:  # counted once more by Lightning on restart
+        loop_state["_batches_that_stepped"] -= 1
+    return True
+
+
+def _own_state(state: Any) -> bool:
+    return isinstance(state, dict) and set(state) == {"epoch", "batches"}
