@@ -411,3 +411,25 @@ def test_a_value_error_of_our_own_constructor_keeps_its_traceback(setup, capsys)
     last = info.traceback[-1]
     assert last.name == "__init__" and Path(str(last.path)) == Path(collate.__file__)
     assert "error: " not in capsys.readouterr().err
+
+
+# --- the same checks under a plain Trainer (the datamodule's own setup) ------------------------
+
+
+@pytest.mark.parametrize(
+    ("stage", "expected"),
+    [
+        ("validate", "validate needs validation pairs, but none are configured: set "),
+        ("test", "test needs test pairs, but none are configured: set data.test_source"),
+    ],
+)
+def test_datamodule_setup_without_the_stage_data(tiny_model_dir, tmp_path, stage, expected):
+    from treg_lightning.data.datamodule import PreferenceDataModule
+    from treg_lightning.errors import ConfigError
+
+    data = PreferenceDataModule(
+        str(write_pairs(tmp_path / "pairs.jsonl")), tokenizer=str(tiny_model_dir), rewards=None
+    )
+    with mock.patch.object(PreferenceDataModule, "tokenized_rows", side_effect=REACHED):
+        with pytest.raises(ConfigError, match=f"^{expected}"):
+            data.setup(stage)
