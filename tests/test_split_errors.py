@@ -254,8 +254,8 @@ def test_val_split_of_a_single_file_is_the_training_file(setup, capsys):
         f"same rows as the training data (data.source '{setup.data}'): pairs.jsonl is a single "
         "file (or saved Dataset) without splits, so data.split and the split settings all read "
         "the whole of it; 8 of 8 validation pairs are training pairs, so val/* would measure "
-        "the training rows. Evaluate on other rows: give them their own file (data.val_source "
-        "/ data.test_source), or hold some out with data.val_fraction; or set "
+        "the training rows. Evaluate on other rows: give them a file of their own "
+        "(data.val_source), or hold some out of data.source with data.val_fraction; or set "
         "data.allow_overlap: true to run anyway."
     )
 
@@ -303,7 +303,10 @@ def test_test_split_of_a_single_file(setup, capsys):
         f"the test data (data.test_split 'test' of data.source '{setup.data}') reads the same "
         f"rows as the training data (data.source '{setup.data}')"
     )
-    assert "so test/* would measure the training rows" in message
+    assert message.endswith(
+        "so test/* would measure the training rows. Evaluate on other rows: give them a file of "
+        "their own (data.test_source); or set data.allow_overlap: true to run anyway."
+    )
 
 
 def test_test_data_that_is_validation_data(setup, capsys):

@@ -215,7 +215,7 @@ def check_overlaps(
             reference, plan[reference], checked, plan[checked], shared, len(examples[checked])
         )
         if not allow_overlap:
-            raise ConfigError(f"{message} {_advice(plan[reference], plan[checked])}")
+            raise ConfigError(f"{message} {_advice(plan[reference], plan[checked], checked)}")
         rank_zero_warn(f"data.allow_overlap is true: {message}")
     return {split: repeats for split, (_, repeats) in found.items()}
 
@@ -263,16 +263,16 @@ def _same_rows_reason(first: SplitSource, second: SplitSource) -> str | None:
     return f"both read {name}"
 
 
-def _advice(reference: SplitSource, checked: SplitSource) -> str:
-    if checked.held_out or rows_identity(reference.source, reference.split) == rows_identity(
+def _advice(reference: SplitSource, checked: SplitSource, split: str) -> str:
+    same = rows_identity(reference.source, reference.split) == rows_identity(
         checked.source, checked.split
-    ):
-        what = (
-            "Remove the duplicate rows from the file"
-            if checked.held_out
-            else "Evaluate on other rows: give them their own file (data.val_source / "
-            "data.test_source), or hold some out with data.val_fraction"
-        )
+    )
+    if checked.held_out:
+        what = "Remove the duplicate rows from the file"
+    elif same:
+        what = f"Evaluate on other rows: give them a file of their own (data.{split}_source)"
+        if split == "val":
+            what += ", or hold some out of data.source with data.val_fraction"
     else:
         what = "Remove the shared pairs from one of the two sources"
     return f"{what}; or set data.allow_overlap: true to run anyway."
