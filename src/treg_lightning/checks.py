@@ -3,6 +3,8 @@
 Run before any model is loaded (by the CLI for every subcommand that trains or evaluates, and by
 ``PreferenceModule.prepare_data`` under a plain ``Trainer``), so a run that would silently train
 the wrong thing, or fail mid-epoch, fails in seconds with the two settings named.
+:func:`check_module_settings` does the same for module settings that the forward pass would
+refuse only after the model loads.
 """
 
 from __future__ import annotations
@@ -52,3 +54,25 @@ def check_pair_inputs(
                 "store_reference_logps: true) or set model.live_reference: null to load the "
                 "reference model."
             )
+
+
+def check_module_settings(
+    logp_chunk_size: int, packing: bool | None, attn_implementation: str | None
+) -> None:
+    """Raise :class:`ConfigError` for module settings the first forward would refuse."""
+    if logp_chunk_size < 1:
+        raise ConfigError(
+            "model.logp_chunk_size must be >= 1 (tokens per chunk of logits in the log-prob "
+            f"pass), got {logp_chunk_size}."
+        )
+    kernel = str(attn_implementation)
+    if (
+        packing
+        and attn_implementation not in (None, "auto", "eager", "sdpa")
+        and "flash" not in kernel
+    ):
+        raise ConfigError(
+            f"model.packing: true runs packed rows with flash-attention (varlen), sdpa or eager "
+            f"attention, but model.attn_implementation is {attn_implementation!r}: set "
+            "model.packing to null (auto) or false, or choose one of those kernels."
+        )

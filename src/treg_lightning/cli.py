@@ -298,10 +298,12 @@ class TRegCLI(LightningCLI):
         startup.skip_validation_without_data(self.trainer, self.datamodule)
 
     def before_validate(self) -> None:
+        startup.require_data(self.datamodule, "val", "treg validate")
         self.check_inputs()
         self._check_ckpt_fits()
 
     def before_test(self) -> None:
+        startup.require_data(self.datamodule, "test", "treg test")
         self.check_inputs()
         self._check_ckpt_fits()
 

@@ -13,8 +13,6 @@ built-in type callers already catch (``ConfigError`` is a ``ValueError``, ``Miss
 from __future__ import annotations
 
 import argparse
-import os
-from pathlib import Path
 
 
 class UserError(Exception):
@@ -40,18 +38,12 @@ class CheckpointError(UserError, ValueError):
     """A checkpoint given by ``--ckpt_path`` is empty, truncated, foreign or of another model."""
 
 
-_PACKAGE = str(Path(__file__).resolve().parent) + os.sep
-
-
 def user_error_in(error: BaseException) -> BaseException | None:
     """The user error behind ``error``: itself, or one it was raised from (its cause chain).
 
     jsonargparse wraps the error of a constructor it calls ("Does not validate against any of the
-    Union subtypes ...") and keeps ours as the cause; this finds ours.
-
-    A ``ValueError`` raised by the body of a treg_lightning ``__init__`` counts too: that is a
-    constructor refusing a setting. (The constructors of module.py and data/datamodule.py still
-    raise plain ``ValueError``; this rule covers them until they raise :class:`ConfigError`.)
+    Union subtypes ...") and keeps ours as the cause; this finds ours. Nothing else counts:
+    a plain ``ValueError``, even one raised by our own code, is a bug and keeps its traceback.
     """
     seen: set[int] = set()
     current: BaseException | None = error
@@ -59,8 +51,6 @@ def user_error_in(error: BaseException) -> BaseException | None:
         seen.add(id(current))
         if is_user_error(current):
             return current
-        if isinstance(current, ValueError) and _raised_by_our_constructor(current):
-            return ConfigError(str(current))
         # Only explicit `raise ... from ...`: a bug raised while handling a user error (its
         # __context__) stays a bug.
         current = current.__cause__
@@ -76,13 +66,3 @@ def is_user_error(error: BaseException) -> bool:
     # Lightning raises MisconfigurationException exactly for invalid Trainer settings; the
     # parser raises ArgumentError instead of exiting when JSONARGPARSE_DEBUG is set.
     return isinstance(error, (MisconfigurationException, argparse.ArgumentError))
-
-
-def _raised_by_our_constructor(error: BaseException) -> bool:
-    traceback = error.__traceback__
-    if traceback is None:
-        return False
-    while traceback.tb_next is not None:
-        traceback = traceback.tb_next
-    code = traceback.tb_frame.f_code
-    return code.co_name == "__init__" and code.co_filename.startswith(_PACKAGE)

@@ -26,7 +26,7 @@ from jsonargparse import lazy_instance
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
-from treg_lightning.checks import check_pair_inputs
+from treg_lightning.checks import check_module_settings, check_pair_inputs
 from treg_lightning.data.datamodule import PreferenceDataModule
 from treg_lightning.data.resumable import reopen_cut_epoch
 from treg_lightning.errors import ConfigError
@@ -46,6 +46,7 @@ from treg_lightning.models import check_attn_implementation, parse_dtype
 from treg_lightning.pairs import SIDES, PairScores, field
 from treg_lightning.rewards.source import TokenRewardSource
 from treg_lightning.schedulers import WarmupCosineLR
+from treg_lightning.vocab import check_batch_fits, check_model_fits_data
 
 
 class PreferenceModule(L.LightningModule):
@@ -113,6 +114,7 @@ class PreferenceModule(L.LightningModule):
         # At start-up, not when configure_model loads the model (after the annotate pass).
         parse_dtype(torch_dtype)
         check_attn_implementation(attn_implementation)
+        check_module_settings(logp_chunk_size, packing, attn_implementation)
         self.model_name = model
         self.loss = loss
         self.regularizer = regularizer
@@ -199,12 +201,7 @@ class PreferenceModule(L.LightningModule):
     def build_policy(self) -> nn.Module:
         """Load the trainable policy into ``self.policy``."""
         policy = self.load_model(self.model_name).train()  # from_pretrained returns eval mode
-        datamodule = self._trainer.datamodule if self._trainer is not None else None
-        tokenizer = datamodule.tokenizer if isinstance(datamodule, PreferenceDataModule) else None
-        if tokenizer is not None:  # before the first forward, not inside the embedding lookup
-            from treg_lightning.models import check_vocab_fits
-
-            check_vocab_fits(tokenizer, policy, self.model_name)
+        check_model_fits_data(self, policy, self.model_name)  # not inside the embedding lookup
         policy.config.use_cache = False
         if self.gradient_checkpointing and self._fsdp_mesh() is None:
             policy.gradient_checkpointing_enable({"use_reentrant": False})
@@ -214,6 +211,7 @@ class PreferenceModule(L.LightningModule):
     def build_reference(self) -> nn.Module:
         """Load the frozen reference into ``self.reference`` (eval mode, no gradients)."""
         reference = self.load_model(self.reference_model_name).eval().requires_grad_(False)
+        check_model_fits_data(self, reference, self.reference_model_name)
         self.reference = self._prepare(reference, activation_checkpointing=False)
         return self.reference
 
@@ -343,6 +341,10 @@ class PreferenceModule(L.LightningModule):
             )
 
     # ---- Lightning hooks ------------------------------------------------------------------
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        check_batch_fits(batch, self)  # on CPU, before an id past the embedding table is looked up
+        return batch
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, outputs = self.compute_loss(batch, "train")

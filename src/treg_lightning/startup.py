@@ -9,6 +9,8 @@ evaluator or data loads.
   ``limit_val_batches=0``, so Lightning runs no validation loop and does not warn "Total length
   of `list` across ranks is zero" about the empty loader.
 - :func:`check_run_outputs`: the run's ``ExportOnFitEnd`` outputs must not exist yet.
+- :func:`require_data`: ``treg validate`` / ``treg test`` without such data configured is an
+  error (Lightning would run no loop and exit 0, reporting nothing).
 """
 
 from __future__ import annotations
@@ -68,3 +70,12 @@ def check_run_outputs(trainer: Trainer) -> None:
         check = getattr(callback, "check_outputs", None)
         if callable(check):
             check(trainer)
+
+
+def require_data(datamodule, split: str, command: str) -> None:
+    """Refuse ``command`` when the datamodule configures no ``split`` ("val", "test") data."""
+    from treg_lightning.data.datamodule import PreferenceDataModule
+    from treg_lightning.data.splits import require_split
+
+    if isinstance(datamodule, PreferenceDataModule):
+        require_split(datamodule.split_plan(), split, command)

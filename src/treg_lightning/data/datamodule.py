@@ -16,7 +16,6 @@ a regularizer that needs token rewards is refused at start-up).
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -29,7 +28,18 @@ from treg_lightning.data.collate import LengthGroupedSampler, PreferenceCollator
 from treg_lightning.data.errors import DataFormatError, SkipReport
 from treg_lightning.data.formats import normalize_rows
 from treg_lightning.data.resumable import ResumableDataLoader
+from treg_lightning.data.settings import check_loader_settings
 from treg_lightning.data.sources import DEMO_SOURCE, RawSource, load_source
+from treg_lightning.data.splits import (
+    LABELS,
+    SplitSource,
+    check_overlaps,
+    duplicates_note,
+    hold_out,
+    load_split,
+    plan_splits,
+    require_split,
+)
 from treg_lightning.data.tokenize import PairTokenizer, tokenize_pairs
 from treg_lightning.errors import ConfigError
 from treg_lightning.models import load_tokenizer
@@ -37,7 +47,9 @@ from treg_lightning.rewards.cache import distributed
 from treg_lightning.rewards.contrastive import ContrastiveRewards
 from treg_lightning.rewards.source import AnnotationContext, TokenRewardSource
 
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "test")
+# The splits each Trainer stage needs; the others are still read, to check for shared pairs.
+_STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
 
 
 class PreferenceDataModule(pl.LightningDataModule):
@@ -53,7 +65,13 @@ class PreferenceDataModule(pl.LightningDataModule):
             disables `val_fraction`.
         val_split: Split of `val_source` (or of `source` when `val_source` is unset).
         val_fraction: Without `val_source`/`val_split`, hold out this fraction of `source`'s
-            rows for validation, chosen by `seed` (0: no validation).
+            rows for validation, chosen by `seed` (0: no validation); every copy of a held-out
+            pair is held out with it.
+        test_source: Test pairs for `treg test` (test/* metrics), same kinds as `source`.
+        test_split: Split of `test_source` (or of `source` when `test_source` is unset).
+        allow_overlap: Run even when validation or test pairs are also training pairs (or
+            test pairs validation pairs), with a warning giving the count; by default such
+            data is refused, naming both settings.
         max_length: Maximum tokens of prompt + one response.
         max_prompt_length: Maximum prompt tokens (cut from the left); < `max_length`.
         chat_template: Jinja chat template replacing the tokenizer's (needed if it has none).
@@ -65,7 +83,7 @@ class PreferenceDataModule(pl.LightningDataModule):
             order, chosen identical to rejected, ...) and report the counts per reason; False
             raises on the first one. Schema problems (missing columns, unreadable files)
             always raise.
-        limit: Use only the first `limit` rows of each source (None: all).
+        limit: Use only the first `limit` rows of each source (>= 1; None: all).
         megabatch_size: Global batches per length-sorted group in the training order (larger:
             less padding, less random batches).
         rewards: Source of the token rewards (and cached reference log-probs): default the
@@ -83,6 +101,9 @@ class PreferenceDataModule(pl.LightningDataModule):
         val_source: str | None = None,
         val_split: str | None = None,
         val_fraction: float = 0.0,
+        test_source: str | None = None,
+        test_split: str | None = None,
+        allow_overlap: bool = False,
         max_length: int = 2048,
         max_prompt_length: int = 1800,
         chat_template: str | None = None,
@@ -99,6 +120,7 @@ class PreferenceDataModule(pl.LightningDataModule):
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+        check_loader_settings(batch_size, eval_batch_size, num_workers, megabatch_size, limit)
         if not 0 < max_prompt_length < max_length:
             raise ConfigError(
                 f"max_prompt_length ({max_prompt_length}) must be positive and smaller than "
@@ -116,6 +138,9 @@ class PreferenceDataModule(pl.LightningDataModule):
         self.val_source = val_source
         self.val_split = val_split
         self.val_fraction = val_fraction
+        self.test_source = test_source
+        self.test_split = test_split
+        self.allow_overlap = allow_overlap
         self.max_length = max_length
         self.max_prompt_length = max_prompt_length
         self.chat_template = chat_template
@@ -132,24 +157,34 @@ class PreferenceDataModule(pl.LightningDataModule):
         self.datasets: dict[str, object] = {}
         self.lengths: dict[str, list[int]] = {}
         self.reports: dict[str, SkipReport] = {}
+        self.repeats: dict[str, list[int]] = {}  # rows repeating an earlier pair, per split
 
     # --- Lightning hooks -----------------------------------------------------------------------
 
     def prepare_data(self) -> None:
         """Downloads (hub datasets, tokenizer) once per node; nothing is kept in memory."""
         self._load_tokenizer()
-        for source, split in self._sources():
-            if source != DEMO_SOURCE and not Path(source).expanduser().exists():
-                load_source(source, split, self.limit)  # a hub dataset: fills the HF cache
+        for where in self.split_plan().values():
+            if where.source != DEMO_SOURCE and not Path(where.source).expanduser().exists():
+                load_source(where.source, where.split, self.limit)  # a hub dataset: HF cache
 
     def setup(self, stage: str | None = None) -> None:
-        """Builds the splits needed by `stage` (all when None); idempotent."""
-        wanted = {"fit": SPLITS, "validate": ("val",)}.get(stage or "fit", SPLITS)
+        """Builds the splits needed by `stage` (all when None); idempotent.
+
+        Raises:
+            ConfigError: ``validate`` / ``test`` without such data configured, or validation /
+                test pairs that are also training pairs (see ``allow_overlap``).
+            DataFormatError: an empty source, or no usable pair left in a split.
+        """
+        plan = self.split_plan()
+        if stage in ("validate", "test"):
+            require_split(plan, _STAGE_SPLITS[stage][0], stage)
+        wanted = [s for s in _STAGE_SPLITS.get(stage or "fit", SPLITS) if s in plan]
         if all(split in self.datasets for split in wanted):
             return
         rows = self.tokenized_rows()
         for split in wanted:
-            if rows.get(split):
+            if split not in self.datasets and rows.get(split):
                 self.datasets[split] = self._serve(split, rows[split])
                 self.lengths[split] = pair_lengths(rows[split])
         if self.rewards is not None:
@@ -165,14 +200,20 @@ class PreferenceDataModule(pl.LightningDataModule):
             return []  # Lightning runs no validation loop for an empty list
         return self._dataloader("val", self.eval_batch_size, shuffle=False)
 
+    def test_dataloader(self) -> DataLoader:
+        return self._dataloader("test", self.eval_batch_size, shuffle=False)
+
     # --- building blocks (overridable) ---------------------------------------------------------
 
     def tokenized_rows(self) -> dict[str, list[dict]]:
-        """Normalized and tokenized pairs per split ("train", and "val" if any); logs reports.
+        """Normalized and tokenized pairs per split ("train", and "val" / "test" if
+        configured); logs reports. Everything here runs before any model or evaluator loads.
 
         Raises:
-            DataFormatError: A schema problem, an invalid row with skip_invalid_rows False, or
-                no usable row left in a split.
+            DataFormatError: A schema problem, an invalid row with skip_invalid_rows False, an
+                empty source, or no usable row left in a split.
+            ConfigError: Splits sharing pairs (see ``allow_overlap``), or a ``val_fraction``
+                that leaves no training row.
         """
         tokenizer = self._load_tokenizer()
         pair_tokenizer = PairTokenizer(
@@ -204,11 +245,17 @@ class PreferenceDataModule(pl.LightningDataModule):
 
     # --- internals -----------------------------------------------------------------------------
 
-    def _sources(self) -> list[tuple[str, str]]:
-        sources = [(self.source, self.split)]
-        if self.val_source is not None or self.val_split is not None:
-            sources.append((self.val_source or self.source, self.val_split or self.split))
-        return sources
+    def split_plan(self) -> dict[str, SplitSource]:
+        """Where each configured split's rows come from (``train``, ``val``, ``test``)."""
+        return plan_splits(
+            self.source,
+            self.split,
+            self.val_source,
+            self.val_split,
+            self.val_fraction,
+            self.test_source,
+            self.test_split,
+        )
 
     def _load_tokenizer(self):
         if self.tokenizer is None:
@@ -218,39 +265,42 @@ class PreferenceDataModule(pl.LightningDataModule):
         return self.tokenizer
 
     def _examples(self) -> dict[str, tuple[str, list[dict]]]:
-        """Normalized examples per split, with their source's display name."""
-        sources = {"train": load_source(self.source, self.split, self.limit)}
-        if len(self._sources()) > 1:
-            sources["val"] = load_source(*self._sources()[1], self.limit)
-        elif self.val_fraction > 0:
-            train = sources["train"]
-            held_out = self._held_out(len(train.rows))
-            sources["train"] = train.subset(
-                [i for i in range(len(train.rows)) if i not in held_out]
+        """Normalized examples per split, with their source's display name; refuses splits
+        that share pairs (:func:`~treg_lightning.data.splits.check_overlaps`)."""
+        plan = self.split_plan()
+        sources = {
+            split: load_split(split, where, self.limit)
+            for split, where in plan.items()
+            if not where.held_out
+        }
+        if "val" in plan and plan["val"].held_out:
+            sources["train"], sources["val"] = hold_out(
+                sources["train"], self.val_fraction, self.seed
             )
-            sources["val"] = train.subset(sorted(held_out))
-        return {split: (raw.name, self._normalize(split, raw)) for split, raw in sources.items()}
+        sources = {split: sources[split] for split in SPLITS if split in sources}
+        examples = {
+            split: (raw.name, self._normalize(split, raw)) for split, raw in sources.items()
+        }
+        normalized = {split: rows for split, (_, rows) in examples.items()}
+        self.repeats = check_overlaps(normalized, plan, self.allow_overlap)
+        return examples
 
     def _normalize(self, split: str, source: RawSource) -> list[dict]:
         self.reports[split] = SkipReport()
         return normalize_rows(source, self.skip_invalid_rows, self.reports[split])
 
-    def _held_out(self, num_rows: int) -> set[int]:
-        # Chosen among source rows by seed alone, so the split does not move when skip
-        # settings or lengths change.
-        generator = torch.Generator().manual_seed(self.seed)
-        count = max(1, math.ceil(num_rows * self.val_fraction))
-        return set(torch.randperm(num_rows, generator=generator)[:count].tolist())
-
     def _log_report(self, split: str, name: str, report: SkipReport, rows: list[dict]) -> None:
         message = f"{split} data from {name}: {len(rows)} pairs; {report.summary()}"
-        if report.num_skipped:
+        repeats = self.repeats.get(split) or []
+        message += duplicates_note(repeats)
+        if report.num_skipped or repeats:
             rank_zero_warn(message)
         else:
             rank_zero_info(message)
-        if not rows and report.total:
+        if not rows:
+            which = "" if split == "train" else f"{LABELS[split]} "
             raise DataFormatError(
-                f"no usable pairs left: {report.summary()}",
+                f"no usable {which}pairs left: {report.summary()}",
                 file=name,
                 hint="Check the data format (see treg_lightning.data.formats) and the lengths.",
             )
@@ -293,8 +343,8 @@ class PreferenceDataModule(pl.LightningDataModule):
     def _dataloader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         if split not in self.datasets:
             raise RuntimeError(
-                f"no {split} pairs: setup() has not run (the Trainer runs it), or the {split} "
-                "split is empty (see the data report logged by setup)."
+                f"no {split} pairs: setup() has not run for this stage (the Trainer runs it) or "
+                f"the data has no {split} split configured."
             )
         dataset = self.datasets[split]
         num_replicas, rank = self._replicas()

@@ -70,6 +70,11 @@ class ContrastiveRewards(TokenRewardSource):
     ) -> None:
         if chunk_pairs < 1:
             raise ConfigError(f"ContrastiveRewards: chunk_pairs must be >= 1, got {chunk_pairs}.")
+        if max_context_length is not None and max_context_length < 1:
+            raise ConfigError(
+                "ContrastiveRewards: max_context_length must be >= 1 (tokens of a contrastive "
+                f"context), or null to keep contexts whole; got {max_context_length}."
+            )
         parse_dtype(evaluator_dtype)  # at start-up, not after tokenizing every pair
         self.scorer = ContrastiveScorer(
             template,
@@ -96,6 +101,9 @@ class ContrastiveRewards(TokenRewardSource):
         self, rows: list[Mapping[str, Any]], split: str, context: AnnotationContext
     ) -> Any:
         """The split's cache (a ``datasets.Dataset``), built with the evaluator if missing."""
+        if self.scorer.max_context_length is not None:  # the instruction alone must fit
+            empty = [{"role": "user", "content": ""}]
+            self.scorer.template.build(context.tokenizer, empty, "", self.scorer.max_context_length)
         model = self.evaluator_model(context)
         name = self.evaluator or context.model_name
         settings = {

@@ -194,7 +194,11 @@ def _shrink(messages, response_text, excess_tokens, mode):
         cut = max(len(response_text) // 8, excess_tokens, 1)
         return messages, response_text[: max(len(response_text) - cut, 0)]
     if not content:
-        raise ValueError("context too long even with an empty prompt")
+        raise ConfigError(
+            "data.rewards.max_context_length is smaller than the contrastive instruction "
+            "alone: the contexts do not fit even with the conversation cut to nothing. Raise "
+            "it, or set it to null to keep contexts whole."
+        )
     return [{**messages[0], "content": content[cut:]}], response_text
 
 
