@@ -37,7 +37,7 @@ class DPOLoss(PreferenceLossModule):
 
     def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0) -> None:
         super().__init__()
-        if beta <= 0:
+        if not beta > 0:  # also refuses NaN
             raise ConfigError(f"DPOLoss: beta must be > 0, got {beta}.")
         if not 0.0 <= label_smoothing < 0.5:
             raise ConfigError(

@@ -33,7 +33,7 @@ class IPOLoss(PreferenceLossModule):
 
     def __init__(self, tau: float = 0.1) -> None:
         super().__init__()
-        if tau <= 0:
+        if not tau > 0:  # also refuses NaN
             raise ConfigError(f"IPOLoss: tau must be > 0, got {tau}.")
         self.tau = tau
 

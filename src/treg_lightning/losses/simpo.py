@@ -40,9 +40,9 @@ class SimPOLoss(PreferenceLossModule):
 
     def __init__(self, beta: float = 2.0, gamma_beta_ratio: float = 0.5) -> None:
         super().__init__()
-        if beta <= 0:
+        if not beta > 0:  # also refuses NaN
             raise ConfigError(f"SimPOLoss: beta must be > 0, got {beta}.")
-        if gamma_beta_ratio < 0:
+        if not gamma_beta_ratio >= 0:  # also refuses NaN
             raise ConfigError(f"SimPOLoss: gamma_beta_ratio must be >= 0, got {gamma_beta_ratio}.")
         self.beta = beta
         self.gamma_beta_ratio = gamma_beta_ratio

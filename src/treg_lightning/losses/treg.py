@@ -92,7 +92,7 @@ class TokenRewardRegularizer(nn.Module):
         targets: TokenTargets = lazy_instance(SelfGeneratedRewards),
     ) -> None:
         super().__init__()
-        if alpha < 0:
+        if not alpha >= 0:  # also refuses NaN
             raise ConfigError(f"TokenRewardRegularizer: alpha must be >= 0, got {alpha}.")
         if weighting not in ("dynamic", "static"):
             raise ConfigError(f"weighting must be 'dynamic' or 'static', got {weighting!r}.")
