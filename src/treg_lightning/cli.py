@@ -32,6 +32,7 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 from lightning.pytorch.utilities import rank_zero_info
 
 from treg_lightning.data.datamodule import PreferenceDataModule
+from treg_lightning.generation import GenerationBackend
 from treg_lightning.guards import NonFiniteGuard
 from treg_lightning.module import PreferenceModule
 from treg_lightning.outputs import check_writable, disk_full_hint
@@ -102,6 +103,63 @@ class TRegTrainer(Trainer):
         return folder
 
 
+    # ---- predict: answers of the policy (logic in treg_lightning.predictions) ---------------
+
+    def predict(
+        self,
+        model: LightningModule | None = None,
+        datamodule: LightningDataModule | None = None,
+        ckpt_path: str | None = None,
+        prompts: str | None = None,
+        split: str = "val",
+        limit: int | None = None,
+        output: str = "predictions.jsonl",
+        overwrite: bool = False,
+        generator: str | None = None,
+        max_new_tokens: int = 512,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        batch_size: int = 8,
+        shard_size: int = 64,
+        backend: GenerationBackend | None = None,
+        progress: bool = True,
+    ) -> Path | None:
+        """Generate the policy's answers for a prompt set, as AlpacaEval-format JSONL.
+
+        Args:
+            ckpt_path: weights to generate with: a ``.ckpt`` file or a sharded checkpoint
+                folder; None: model.model as it is (e.g. an exported policy folder).
+            prompts: a prompts file (.jsonl/.json: strings, message lists or objects with a
+                prompt/messages/instruction field); None: the data's prompts of ``split``.
+            split: the data split whose prompts are answered ("val" or "train").
+            limit: answer only the first ``limit`` prompts.
+            output: the answers file (JSONL); an existing file is never replaced unless
+                ``overwrite``. Unfinished work lies in ``<output>.parts/`` and is resumed.
+            overwrite: replace an existing ``output``.
+            generator: the ``generator`` field of every row; None: the model / checkpoint name.
+            max_new_tokens: the most tokens an answer may have.
+            temperature: 0 decodes greedily (deterministic); > 0 samples.
+            top_p: nucleus sampling mass when sampling.
+            seed: seeds the sampling of each batch.
+            batch_size: prompts per generate call (left-padded).
+            shard_size: prompts per resumable shard file; shard k goes to rank k % world_size.
+            backend: the generation engine; None: TransformersBackend (``generate``), or
+                ``treg_lightning.generation.VLLMBackend`` (vLLM installed, GPU).
+            progress: show a progress bar (rank 0).
+        """
+        from treg_lightning.generation import SamplingSettings, TransformersBackend
+        from treg_lightning.predictions import PredictJob, PredictSettings, run_predict
+
+        sampling = SamplingSettings(max_new_tokens, temperature, top_p, seed)
+        settings = PredictSettings(
+            output, overwrite, generator, sampling, batch_size, shard_size, progress
+        )
+        backend = backend if backend is not None else TransformersBackend()
+        job = PredictJob(model, datamodule, ckpt_path, prompts, split, limit, settings, backend)
+        return run_predict(self, job)
+
+
 class TRegArgumentParser(LightningArgumentParser):
     """``LightningArgumentParser`` whose "does not accept option" errors suggest the close key
     (a typo in a YAML key, ``max_lenght``, otherwise only prints the whole usage)."""
@@ -156,6 +214,7 @@ class TRegCLI(LightningCLI):
             **LightningCLI.subcommands(),
             "annotate": {"model", "datamodule"},
             "export": {"model", "datamodule"},
+            "predict": {"model", "datamodule"},
         }
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
