@@ -32,6 +32,7 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 from lightning.pytorch.utilities import rank_zero_info
 
 from treg_lightning.data.datamodule import PreferenceDataModule
+from treg_lightning.evaluation import EvalRun
 from treg_lightning.generation import GenerationBackend
 from treg_lightning.guards import NonFiniteGuard
 from treg_lightning.module import PreferenceModule
@@ -102,7 +103,6 @@ class TRegTrainer(Trainer):
         print(f"policy written to {folder.resolve()}", flush=True)
         return folder
 
-
     # ---- predict: answers of the policy (logic in treg_lightning.predictions) ---------------
 
     def predict(
@@ -158,6 +158,56 @@ class TRegTrainer(Trainer):
         backend = backend if backend is not None else TransformersBackend()
         job = PredictJob(model, datamodule, ckpt_path, prompts, split, limit, settings, backend)
         return run_predict(self, job)
+
+    # ---- evaluate: one table row per run (logic in treg_lightning.evaluation) --------------
+
+    def evaluate(
+        self,
+        model: LightningModule | None = None,
+        datamodule: LightningDataModule | None = None,
+        runs: list[EvalRun] | None = None,
+        reference: str | None = None,
+        reward_model: str | None = None,
+        reward_batch_size: int = 8,
+        reward_dtype: str = "float32",
+        max_new_tokens: int | None = None,
+        output_dir: str = "evaluation",
+        overwrite: bool = False,
+    ) -> list[dict]:
+        """Compare runs on held-out pairs and on their answers; write a Markdown + JSON table.
+
+        Args:
+            runs: the runs, each ``{name, predictions, ckpt_path | policy, log_dir}``: held-out
+                pair metrics need ``ckpt_path`` or ``policy``, answer metrics ``predictions``
+                (a ``treg predict`` file), training curves ``log_dir``.
+            reference: the reference policy's answers (``treg predict`` of the starting model)
+                for the win rates.
+            reward_model: a sequence-classification reward model (hub id or folder) scoring
+                (prompt, answer) with its chat template; None: no reward columns.
+            reward_batch_size: conversations per reward-model forward.
+            reward_dtype: dtype of the reward model.
+            max_new_tokens: the predict setting, for answers files without finish_reason.
+            output_dir: folder of evaluation.md, evaluation.json and the PNG plots.
+            overwrite: replace an earlier report in ``output_dir``.
+        """
+        from treg_lightning.evaluation import (
+            EvaluateSettings,
+            check_report_folder,
+            evaluate_runs,
+            markdown_table,
+            write_report,
+        )
+
+        settings = EvaluateSettings(
+            reference, reward_model, reward_batch_size, reward_dtype, max_new_tokens,
+            output_dir, overwrite,
+        )  # fmt: skip
+        check_report_folder(output_dir, overwrite)
+        results = evaluate_runs(self, model, datamodule, runs or [], settings)
+        paths = write_report(results, runs or [], output_dir, overwrite)
+        print(markdown_table(results), flush=True)
+        print("\n".join(f"{kind}: {path.resolve()}" for kind, path in paths.items()), flush=True)
+        return results
 
 
 class TRegArgumentParser(LightningArgumentParser):
@@ -215,6 +265,7 @@ class TRegCLI(LightningCLI):
             "annotate": {"model", "datamodule"},
             "export": {"model", "datamodule"},
             "predict": {"model", "datamodule"},
+            "evaluate": {"model", "datamodule"},
         }
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
