@@ -10,11 +10,13 @@ from lightning.pytorch.callbacks import Callback
 
 class ExportOnFitEnd(Callback):
     """After ``fit``: export the policy as a Hugging Face folder, write the token-reward heat
-    map of the first training pairs, and print where each output lies.
+    map of the first training pairs (HTML, and with matplotlib a PNG beside it, also logged as
+    an image to TensorBoard / W&B loggers), and print where each output lies.
 
     Args:
         export_dir: folder for ``save_pretrained`` (safetensors + tokenizer); None skips it.
-        heatmap_path: ``.html`` file for the heat map; None skips it.
+        heatmap_path: ``.html`` file for the heat map (the PNG takes its name with ``.png``);
+            None skips both.
         heatmap_pairs: number of pairs shown in the heat map.
     """
 
@@ -44,6 +46,7 @@ class ExportOnFitEnd(Callback):
 
                 path = render_heatmap(rows, tokenizer, self.heatmap_path, n=self.heatmap_pairs)
                 self.written["token-reward heat map"] = Path(path)
+                self._heatmap_image(trainer, rows, tokenizer, Path(path).with_suffix(".png"))
         log_dir = trainer.log_dir  # a collective under multi-process strategies: every rank
         if trainer.is_global_zero:
             self._print(trainer, log_dir)
@@ -57,11 +60,24 @@ class ExportOnFitEnd(Callback):
         return tokenizer
 
     def _cache_rows(self, trainer: L.Trainer):
+        from treg_lightning.rewards.render import has_token_rewards
+
         datasets = getattr(trainer.datamodule, "datasets", None) or {}
         rows = datasets.get("train")
-        if rows is None or "chosen_rewards" not in getattr(rows, "column_names", ()):
+        if rows is None or not has_token_rewards(getattr(rows, "column_names", ())):
             return None  # no token-reward cache (rewards="none"): nothing to draw
         return rows
+
+    def _heatmap_image(self, trainer: L.Trainer, rows, tokenizer, path: Path) -> None:
+        """The PNG of the heat map, also logged to TensorBoard / W&B loggers (needs matplotlib,
+        the `plots` extra; skipped without it)."""
+        try:
+            from treg_lightning.rewards.render_png import log_heatmap_image, render_heatmap_png
+        except ImportError:
+            return
+        png, image = render_heatmap_png(rows, tokenizer, path, n=min(self.heatmap_pairs, 4))
+        self.written["token-reward heat map (PNG)"] = png
+        log_heatmap_image(trainer.loggers, image, trainer.global_step)
 
     def _print(self, trainer: L.Trainer, log_dir: str | None) -> None:
         checkpoint = getattr(trainer.checkpoint_callback, "best_model_path", "") or getattr(
