@@ -26,6 +26,7 @@ CURVES = (
     ("reward_accuracy", "reward accuracy"),
     ("margin", "reward margin"),
     ("treg", "T-REG term"),
+    ("token_reward_pearson", "token-reward correlation"),
 )
 Series = dict[str, list[tuple[int, float]]]
 
@@ -86,25 +87,33 @@ def _smooth(values: list[float], window: int) -> list[float]:
 def plot_curves(runs: Mapping[str, Series], path: str | Path, title: str | None = None) -> Path:
     """One panel per metric (loss, reward accuracy, margin, T-REG term), one colour per run:
     training steps as a thin line with a running mean, validation as dots."""
+    from matplotlib.ticker import MaxNLocator
+
     fig, axes = plt.subplots(1, len(CURVES), figsize=(4.2 * len(CURVES), 3.4), squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    # Runs can coincide (e.g. a regularizer whose term is tiny): dashes keep each one visible.
+    dashes = ("-", "--", ":", "-.")
+    markers = ("o", "s", "^", "D", "v", "P")
     for axis, (metric, label) in zip(axes[0], CURVES, strict=True):
         for j, (name, series) in enumerate(runs.items()):
-            colour = colours[j % len(colours)]
+            colour, dash = colours[j % len(colours)], dashes[j % len(dashes)]
             train = series.get(f"train/{metric}_step") or series.get(f"train/{metric}") or []
             if train:
                 steps, values = zip(*train, strict=True)
                 window = max(1, len(values) // 15)
-                axis.plot(steps, values, color=colour, alpha=0.25, linewidth=0.8)
-                axis.plot(steps, _smooth(list(values), window), color=colour, label=name)
+                if window > 1:
+                    axis.plot(steps, values, color=colour, alpha=0.2, linewidth=0.7)
+                axis.plot(steps, _smooth(list(values), window), color=colour, linestyle=dash,
+                          linewidth=1.6, label=name)  # fmt: skip
             val = series.get(f"val/{metric}") or []
             if val:
                 steps, values = zip(*val, strict=True)
-                axis.plot(steps, values, "o", color=colour, markersize=5,
-                          markeredgecolor="black", markeredgewidth=0.6,
+                axis.plot(steps, values, markers[j % len(markers)], color=colour, markersize=6,
+                          markeredgecolor="black", markeredgewidth=0.6, alpha=0.85,
                           label=None if train else name)  # fmt: skip
         axis.set_title(label)
         axis.set_xlabel("step")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
     if not handles:
@@ -157,11 +166,15 @@ def plot_evaluation(results: list[Mapping[str, Any]], path: str | Path) -> Path:
         positions = range(len(names))
         yerr = list(zip(*errors, strict=True)) if errors else None
         bars = axis.bar(positions, values, color=[colours[i % len(colours)] for i in positions],
-                        yerr=yerr, capsize=4)  # fmt: skip
-        axis.bar_label(bars, fmt="%.3g", fontsize=8, padding=2)
-        if key == "win_rate":
+                        yerr=yerr, capsize=4, ecolor="#333333")  # fmt: skip
+        if key == "win_rate":  # the value inside the bar: the interval's cap sits above it
+            axis.bar_label(bars, fmt="%.2f", fontsize=8, label_type="center", color="white",
+                           weight="bold")  # fmt: skip
             axis.axhline(0.5, color="grey", linestyle="--", linewidth=1)
-            axis.set_ylim(0, 1)
+            axis.set_ylim(0, 1.05)
+        else:
+            axis.bar_label(bars, fmt="%.3g", fontsize=8, padding=2)
+            axis.margins(y=0.15)
         axis.set_xticks(list(positions), names, rotation=30, ha="right")
         axis.set_title(label, fontsize=10)
         axis.grid(axis="y", alpha=0.3)
