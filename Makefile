@@ -43,6 +43,8 @@ bench: install
 
 demo: install
 	$(BIN)/treg fit --config configs/demo.yaml
+	$(BIN)/treg predict --config configs/demo.yaml --model.model outputs/demo/policy \
+		--output outputs/demo/answers.jsonl --max_new_tokens 96 --overwrite true
 
 clean:
 	rm -rf $(VENV) .pytest_cache outputs

@@ -274,13 +274,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="a sequence-classification reward model for win rates")  # fmt: skip
     parser.add_argument("--steps", type=int, default=None, help="override the size's steps")
     parser.add_argument("--pairs", type=int, default=None, help="override the size's pairs")
+    parser.add_argument("--val-pairs", type=int, default=None, help="held-out pairs")
     parser.add_argument("--answers", type=int, default=None, help="prompts answered per policy")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace earlier results")
     args = parser.parse_args(argv)
     size = SIZES["dry-run" if args.dry_run else args.size]
     given = {"model": args.model, "steps": args.steps, "pairs": args.pairs,
-             "answers": args.answers}  # fmt: skip
+             "val_pairs": args.val_pairs, "answers": args.answers}  # fmt: skip
     overrides = {k: v for k, v in given.items() if v}
     size = replace(size, **overrides)
     work = args.work_dir

@@ -211,7 +211,11 @@ def _module_from_hparams(base_module, ckpt_path: str):
 
 def pair_metrics(trainer, module, datamodule) -> dict[str, float]:
     """The validation metrics of ``module`` on the data's ``val`` split."""
-    results = trainer.validate(module, datamodule=datamodule, verbose=False)
+    loggers, trainer.loggers = trainer.loggers, []  # no new log version beside a run's logs
+    try:
+        results = trainer.validate(module, datamodule=datamodule, verbose=False)
+    finally:
+        trainer.loggers = loggers
     values = results[0] if results else {}
     return {name: float(values[f"val/{name}"]) for name in PAIR_METRICS if f"val/{name}" in values}
 
