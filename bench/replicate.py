@@ -57,10 +57,11 @@ class Size:
 
 
 SIZES = {
-    # 2 pairs of <= 256 tokens per step: ~12 s per step on 2 cores (bench/README.md).
-    "cpu": Size("smollm2", pairs=160, val_pairs=32, steps=56, batch_size=2, lr=5e-6,
+    # 2 pairs of <= 256 tokens per step: <= 12 s per step on 2 cores; 64 steps = one epoch of
+    # the 128 training pairs; about an hour in all (bench/README.md, "replicate.py").
+    "cpu": Size("smollm2", pairs=160, val_pairs=32, steps=64, batch_size=2, lr=5e-6,
                 max_length=256, max_prompt_length=128, answers=24, max_new_tokens=96,
-                val_every=28),
+                val_every=32),
     "gpu": Size("HuggingFaceTB/SmolLM2-1.7B-Instruct", pairs=4000, val_pairs=300, steps=460,
                 batch_size=8, lr=1e-6, max_length=1024, max_prompt_length=512, answers=300,
                 max_new_tokens=512, val_every=115, precision="bf16-true",

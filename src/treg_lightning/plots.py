@@ -17,9 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
-
-matplotlib.use("Agg")  # files only: no display needed (servers, CI)
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # no pyplot: no global backend switch for the caller
 
 CURVES = (
     ("loss", "loss"),
@@ -89,8 +87,9 @@ def plot_curves(runs: Mapping[str, Series], path: str | Path, title: str | None 
     training steps as a thin line with a running mean, validation as dots."""
     from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(4.2 * len(CURVES), 3.4), squeeze=False)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig = Figure(figsize=(4.2 * len(CURVES), 3.4))
+    axes = fig.subplots(1, len(CURVES), squeeze=False)
+    colours = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     # Runs can coincide (e.g. a regularizer whose term is tiny): dashes keep each one visible.
     dashes = ("-", "--", ":", "-.")
     markers = ("o", "s", "^", "D", "v", "P")
@@ -150,8 +149,9 @@ def plot_evaluation(results: list[Mapping[str, Any]], path: str | Path) -> Path:
     shown = [b for b in BARS if any(_bar_value(r, b[0], b[1]) is not None for r in results)]
     if not shown:
         shown = BARS[:1]
-    fig, axes = plt.subplots(1, len(shown), figsize=(3.6 * len(shown), 3.6), squeeze=False)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig = Figure(figsize=(3.6 * len(shown), 3.6))
+    axes = fig.subplots(1, len(shown), squeeze=False)
+    colours = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     for axis, (group, key, label) in zip(axes[0], shown, strict=True):
         names, values, errors = [], [], []
         for result in results:
@@ -186,7 +186,6 @@ def _save(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 

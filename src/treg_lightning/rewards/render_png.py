@@ -15,15 +15,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import LinearSegmentedColormap
+from matplotlib.figure import Figure  # no pyplot: no global backend switch for the caller
+from matplotlib.image import imsave
+from matplotlib.patches import Rectangle
 
-matplotlib.use("Agg")  # files only: no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.colors import LinearSegmentedColormap  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
-
-from treg_lightning.rewards.render import (  # noqa: E402
+from treg_lightning.rewards.render import (
     SIDES,
     dark_background,
     prompt_turns,
@@ -87,7 +86,7 @@ def _pair_block(tokenizer, row: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def heatmap_figure(rows: Iterable[Mapping[str, Any]], tokenizer, n: int = 4):
-    """A matplotlib figure of the first ``n`` cache rows (close it after use)."""
+    """A matplotlib figure of the first ``n`` cache rows."""
     shown = [row for _, row in zip(range(n), rows, strict=False)]
     scale = max((abs(r) for row in shown for s in SIDES for r in token_rewards(row, s)),
                 default=0.0)  # fmt: skip
@@ -95,7 +94,7 @@ def heatmap_figure(rows: Iterable[Mapping[str, Any]], tokenizer, n: int = 4):
     width = 2 * MARGIN + 2 * COLUMN_CHARS * CHAR + GAP
     legend = 42.0
     height = 2 * MARGIN + legend + sum(b["height"] for b in blocks) + 10 * len(blocks)
-    fig = plt.figure(figsize=(width / 72, height / 72), dpi=150)
+    fig = Figure(figsize=(width / 72, height / 72), dpi=150)
     ax = fig.add_axes((0, 0, 1, 1))
     ax.set_xlim(0, width)
     ax.set_ylim(height, 0)  # y grows downwards, in points
@@ -168,21 +167,18 @@ def _draw_pair(ax, block: dict[str, Any], scale: float, top: float) -> float:
 
 def figure_array(fig) -> np.ndarray:
     """The figure as an ``[H, W, 3]`` uint8 RGB array."""
-    fig.canvas.draw()
-    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
 def render_heatmap_png(rows: Iterable[Mapping[str, Any]], tokenizer, path: str | Path,
                        n: int = 4) -> tuple[Path, np.ndarray]:  # fmt: skip
     """Write the PNG heat map of the first ``n`` rows; returns the path and the RGB array."""
-    fig = heatmap_figure(rows, tokenizer, n)
-    try:
-        image = figure_array(fig)
-    finally:
-        plt.close(fig)
+    image = figure_array(heatmap_figure(rows, tokenizer, n))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    plt.imsave(path, image)
+    imsave(path, image)
     return path, image
 
 
