@@ -20,7 +20,8 @@ from treg_lightning.evaluation import length_stats, win_rate
 
 BETA = 0.5
 PROMPTS = ["Say hi.", "Count to 3.", "Why is the sky blue?", "Name a fruit."]
-REFERENCE = ["Hello there.", "1, 2, 3.", "Because of Rayleigh scattering.", "An apple."]
+# Answer lengths in another order than the run's: a score paired with the wrong prompt shows.
+REFERENCE = ["Hello there, and a very good day to you!", "1, 2, 3.", "Rayleigh.", "An apple."]
 RUN = ["Hi!", "1, 2, 3.", "It is blue because air scatters blue light most.", "A pear, maybe."]
 
 
@@ -99,6 +100,7 @@ def evaluated(tiny_model_dir, tmp_path_factory):
         "--trainer.accelerator=cpu",
         "--trainer.logger=false",
         "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={root}",  # the validation loop saves config.yaml there
         f"--runs={json.dumps(runs)}",
         f"--reference={reference}",
         f"--reward_model={root / 'rm'}",

@@ -215,6 +215,7 @@ def test_predict_cli_data_prompts_and_no_overwrite(setup, tiny_model_dir):
         ]
         assert row["output_tokens"] == 6 and row["finish_reason"] == "length"
     assert not Path(f"{out}.parts").exists()  # parts removed once merged
+    assert "vllm" not in sys.modules  # imported only when its backend is chosen
     before = out.read_bytes()
     with pytest.raises(FileExistsError, match="--overwrite"):
         cli_main(["predict", *base_args(tiny_model_dir, setup["data"], out), "--seed=5"])
