@@ -35,7 +35,8 @@ from treg_lightning.data.formats import normalize_rows
 from treg_lightning.data.sources import load_source
 from treg_lightning.data.tokenize import PairTokenizer, tokenize_pairs
 from treg_lightning.models import cache_root, load_causal_lm, load_tokenizer
-from treg_lightning.rewards.annotate import TokenRewardAnnotator
+from treg_lightning.rewards.annotate import ContrastiveScorer
+from treg_lightning.rewards.cache import build_in_chunks
 from treg_lightning.rewards.prompts import PRESETS
 
 DEFAULT_DATA = (
@@ -86,11 +87,10 @@ def separation(chosen: list, rejected: list) -> dict:
 
 
 def run_preset(args, preset: str, model, tokenizer, rows, with_reference: bool) -> dict:
-    annotator = TokenRewardAnnotator(
+    scorer = ContrastiveScorer(
         preset,
         batch_size=args.batch_size,
         store_reference_logps=with_reference,
-        chunk_pairs=args.chunk_pairs,
         max_context_length=args.max_context_length,
     )
     key = hashlib.sha256(
@@ -101,24 +101,33 @@ def run_preset(args, preset: str, model, tokenizer, rows, with_reference: bool) 
                 args.limit,
                 args.max_length,
                 args.max_prompt_length,
-                annotator.settings(),
+                scorer.settings(),
             ],
             sort_keys=True,
         ).encode()
     ).hexdigest()[:12]
     root = Path(args.work_dir) if args.work_dir else cache_root() / "bench" / "annotate_presets"
     start = time.perf_counter()
-    ds = annotator(model, tokenizer, rows, root / f"{preset}-{key}")
-    result = separation(ds["chosen_rewards"], ds["rejected_rewards"])
+    chunks_done = []
+    ds = build_in_chunks(
+        rows,
+        root / f"{preset}-{key}",
+        lambda chunk: scorer.score(model, tokenizer, chunk),
+        args.chunk_pairs,
+        on_chunk_done=chunks_done.append,
+    )
+    result = separation(ds["chosen_token_rewards"], ds["rejected_token_rewards"])
     result.update(
-        forward_tokens=annotator.stats["tokens"],
-        forward_seconds=round(annotator.stats["seconds"], 2),
-        tokens_per_s=round(annotator.stats["tokens"] / max(annotator.stats["seconds"], 1e-9), 1),
-        chunks_computed=annotator.stats["chunks_done"],
+        forward_tokens=scorer.stats["tokens"],
+        forward_seconds=round(scorer.stats["seconds"], 2),
+        tokens_per_s=round(scorer.stats["tokens"] / max(scorer.stats["seconds"], 1e-9), 1),
+        chunks_computed=len(chunks_done),
         wall_seconds=round(time.perf_counter() - start, 2),
     )
     if with_reference:
-        result["plain_likelihood"] = separation(ds["chosen_ref_logps"], ds["rejected_ref_logps"])
+        result["plain_likelihood"] = separation(
+            ds["chosen_ref_token_logps"], ds["rejected_ref_token_logps"]
+        )
     return result
 
 

@@ -155,13 +155,15 @@ class Clock:
 
 def datamodule_for(size: Size, source: str, cache_dir: Path, seed: int):
     from treg_lightning.data.datamodule import PreferenceDataModule
+    from treg_lightning.rewards import ContrastiveRewards
 
+    rewards = ContrastiveRewards(store_reference_logps=True, cache_dir=str(cache_dir),
+                                 evaluator_dtype=size.torch_dtype)  # fmt: skip
     return PreferenceDataModule(
         source, tokenizer=size.model, limit=size.pairs, val_fraction=size.val_pairs / size.pairs,
         max_length=size.max_length, max_prompt_length=size.max_prompt_length,
         batch_size=size.batch_size, eval_batch_size=2 * size.batch_size, seed=seed,
-        rewards="annotate", store_reference_logps=True, cache_dir=str(cache_dir),
-        evaluator_dtype=size.torch_dtype,
+        rewards=rewards,
     )  # fmt: skip
 
 

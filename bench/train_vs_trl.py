@@ -147,7 +147,7 @@ def make_rows(spec_lengths, vocab_size: int, rng: random.Random) -> list[dict]:
         row = {"index": index, "prompt_ids": [BOS_ID] + ids(prompt - 1)}
         for side, n in (("chosen", chosen), ("rejected", rejected)):
             row[f"{side}_ids"] = ids(n - 1) + [EOS_ID]
-            row[f"{side}_rewards"] = [rng.random() - 0.5 for _ in range(n)]
+            row[f"{side}_token_rewards"] = [rng.random() - 0.5 for _ in range(n)]
         rows.append(row)
     return rows
 
@@ -252,8 +252,8 @@ def _cache_reference_logps(module, collator, batches, device) -> None:
                 start = len(row["prompt_ids"])
                 for side in ("chosen", "rejected"):
                     end = start + len(row[f"{side}_ids"])
-                    values = out[f"{side}_token_logps"][b, start:end]
-                    row[f"{side}_ref_logps"] = values.float().cpu().tolist()
+                    values = out[side][b, start:end]
+                    row[f"{side}_ref_token_logps"] = values.float().cpu().tolist()
 
 
 def run_ours(spec: dict) -> dict:

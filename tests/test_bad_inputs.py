@@ -36,12 +36,12 @@ def args_for(model_dir: Path, data: Path, root: Path, *extra: str) -> list[str]:
         "fit",
         f"--model.model={model_dir}",
         "--model.loss=treg_lightning.losses.SimPOLoss",
+        "--model.regularizer.alpha=0",  # plain SimPO: the data carries no token rewards
         f"--data.source={data}",
-        "--data.rewards=none",
+        "--data.rewards=null",
         "--data.max_length=48",
         "--data.max_prompt_length=24",
         "--data.batch_size=2",
-        f"--data.cache_dir={root / 'cache'}",
         "--trainer.accelerator=cpu",
         "--trainer.max_steps=1",
         "--trainer.logger=false",
@@ -52,11 +52,19 @@ def args_for(model_dir: Path, data: Path, root: Path, *extra: str) -> list[str]:
     ]
 
 
+def annotate_args(root: Path) -> tuple[str, ...]:
+    """Token rewards from the contrastive source, cached under ``root/cache``."""
+    return (
+        "--data.rewards=treg_lightning.rewards.ContrastiveRewards",
+        f"--data.rewards.cache_dir={root / 'cache'}",
+    )
+
+
 @contextlib.contextmanager
 def no_model_load():
     with (
         mock.patch("treg_lightning.models.load_causal_lm", side_effect=REACHED),
-        mock.patch("treg_lightning.data.datamodule.load_causal_lm", side_effect=REACHED),
+        mock.patch("treg_lightning.rewards.contrastive.load_causal_lm", side_effect=REACHED),
     ):
         yield
 
@@ -93,6 +101,7 @@ def setup(tiny_model_dir, tmp_path):
 
     make.tmp = tmp_path
     make.data = data
+    make.annotate = annotate_args(tmp_path)
     return make
 
 
@@ -180,7 +189,8 @@ def test_guard_action_outside_its_choices(setup, capsys):
             id="ipo_tau_zero",
         ),
         pytest.param(
-            "data:\n  template: contrastive\n",
+            "data:\n  rewards:\n    class_path: treg_lightning.rewards.ContrastiveRewards\n"
+            "    init_args:\n      template: contrastive\n",
             "Unknown contrastive template preset 'contrastive'; choose one of ['instruct', "
             "'revise']",
             id="unknown_template_preset",
@@ -216,14 +226,16 @@ def test_unknown_attention_implementation_suggests_the_close_one(setup):
 @pytest.mark.parametrize(
     "extra",
     [
-        pytest.param(("--data.rewards=none",), id="rewards_none"),
+        pytest.param(("--data.rewards=null",), id="rewards_none"),
         pytest.param(
-            ("--data.rewards=annotate", "--data.store_reference_logps=false"),
+            ("ANNOTATE", "--data.rewards.store_reference_logps=false"),
             id="annotate_without_reference_logps",
         ),
     ],
 )
 def test_loss_needing_a_reference_with_none_available(setup, extra):
+    if extra[0] == "ANNOTATE":
+        extra = (*setup.annotate, *extra[1:])
     args = setup(
         "--model.loss=treg_lightning.losses.DPOLoss", "--model.live_reference=false", *extra
     )
@@ -231,7 +243,7 @@ def test_loss_needing_a_reference_with_none_available(setup, extra):
         cli(args)
     message = str(info.value)
     assert message.startswith("DPOLoss needs reference log-probabilities, but model.live_reference")
-    assert "data.store_reference_logps: true" in message
+    assert "store_reference_logps: true" in message
 
 
 # --- files and folders that are not there ------------------------------------------------------
@@ -294,8 +306,9 @@ def small_vocab_model(setup, tiny_model_dir):
 @pytest.mark.parametrize("rewards", ["none", "annotate"])
 def test_tokenizer_larger_than_the_model_embedding(setup, small_vocab_model, rewards):
     """Caught by the module (rewards none) or the evaluator load (annotate), before any forward."""
+    extra = setup.annotate if rewards == "annotate" else ()
     with no_forward(), pytest.raises(ValueError) as info:
-        cli(setup(f"--data.rewards={rewards}", model_dir=small_vocab_model))
+        cli(setup(*extra, model_dir=small_vocab_model))
     message = str(info.value)
     assert f"tokens but the model '{small_vocab_model}' embeds only" in message
     assert "do not belong together" in message
@@ -308,7 +321,7 @@ def test_evaluator_with_another_tokenizer(setup, tiny_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(other)
     tokenizer.add_tokens(["<extra_0>", "<extra_1>"], special_tokens=True)
     tokenizer.save_pretrained(other)
-    args = setup("--data.rewards=annotate", f"--data.evaluator={other}")
+    args = setup(*setup.annotate, f"--data.rewards.evaluator={other}")
     with no_model_load(), pytest.raises(ValueError) as info:
         cli(args)
     message = str(info.value)
@@ -327,7 +340,7 @@ def built_cache(tiny_model_dir, tmp_path_factory):
     """`treg annotate` once: the train cache folder, to copy and damage per test."""
     root = tmp_path_factory.mktemp("built-cache")
     data = write_pairs(root / "pairs.jsonl")
-    cli(["annotate", *args_for(tiny_model_dir, data, root, "--data.rewards=annotate")[1:]])
+    cli(["annotate", *args_for(tiny_model_dir, data, root, *annotate_args(root))[1:]])
     (folder,) = (root / "cache").glob("train-*")
     return folder
 
@@ -337,7 +350,7 @@ def damaged_cache_run(setup, built_cache, damage) -> str:
     shutil.copytree(built_cache, cache)
     damage(cache)
     with no_forward(), pytest.raises(CacheError) as info:
-        cli(setup("--data.rewards=annotate"))
+        cli(setup(*setup.annotate))
     message = str(info.value)
     assert str(cache) in message
     return message
@@ -369,3 +382,16 @@ def test_foreign_folder_in_place_of_the_cache(setup, built_cache):
 
     message = damaged_cache_run(setup, built_cache, foreign)
     assert "is not a treg-lightning token-reward cache" in message
+
+
+def test_regularizer_without_token_rewards_fails_before_any_model_load(setup):
+    """data.rewards: null with alpha > 0 would train the plain loss while claiming T-REG: the
+    start-up check refuses it before any model (policy or evaluator) loads."""
+    with no_model_load(), pytest.raises(ValueError) as info:
+        cli(setup("--model.regularizer.alpha=0.25"))
+    message = str(info.value)
+    assert message.startswith(
+        "model.regularizer (alpha 0.25, targets SelfGeneratedRewards) needs token rewards in the "
+        "data, but data.rewards is null"
+    )
+    assert "model.regularizer.alpha: 0" in message

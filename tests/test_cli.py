@@ -55,7 +55,7 @@ def common_args(model_dir: Path, data: Path, root: Path) -> list[str]:
         "--data.max_prompt_length=32",
         "--data.batch_size=2",
         "--data.val_fraction=0.2",
-        f"--data.cache_dir={root / 'cache'}",
+        f"--data.rewards.cache_dir={root / 'cache'}",
         "--trainer.accelerator=cpu",
         "--trainer.devices=1",
         "--trainer.enable_progress_bar=false",

@@ -96,7 +96,7 @@ def evaluated(tiny_model_dir, tmp_path_factory):
         "--data.max_length=64",
         "--data.max_prompt_length=32",
         "--data.val_fraction=0.3",
-        f"--data.cache_dir={root / 'cache'}",
+        f"--data.rewards.cache_dir={root / 'cache'}",
         "--trainer.accelerator=cpu",
         "--trainer.logger=false",
         "--trainer.enable_progress_bar=false",

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 
@@ -66,10 +67,11 @@ def base_args(model_dir: Path, data: Path, root: Path) -> list[str]:
     return [
         f"--model.model={model_dir}",
         "--model.loss=treg_lightning.losses.SimPOLoss",
+        "--model.regularizer.alpha=0",  # plain SimPO: the data carries no token rewards
         "--model.optimizer=torch.optim.AdamW",
         "--model.optimizer.lr=0.01",
         f"--data.source={data}",
-        "--data.rewards=none",
+        "--data.rewards=null",
         "--data.max_length=48",
         "--data.max_prompt_length=24",
         "--data.batch_size=2",
@@ -242,14 +244,14 @@ def _no_model_load():
     fail = AssertionError("a model was loaded before the check")
     with (
         mock.patch("treg_lightning.models.load_causal_lm", side_effect=fail),
-        mock.patch("treg_lightning.data.datamodule.load_causal_lm", side_effect=fail),
+        mock.patch("treg_lightning.rewards.contrastive.load_causal_lm", side_effect=fail),
     ):
         yield
 
 
 @pytest.mark.parametrize(
     "setting",
-    ["--trainer.default_root_dir", "--data.cache_dir"],
+    ["--trainer.default_root_dir", "--data.rewards.cache_dir"],
 )
 def test_unwritable_output_folder_fails_at_start_up(tiny_model_dir, tmp_path, setting):
     data = write_pairs(tmp_path / "pairs.jsonl")
@@ -260,7 +262,7 @@ def test_unwritable_output_folder_fails_at_start_up(tiny_model_dir, tmp_path, se
         "fit",
         *base_args(tiny_model_dir, data, tmp_path),
         "--trainer.max_steps=1",
-        "--data.rewards=annotate",
+        "--data.rewards=treg_lightning.rewards.ContrastiveRewards",
         f"{setting}={bad}",
     ]
     with _no_model_load(), pytest.raises(OutputFolderError) as info:  # noqa: PT012
@@ -271,9 +273,14 @@ def test_unwritable_output_folder_fails_at_start_up(tiny_model_dir, tmp_path, se
 
 
 def test_export_to_unwritable_folder_fails_before_loading(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
     data = write_pairs(tmp_path / "pairs.jsonl")
     (tmp_path / "a-file").write_text("")
     bad = tmp_path / "a-file" / "policy"
+    # A checkpoint that passes the start-up checkpoint checks, so the folder check is reached.
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    torch.save({"state_dict": {f"policy.{k}": v for k, v in policy.items()}}, tmp_path / "x.ckpt")
     args = [
         "export",
         *base_args(tiny_model_dir, data, tmp_path),
@@ -307,11 +314,11 @@ def _tiny_rows(model_dir: Path, n: int):
 
 
 def test_disk_full_while_writing_a_chunk_keeps_finished_chunks(tiny_model_dir, tmp_path):
-    from treg_lightning.rewards import annotate
-    from treg_lightning.rewards.annotate import TokenRewardAnnotator
+    from builders import Annotator
+    from treg_lightning.rewards.cache import chunks
 
     rw_model, rw_tokenizer, rows = _tiny_rows(tiny_model_dir, 4)
-    real_save = annotate.save_file
+    real_save = chunks.save_file
     calls = []
 
     def second_write_fails(tensors, path, metadata=None):
@@ -320,8 +327,8 @@ def test_disk_full_while_writing_a_chunk_keeps_finished_chunks(tiny_model_dir, t
             _enospc()
         real_save(tensors, path, metadata=metadata)
 
-    annotator = TokenRewardAnnotator(batch_size=4, chunk_pairs=2, progress=False)
-    with mock.patch.object(annotate, "save_file", second_write_fails):
+    annotator = Annotator(batch_size=4, chunk_pairs=2)
+    with mock.patch.object(chunks, "save_file", second_write_fails):
         with pytest.raises(OSError) as info:
             annotator(rw_model, rw_tokenizer, rows, tmp_path / "work")
     chunk = tmp_path / "work" / "chunk-000001.safetensors"
@@ -340,10 +347,13 @@ def test_disk_full_while_saving_the_arrow_cache(tiny_model_dir, tmp_path):
     from treg_lightning.rewards.cache import load_or_build
 
     _, _, rows = _tiny_rows(tiny_model_dir, 2)
-    merged = datasets.Dataset.from_dict({"index": [0, 1]})
+
+    def score_chunk(chunk_rows):
+        return {"chosen_token_rewards": [np.zeros(len(r["chosen_ids"])) for r in chunk_rows]}
+
     with mock.patch.object(datasets.Dataset, "save_to_disk", _enospc):
         with pytest.raises(OSError) as info:
-            load_or_build(rows, tmp_path / "cache", "f" * 64, lambda r, w: merged)
+            load_or_build(rows, tmp_path / "cache", "f" * 64, score_chunk)
     assert info.value.errno == errno.ENOSPC
     message = str(info.value)
     assert message.startswith(f"no space left on device while writing {tmp_path / 'cache'}/.data")

@@ -179,19 +179,12 @@ def test_sequence_logps_sums_masked_in_positions_only():
 def test_real_llama_hidden_states_match_model_logits():
     """``model.model(...)`` final hidden states + ``lm_head.weight`` give the same token log-probs
     (and parameter gradients) as ``log_softmax(model(...).logits)``, with right padding."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from builders import tiny_llama
 
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
+    model = tiny_llama(
+        VOCAB, 0, torch.float64, hidden_size=16, intermediate_size=32, num_attention_heads=2,
         num_key_value_heads=1,
-        max_position_embeddings=32,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).double()
+    )  # fmt: skip
     g = torch.Generator().manual_seed(1)
     input_ids = torch.randint(0, VOCAB, (2, 7), generator=g)
     attention_mask = torch.tensor([[1] * 7, [1] * 5 + [0] * 2])

@@ -10,29 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from treg_lightning.losses import DPOLoss, LossOutput, SimPOLoss, TokenRewardRegularizer
-from treg_lightning.metrics import PreferenceMetrics, SignAgreement, pearson
-from treg_lightning.module import PreferenceModule, WarmupCosineLR, concat_pairs
+from builders import pair_batch as make_batch
+from treg_lightning.forward import concat_pairs
+from treg_lightning.losses import DPOLoss, ImplicitRewards, SimPOLoss, TokenRewardRegularizer
+from treg_lightning.module import PreferenceModule
 
 SIDES = ("chosen", "rejected")
-
-
-def make_batch(seed: int = 0, batch: int = 2, lengths=(12, 9), prompt: int = 5, vocab: int = 256):
-    """A contract batch: right padding (row 1 has 2 padding tokens), response after `prompt`."""
-    g = torch.Generator().manual_seed(seed)
-    out = {"index": torch.arange(batch)}
-    for side, length in zip(SIDES, lengths, strict=True):
-        ids = torch.randint(0, vocab, (batch, length), generator=g)
-        attention = torch.ones(batch, length, dtype=torch.long)
-        attention[1, -2:] = 0
-        response = torch.zeros(batch, length, dtype=torch.bool)
-        response[:, prompt:] = True
-        response &= attention.bool()
-        out[f"{side}_input_ids"] = ids
-        out[f"{side}_attention_mask"] = attention
-        out[f"{side}_response_mask"] = response
-        out[f"{side}_token_rewards"] = (torch.rand(batch, length, generator=g) - 0.5) * response
-    return out
 
 
 def naive_token_logps(lm, input_ids, attention_mask, response_mask):
@@ -73,8 +56,10 @@ def test_forward_logps_equal_full_logits_per_side(simpo_module):
             batch[f"{side}_attention_mask"],
             batch[f"{side}_response_mask"],
         )
-        torch.testing.assert_close(logps[f"{side}_token_logps"], expected, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(logps[f"{side}_logps"], expected.sum(-1), atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(logps[side], expected, atol=1e-5, rtol=1e-5)
+        pair = simpo_module.pair_scores(batch)
+        scores = getattr(pair, side)
+        torch.testing.assert_close(scores.logps, expected.sum(-1), atol=1e-4, rtol=1e-5)
 
 
 def test_simpo_treg_loss_equals_formula(simpo_module):
@@ -100,7 +85,7 @@ def test_simpo_treg_loss_equals_formula(simpo_module):
     expected = (seq + alpha * w * reg).mean()
     loss, outputs = simpo_module.compute_loss(batch)
     torch.testing.assert_close(loss.detach(), expected, atol=1e-5, rtol=1e-5)
-    assert outputs["ref"] is None  # SimPO is reference-free: no reference model, no ref logps
+    assert not outputs["pair"].has_reference  # SimPO is reference-free: no ref logps
     assert simpo_module.reference is None
     loss.backward()
     grads = [p.grad for p in simpo_module.policy.parameters()]
@@ -140,9 +125,7 @@ def test_cached_reference_logps_are_used(tiny_model_dir):
         logps = module.forward_logps(batch)
     for side, shift in (("chosen", 1.0), ("rejected", 0.0)):
         mask = batch[f"{side}_response_mask"]
-        batch[f"{side}_ref_token_logps"] = torch.where(
-            mask, logps[f"{side}_token_logps"] - shift, 0.0
-        )
+        batch[f"{side}_ref_token_logps"] = torch.where(mask, logps[side] - shift, 0.0)
     loss, _ = module.compute_loss(batch)
     chosen_lengths = batch["chosen_response_mask"].sum(-1).float()
     expected = -F.logsigmoid(0.1 * chosen_lengths).mean()
@@ -150,16 +133,16 @@ def test_cached_reference_logps_are_used(tiny_model_dir):
 
 
 def test_reference_needed_but_disabled_fails_at_start_up(tiny_model_dir, tmp_path):
-    """DPO, live_reference=False, data without cached reference logps: fit stops before any
-    annotation or model loading, with a message that says what to change."""
+    """DPO, live_reference=False, a reward source that caches no reference logps: fit stops
+    before any annotation or model loading, with a message that says what to change."""
     from treg_lightning.data.datamodule import PreferenceDataModule
+    from treg_lightning.rewards import ContrastiveRewards
 
     module = PreferenceModule(str(tiny_model_dir), loss=DPOLoss(beta=0.1), live_reference=False)
     data = PreferenceDataModule(
         "demo",
         tokenizer=str(tiny_model_dir),
-        store_reference_logps=False,
-        cache_dir=str(tmp_path / "cache"),
+        rewards=ContrastiveRewards(store_reference_logps=False, cache_dir=str(tmp_path / "cache")),
         max_length=64,
         max_prompt_length=32,
     )
@@ -170,11 +153,59 @@ def test_reference_needed_but_disabled_fails_at_start_up(tiny_model_dir, tmp_pat
     assert not (tmp_path / "cache").exists()  # and before the annotate pass
 
 
+def test_regularizer_without_token_rewards_fails_at_start_up(tiny_model_dir, monkeypatch):
+    """data.rewards=None and alpha > 0: the T-REG term would silently vanish; refused before
+    any model is loaded, naming both settings. alpha = 0 trains with the same data."""
+    from treg_lightning import models
+    from treg_lightning.data.datamodule import PreferenceDataModule
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    data = PreferenceDataModule(
+        "demo", tokenizer=str(tiny_model_dir), rewards=None, max_length=64, max_prompt_length=32,
+        limit=4,
+    )  # fmt: skip
+    module = PreferenceModule(
+        str(tiny_model_dir), loss=SimPOLoss(), regularizer=TokenRewardRegularizer(alpha=0.25)
+    )
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False)
+    monkeypatch.setattr(models, "load_causal_lm", no_load)
+    with pytest.raises(ValueError, match=r"model\.regularizer \(alpha 0.25.*data\.rewards is null"):
+        trainer.fit(module, datamodule=data)
+    assert module.policy is None
+    monkeypatch.undo()
+    plain = PreferenceModule(
+        str(tiny_model_dir), loss=SimPOLoss(), regularizer=TokenRewardRegularizer(alpha=0.0)
+    )
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False,
+        enable_checkpointing=False, limit_val_batches=0,
+    )  # fmt: skip
+    trainer.fit(plain, datamodule=data)
+    assert trainer.global_step == 1
+
+
+def test_simpo_ignores_cached_reference_logps(simpo_module):
+    """SimPO is reference-free: cached reference token logps in the batch reach neither the
+    loss, the regularizer's targets nor the metrics (docs/method.md section 3)."""
+    batch = make_batch(seed=4)
+    loss, outputs = simpo_module.compute_loss(batch)
+    with_ref = {**batch}
+    for side in SIDES:
+        with_ref[f"{side}_ref_token_logps"] = torch.full_like(batch[f"{side}_token_rewards"], -9.0)
+    loss_ref, outputs_ref = simpo_module.compute_loss(with_ref)
+    assert not outputs_ref["pair"].has_reference
+    assert torch.equal(loss_ref, loss)
+
+
 def test_hyperparameters_reload_without_cli(tiny_model_dir, tmp_path):
     module = PreferenceModule(
         str(tiny_model_dir),
         loss=DPOLoss(beta=0.05),
-        regularizer=TokenRewardRegularizer(alpha=0.1, weighting="static"),
+        regularizer=TokenRewardRegularizer(
+            alpha=0.1, weighting="static", targets=ImplicitRewards()
+        ),
         optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
     )
     module.configure_model()
@@ -187,77 +218,10 @@ def test_hyperparameters_reload_without_cli(tiny_model_dir, tmp_path):
     reloaded = PreferenceModule.load_from_checkpoint(path)
     assert isinstance(reloaded.loss, DPOLoss) and reloaded.loss.beta == 0.05
     assert reloaded.regularizer.alpha == 0.1 and reloaded.regularizer.weighting == "static"
+    assert type(reloaded.regularizer.targets).__name__ == "ImplicitRewards"
     assert reloaded.reference is not None  # rebuilt from reference_model, not from the file
     for key, value in module.policy.state_dict().items():
         torch.testing.assert_close(reloaded.policy.state_dict()[key], value)
-
-
-def test_warmup_cosine_schedule_values():
-    param = torch.nn.Parameter(torch.zeros(1))
-    optimizer = torch.optim.SGD([param], lr=2.0)
-    scheduler = WarmupCosineLR(optimizer, warmup_ratio=0.2, num_training_steps=10)
-    lrs = []
-    for _ in range(11):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
-    # warmup = ceil(0.2 * 10) = 2 steps: 0, 1, then cosine over the 8 remaining steps.
-    expected = [0.0, 1.0] + [1.0 + math.cos(math.pi * k / 8) for k in range(9)]
-    torch.testing.assert_close(torch.tensor(lrs), torch.tensor(expected))
-
-
-def test_sign_agreement_and_pearson_by_hand():
-    preds = torch.tensor([0.5, -0.2, 0.1, -0.4, 0.3])
-    target = torch.tensor([0.1, 0.2, 0.0, -0.3, -0.1])
-    mask = torch.tensor([True, True, True, True, False])
-    metric = SignAgreement()
-    metric.update(preds, target, mask)
-    # counted (mask and target != 0): 0, 1, 3 -> signs agree at 0 and 3.
-    torch.testing.assert_close(metric.compute(), torch.tensor(2 / 3))
-    x, y = torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([2.0, 1.0, 4.0, 3.0])
-    # cov = 3 (sum of products of deviations), |x - mean| = |y - mean| = sqrt(5): r = 0.6.
-    torch.testing.assert_close(pearson(x, y), torch.tensor(0.6))
-
-
-def test_preference_metrics_values():
-    out = LossOutput(
-        losses=torch.zeros(2),
-        chosen_rewards=torch.tensor([1.0, -1.0]),
-        rejected_rewards=torch.tensor([0.0, 0.5]),
-        chosen_token_scale=torch.tensor([1.0, 2.0]),
-        rejected_token_scale=torch.tensor([1.0, 1.0]),
-        weight=torch.tensor([0.25, 0.75]),
-    )
-    mask = torch.tensor([[False, True, True], [False, True, False]])
-    batch = {
-        "chosen_response_mask": mask,
-        "rejected_response_mask": mask,
-        "chosen_token_rewards": torch.tensor([[0.0, 0.2, -0.1], [0.0, 0.3, 0.0]]),
-        "rejected_token_rewards": torch.tensor([[0.0, -0.2, 0.1], [0.0, 0.1, 0.0]]),
-    }
-    logps = {
-        "chosen_logps": torch.tensor([-3.0, -5.0]),
-        "rejected_logps": torch.tensor([-4.0, -6.0]),
-        "chosen_token_logps": torch.tensor([[0.0, -1.0, -2.0], [0.0, -1.0, 0.0]]),
-        "rejected_token_logps": torch.tensor([[0.0, -1.0, -3.0], [0.0, -2.0, 0.0]]),
-    }
-    # Reference logps -1.5 everywhere: implicit rewards c * (logp + 1.5).
-    ref = {f"{s}_ref_token_logps": torch.full((2, 3), -1.5) for s in SIDES}
-    metrics = PreferenceMetrics()
-    updated = metrics.update_from(batch, out, None, logps, ref)
-    assert "treg" not in updated  # no regularizer output: the T-REG term is not logged
-    values = {name: float(metric.compute()) for name, metric in updated.items()}
-    assert values["reward_accuracy"] == pytest.approx(0.5)
-    assert values["margin"] == pytest.approx(((1 - 0) + (-1 - 0.5)) / 2)
-    assert values["weight"] == pytest.approx(0.5)
-    assert values["chosen_logps"] == pytest.approx(-4.0)
-    # implicit chosen: row0 [0.5, -0.5], row1 [1.0]; rejected: row0 [0.5, -1.5], row1 [-0.5]
-    # r_hat chosen: [0.2, -0.1], [0.3]; rejected: [-0.2, 0.1], [0.1] -> agree 3 of 6.
-    assert values["token_sign_agreement"] == pytest.approx(0.5)
-    preds = torch.tensor([0.5, -0.5, 1.0, 0.5, -1.5, -0.5])
-    target = torch.tensor([0.2, -0.1, 0.3, -0.2, 0.1, 0.1])
-    expected = torch.corrcoef(torch.stack([preds, target]))[0, 1]
-    assert values["token_reward_pearson"] == pytest.approx(float(expected), abs=1e-6)
 
 
 def test_packed_forward_equals_padded(simpo_module, tiny_model_dir):
@@ -270,10 +234,16 @@ def test_packed_forward_equals_padded(simpo_module, tiny_model_dir):
     packed.configure_model()
     packed.policy.load_state_dict(simpo_module.policy.state_dict())
     batch = make_batch(seed=5)
-    expected = simpo_module.forward_logps(batch)
-    got = packed.forward_logps(batch)
-    for key in ("chosen_token_logps", "rejected_token_logps", "chosen_logps", "rejected_logps"):
-        torch.testing.assert_close(got[key], expected[key], atol=1e-5, rtol=1e-5)
+    expected = simpo_module.pair_scores(batch)
+    got = packed.pair_scores(batch)
+    for side in SIDES:
+        for name in ("token_logps", "logps"):
+            torch.testing.assert_close(
+                getattr(getattr(got, side), name),
+                getattr(getattr(expected, side), name),
+                atol=1e-5,
+                rtol=1e-5,
+            )
     loss_packed, _ = packed.compute_loss(batch)
     loss_padded, _ = simpo_module.compute_loss(batch)
     torch.testing.assert_close(loss_packed, loss_padded, atol=1e-5, rtol=1e-5)
@@ -283,32 +253,6 @@ def test_packed_forward_equals_padded(simpo_module, tiny_model_dir):
     grad_padded = simpo_module.policy.model.layers[0].mlp.up_proj.weight.grad
     torch.testing.assert_close(grad_packed, grad_padded, atol=1e-5, rtol=1e-4)
     simpo_module.policy.zero_grad()
-
-
-def test_undefined_pearson_counts_with_weight_zero():
-    """All implicit rewards 0 (policy == reference): no correlation. The metric is still
-    updated (every rank must sync the same metrics) but the batch does not count."""
-    mask = torch.tensor([[False, True, True]])
-    batch = {
-        "chosen_response_mask": mask,
-        "rejected_response_mask": mask,
-        "chosen_token_rewards": torch.tensor([[0.0, 0.2, -0.1]]),
-        "rejected_token_rewards": torch.tensor([[0.0, -0.3, 0.1]]),
-    }
-    out = LossOutput(*(torch.ones(1) for _ in range(6)))
-    zeros = {f"{s}_token_logps": torch.zeros(1, 3) for s in SIDES}
-    logps = {**zeros, "chosen_logps": torch.zeros(1), "rejected_logps": torch.zeros(1)}
-    ref = {f"{s}_ref_token_logps": torch.zeros(1, 3) for s in SIDES}
-    metrics = PreferenceMetrics()
-    assert "token_reward_pearson" in metrics.update_from(batch, out, None, logps, ref)
-    moved = {**logps, "chosen_token_logps": torch.tensor([[0.0, -1.0, -2.0]])}
-    metrics.update_from(batch, out, None, moved, ref)
-    # second batch: preds [-1, -2, 0, 0] vs [0.2, -0.1, -0.3, 0.1]; r = -0.075 / norms
-    preds = torch.tensor([-1.0, -2.0, 0.0, 0.0])
-    target = torch.tensor([0.2, -0.1, -0.3, 0.1])
-    expected = torch.corrcoef(torch.stack([preds, target]))[0, 1]
-    assert abs(float(expected)) > 0.1
-    assert float(metrics["token_reward_pearson"].compute()) == pytest.approx(float(expected))
 
 
 def test_compiled_layers_give_the_same_loss(simpo_module, tiny_model_dir):

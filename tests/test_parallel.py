@@ -38,6 +38,7 @@ SCRIPT = textwrap.dedent(
     from treg_lightning.data.datamodule import PreferenceDataModule
     from treg_lightning.losses import DPOLoss, SimPOLoss, TokenRewardRegularizer
     from treg_lightning.module import PreferenceModule
+    from treg_lightning.rewards import ContrastiveRewards
 
     model_dir, data_file = sys.argv[1], sys.argv[2]
     out_dir, devices, loss_name = Path(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
@@ -62,7 +63,8 @@ SCRIPT = textwrap.dedent(
     )
     data = PreferenceDataModule(
         data_file, tokenizer=model_dir, max_length=64, max_prompt_length=32,
-        batch_size=4 // devices, cache_dir=str(out_dir.parent / "cache"),
+        batch_size=4 // devices,
+        rewards=ContrastiveRewards(cache_dir=str(out_dir.parent / "cache")),
     )
     strategy = (
         ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
@@ -168,14 +170,20 @@ def test_annotate_subcommand_on_two_processes(runs, tiny_model_dir):
         [
             sys.executable, "-m", "treg_lightning.cli", "annotate",
             f"--model.model={tiny_model_dir}", f"--data.source={runs / 'pairs.jsonl'}",
-            "--data.max_length=64", "--data.max_prompt_length=32", f"--data.cache_dir={cache}",
+            "--data.max_length=64", "--data.max_prompt_length=32",
+            f"--data.rewards.cache_dir={cache}",
             "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp",
         ]
     )  # fmt: skip
     built = datasets.load_from_disk(str(next(cache.glob("train-*")) / "data"))
     reference = datasets.load_from_disk(str(next((runs / "cache").glob("train-*")) / "data"))
     assert built["index"] == reference["index"] and len(built) == 8
-    for column in ("chosen_ids", "chosen_rewards", "rejected_rewards", "chosen_ref_logps"):
+    for column in (
+        "chosen_ids",
+        "chosen_token_rewards",
+        "rejected_token_rewards",
+        "chosen_ref_token_logps",
+    ):
         for a, b in zip(built[column], reference[column], strict=True):
             torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=1e-5)
 

@@ -273,7 +273,7 @@ def predict_direct(model_dir, data, out, backend=None, temperature=0.0, overwrit
 
     module = PreferenceModule(str(model_dir))
     datamodule = PreferenceDataModule(
-        str(data), tokenizer=str(model_dir), max_length=96, max_prompt_length=64, rewards="none"
+        str(data), tokenizer=str(model_dir), max_length=96, max_prompt_length=64, rewards=None
     )
     trainer = TRegTrainer(accelerator="cpu", devices=1, logger=False)
     sampling = SamplingSettings(max_new_tokens=5, temperature=temperature, seed=1)

@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from treg_lightning.data.datamodule import PreferenceDataModule
 from treg_lightning.losses import SimPOLoss, TokenRewardRegularizer
 from treg_lightning.module import PreferenceModule, WarmupCosineLR
+from treg_lightning.rewards import ContrastiveRewards
 
 STEPS_PER_EPOCH = 4  # 8 pairs, 2 per batch
 
@@ -42,7 +43,7 @@ def make_data(model_dir, root):
         max_length=64,
         max_prompt_length=32,
         batch_size=2,
-        cache_dir=str(root / "cache"),
+        rewards=ContrastiveRewards(cache_dir=str(root / "cache")),
     )
 
 

@@ -11,6 +11,7 @@ import torch
 from treg_lightning.data.datamodule import PreferenceDataModule
 from treg_lightning.losses import SimPOLoss
 from treg_lightning.module import PreferenceModule
+from treg_lightning.rewards import ContrastiveRewards
 
 
 class SimPOWithSFT(PreferenceModule):
@@ -23,7 +24,7 @@ class SimPOWithSFT(PreferenceModule):
     def compute_loss(self, batch, stage="train"):
         loss, outputs = super().compute_loss(batch, stage)
         lengths = batch["chosen_response_mask"].sum(-1)
-        sft = -(outputs["logps"]["chosen_logps"] / lengths).mean()
+        sft = -(outputs["pair"].chosen.logps / lengths).mean()
         self.log(f"{stage}/sft", sft.detach(), batch_size=lengths.shape[0])
         return loss + self.sft_weight * sft, outputs
 
@@ -43,7 +44,7 @@ def test_subclass_adds_exactly_its_term(tiny_model_dir, tmp_path):
         max_length=64,
         max_prompt_length=32,
         batch_size=3,
-        rewards="none",
+        rewards=None,
     )
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
@@ -71,7 +72,7 @@ def test_subclass_trains_with_plain_trainer(tiny_model_dir, tmp_path):
         max_prompt_length=32,
         batch_size=2,
         val_fraction=0.34,
-        cache_dir=str(tmp_path / "cache"),
+        rewards=ContrastiveRewards(cache_dir=str(tmp_path / "cache")),
     )
     module = SimPOWithSFT(
         str(tiny_model_dir), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2), sft_weight=1.0

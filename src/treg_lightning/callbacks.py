@@ -7,52 +7,83 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
+from treg_lightning.data.datamodule import PreferenceDataModule
+
 
 class ExportOnFitEnd(Callback):
     """After ``fit``: export the policy as a Hugging Face folder, write the token-reward heat
     map of the first training pairs (HTML, and with matplotlib a PNG beside it, also logged as
     an image to TensorBoard / W&B loggers), and print where each output lies.
 
+    ``{log_dir}`` in a path stands for the run's own folder (the logger's version folder, e.g.
+    ``outputs/demo/logs/version_3``; ``trainer.default_root_dir`` without a logger), so runs
+    sharing a root keep each other's outputs. An output that already exists is refused at
+    start-up (before any model loads) unless ``overwrite`` is set.
+
     Args:
         export_dir: folder for ``save_pretrained`` (safetensors + tokenizer); None skips it.
         heatmap_path: ``.html`` file for the heat map (the PNG takes its name with ``.png``);
             None skips both.
         heatmap_pairs: number of pairs shown in the heat map.
+        overwrite: write even where an earlier run's outputs are (replacing them).
     """
 
     def __init__(
         self,
-        export_dir: str | None = "outputs/policy",
-        heatmap_path: str | None = "outputs/token_rewards.html",
+        export_dir: str | None = "{log_dir}/policy",
+        heatmap_path: str | None = "{log_dir}/token_rewards.html",
         heatmap_pairs: int = 8,
+        overwrite: bool = False,
     ) -> None:
         self.export_dir = export_dir
         self.heatmap_path = heatmap_path
         self.heatmap_pairs = heatmap_pairs
+        self.overwrite = overwrite
         self.written: dict[str, Path] = {}
+
+    def paths(self, log_dir: str | None) -> dict[str, Path | None]:
+        """``{"export_dir": ..., "heatmap_path": ...}`` with ``{log_dir}`` filled in."""
+        settings = {"export_dir": self.export_dir, "heatmap_path": self.heatmap_path}
+        return {
+            name: None if value is None else Path(value.replace("{log_dir}", str(log_dir or ".")))
+            for name, value in settings.items()
+        }
+
+    def check_outputs(self, trainer: L.Trainer) -> None:
+        """Refuse outputs that already exist (an earlier run's), before anything runs."""
+        from treg_lightning.outputs import check_not_overwriting
+
+        paths = self.paths(trainer.log_dir)
+        if paths["heatmap_path"] is not None:  # the PNG beside the page
+            paths["heatmap_path (PNG)"] = paths["heatmap_path"].with_suffix(".png")
+        for name, path in paths.items():
+            allow = "ExportOnFitEnd overwrite: true"
+            check_not_overwriting(path, f"ExportOnFitEnd {name}", self.overwrite, allow)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from treg_lightning.export import export_module
 
         tokenizer = self._tokenizer(trainer, pl_module)
-        if self.export_dir is not None:
-            folder = export_module(pl_module, self.export_dir, tokenizer)  # collective
+        log_dir = trainer.log_dir  # a collective under multi-process strategies: every rank
+        paths = self.paths(log_dir)
+        if paths["export_dir"] is not None:
+            folder = export_module(pl_module, paths["export_dir"], tokenizer)  # collective
             if folder is not None:
                 self.written["policy (Hugging Face folder)"] = folder
-        if trainer.is_global_zero and self.heatmap_path is not None:
+        if trainer.is_global_zero and paths["heatmap_path"] is not None:
             rows = self._cache_rows(trainer)
             if rows is not None:
                 from treg_lightning.rewards.render import render_heatmap
 
-                path = render_heatmap(rows, tokenizer, self.heatmap_path, n=self.heatmap_pairs)
+                path = render_heatmap(rows, tokenizer, paths["heatmap_path"], n=self.heatmap_pairs)
                 self.written["token-reward heat map"] = Path(path)
                 self._heatmap_image(trainer, rows, tokenizer, Path(path).with_suffix(".png"))
-        log_dir = trainer.log_dir  # a collective under multi-process strategies: every rank
         if trainer.is_global_zero:
             self._print(trainer, log_dir)
 
     def _tokenizer(self, trainer: L.Trainer, pl_module: L.LightningModule):
-        tokenizer = getattr(trainer.datamodule, "tokenizer", None)
+        data = trainer.datamodule
+        tokenizer = data.tokenizer if isinstance(data, PreferenceDataModule) else None
         if tokenizer is None:
             from treg_lightning.models import load_tokenizer
 
@@ -62,10 +93,10 @@ class ExportOnFitEnd(Callback):
     def _cache_rows(self, trainer: L.Trainer):
         from treg_lightning.rewards.render import has_token_rewards
 
-        datasets = getattr(trainer.datamodule, "datasets", None) or {}
-        rows = datasets.get("train")
-        if rows is None or not has_token_rewards(getattr(rows, "column_names", ())):
-            return None  # no token-reward cache (rewards="none"): nothing to draw
+        data = trainer.datamodule
+        rows = data.datasets.get("train") if isinstance(data, PreferenceDataModule) else None
+        if not rows or not has_token_rewards(k for k, v in rows[0].items() if v is not None):
+            return None  # no token rewards (data.rewards: null): nothing to draw
         return rows
 
     def _heatmap_image(self, trainer: L.Trainer, rows, tokenizer, path: Path) -> None:

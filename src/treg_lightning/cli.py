@@ -20,8 +20,6 @@ Usage::
 
 from __future__ import annotations
 
-import difflib
-import re
 import sys
 from pathlib import Path
 
@@ -31,12 +29,30 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
+from treg_lightning import startup
+from treg_lightning.checkpoints import check_checkpoint_file, check_checkpoint_fits, is_file_path
+from treg_lightning.cli_help import (
+    did_you_mean,
+    option_keys,
+    short_usage,
+    show_linked_target,
+    without_union_dump,
+)
 from treg_lightning.data.datamodule import PreferenceDataModule
+from treg_lightning.errors import ConfigError
 from treg_lightning.evaluation import EvalRun
+from treg_lightning.exits import (
+    DEBUG_FLAG,
+    RunInterrupted,
+    debug_requested,
+    exit_statuses,
+    interrupted_message,
+)
 from treg_lightning.generation import GenerationBackend
 from treg_lightning.guards import NonFiniteGuard
 from treg_lightning.module import PreferenceModule
-from treg_lightning.outputs import check_writable, disk_full_hint
+from treg_lightning.noise import known_noise_hidden
+from treg_lightning.outputs import check_not_overwriting, check_writable, disk_full_hint
 
 
 class TRegTrainer(Trainer):
@@ -57,9 +73,16 @@ class TRegTrainer(Trainer):
         datamodule: LightningDataModule | None = None,
     ) -> None:
         """Build the token-reward cache of the data, on every device of the strategy."""
-        if datamodule is None or not hasattr(datamodule, "build_caches"):
-            raise ValueError(
-                "annotate needs a PreferenceDataModule (the `data` section) with rewards: annotate."
+        if not isinstance(datamodule, PreferenceDataModule):
+            raise ConfigError(
+                "annotate needs a PreferenceDataModule (the `data` section) with a reward "
+                "source (data.rewards)."
+            )
+        if datamodule.rewards is None:
+            raise ConfigError(
+                "treg annotate builds the token-reward cache, but data.rewards is null (no token "
+                "rewards): set data.rewards to a source (e.g. treg_lightning.rewards."
+                "ContrastiveRewards), or skip annotate and run treg fit directly."
             )
         # The strategy needs a module to set up processes (ModelParallelStrategy gives it the
         # device mesh); PreferenceModule builds no weights until configure_model().
@@ -76,7 +99,7 @@ class TRegTrainer(Trainer):
         if self.local_rank == 0:
             datamodule.prepare_data()
         self.strategy.barrier("annotate-prepare")
-        caches = datamodule.build_caches()
+        caches = datamodule.annotate()
         for split, dataset in caches.items():
             files = getattr(dataset, "cache_files", None) or [{}]
             where = Path(files[0].get("filename", "?")).parent
@@ -88,17 +111,23 @@ class TRegTrainer(Trainer):
         datamodule: LightningDataModule | None = None,
         ckpt_path: str | None = None,
         output_dir: str = "export",
+        overwrite: bool = False,
     ) -> Path:
         """Write the policy of a checkpoint as a Hugging Face folder (safetensors + tokenizer).
 
         Args:
             ckpt_path: a ``.ckpt`` file or a sharded checkpoint folder (FSDP2 / FSDP).
-            output_dir: the folder written; ``from_pretrained(output_dir)`` loads it.
+            output_dir: the folder written; ``from_pretrained(output_dir)`` loads it. A folder
+                that already holds files is refused unless ``overwrite`` is set.
+            overwrite: write into a non-empty ``output_dir``, replacing its files (weight
+                files of an earlier export are removed first, so two models never mix).
         """
-        from treg_lightning.export import export_checkpoint
+        from treg_lightning.export import export_checkpoint, remove_stale_weights
 
         if ckpt_path is None:
-            raise ValueError("export needs --ckpt_path (a .ckpt file or a checkpoint folder).")
+            raise ConfigError("export needs --ckpt_path (a .ckpt file or a checkpoint folder).")
+        if overwrite:
+            remove_stale_weights(output_dir)
         folder = export_checkpoint(model, ckpt_path, output_dir)
         print(f"policy written to {folder.resolve()}", flush=True)
         return folder
@@ -211,17 +240,18 @@ class TRegTrainer(Trainer):
 
 
 class TRegArgumentParser(LightningArgumentParser):
-    """``LightningArgumentParser`` whose "does not accept option" errors suggest the close key
-    (a typo in a YAML key, ``max_lenght``, otherwise only prints the whole usage)."""
+    """``LightningArgumentParser`` whose errors are short (the error and the ``--help`` tip, not
+    the usage of every option) and suggest the close key for a misspelled one (a typo in a YAML
+    key or flag, ``max_lenght``)."""
 
     def error(self, message: str, *args, **kwargs):
-        match = re.search(r"does not accept options? '([^']+)'", str(message))
-        if match:
-            keys = set(re.findall(r"--([\w.]+)", self._all_usages()))
-            close = difflib.get_close_matches(match.group(1), sorted(keys), n=1, cutoff=0.75)
-            if close:
-                message = f"{message}. Did you mean '{close[0]}'?"
+        message = did_you_mean(without_union_dump(str(message)), option_keys(self._all_usages()))
         return super().error(message, *args, **kwargs)
+
+    def print_usage(self, file=None) -> None:
+        usage = short_usage(self.format_usage())
+        if usage:
+            self._print_message(usage, file)
 
     def _all_usages(self) -> str:
         texts = [self.format_usage()]
@@ -269,7 +299,7 @@ class TRegCLI(LightningCLI):
         }
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("model.model", "data.tokenizer")
+        show_linked_target(parser, "model.model", "data.tokenizer")
         parser.add_argument(
             "--guard",
             type=NonFiniteGuard | None,
@@ -279,39 +309,68 @@ class TRegCLI(LightningCLI):
             "E.g. --guard.action=skip --guard.max_skips=5.",
         )
         parser.callback_keys.append("guard")  # the instance joins the trainer's callbacks
+        parser.add_argument(
+            DEBUG_FLAG,
+            action="store_true",
+            help="Show the traceback of user errors and interrupts too (or set TREG_DEBUG=1).",
+        )
 
     def _instantiate_trainer(self, config, callbacks):
-        return super()._instantiate_trainer(config, [c for c in callbacks if c is not None])
+        trainer = super()._instantiate_trainer(config, [c for c in callbacks if c is not None])
+        startup.fill_data_parallel_size(trainer)
+        return trainer
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except (KeyboardInterrupt, SystemExit) as stop:
+            # Lightning turns Ctrl-C inside fit/validate into sys.exit(1) after its shutdown.
+            if isinstance(stop, SystemExit) and not getattr(self.trainer, "interrupted", False):
+                raise
+            message = interrupted_message(subcommand, self.trainer, self.datamodule)
+            raise RunInterrupted(message) from None
+
+    # --- start-up checks: every launched process runs them before any model or data loads ---
 
     def before_fit(self) -> None:
-        # Every launched process checks, before any annotation or model loading.
-        check = getattr(self.model, "check_reference_available", None)
-        if check is not None:
-            check(self.datamodule)
+        self.check_inputs()
+        self._check_ckpt_fits()
+        startup.check_run_outputs(self.trainer)
         check_writable(self.output_folders())
-        ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
-        if (
-            ckpt_path not in (None, "last", "best", "hpc", "registry")
-            and not Path(ckpt_path).exists()
-        ):
-            # Lightning would only find out after the annotate pass and the model load.
-            raise FileNotFoundError(
-                f"--ckpt_path {ckpt_path} does not exist: give the .ckpt file (or sharded "
-                "checkpoint folder) to resume from, e.g. <dirpath>/last.ckpt, or drop "
-                "--ckpt_path to start a new run."
-            )
+        startup.skip_validation_without_data(self.trainer, self.datamodule)
+
+    def before_validate(self) -> None:
+        self.check_inputs()
+        self._check_ckpt_fits()
+
+    def before_test(self) -> None:
+        self.check_inputs()
+        self._check_ckpt_fits()
 
     def before_annotate(self) -> None:
         check_writable(self.output_folders())
 
+    def check_inputs(self) -> None:
+        """The start-up check of what the loss and regularizer need against the data's reward
+        source (:func:`treg_lightning.checks.check_pair_inputs`), before any model loads."""
+        if isinstance(self.model, PreferenceModule):
+            self.model.check_inputs(self.datamodule)
+
     def before_export(self) -> None:
-        output_dir = self.config_init[self.subcommand].get("output_dir")
+        config = self.config_init[self.subcommand]
+        output_dir = config.get("output_dir")
+        self._check_ckpt_fits()
+        check_not_overwriting(output_dir, "--output_dir", config.get("overwrite"), "--overwrite")
         check_writable([("--output_dir", output_dir)])
+
+    def _check_ckpt_fits(self) -> None:
+        ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
+        if is_file_path(ckpt_path) and hasattr(self.model, "model_name"):
+            check_checkpoint_fits(ckpt_path, self.model)
 
     def output_folders(self) -> list[tuple[str, object]]:
         """``(setting, folder)`` of every folder the run will write, for the start-up check."""
         from treg_lightning.callbacks import ExportOnFitEnd
-        from treg_lightning.models import cache_root
 
         trainer = self.trainer
         folders = [("trainer.default_root_dir", trainer.default_root_dir)]
@@ -321,19 +380,31 @@ class TRegCLI(LightningCLI):
             if getattr(callback, "dirpath", None) is not None:
                 folders.append(("ModelCheckpoint dirpath", callback.dirpath))
             if isinstance(callback, ExportOnFitEnd):
-                folders.append(("ExportOnFitEnd export_dir", callback.export_dir))
-                heatmap = callback.heatmap_path
-                folders.append(("ExportOnFitEnd heatmap_path", heatmap and Path(heatmap).parent))
-        if getattr(self.datamodule, "rewards", None) == "annotate":
-            cache_dir = self.datamodule.cache_dir or cache_root() / "token_rewards"
-            folders.append(("data.cache_dir", cache_dir))
+                # Paths in the run's own folder are covered by the logger's save_dir: creating
+                # them now would make the logger find its new version folder "not empty".
+                settings = {
+                    "export_dir": callback.export_dir,
+                    "heatmap_path": callback.heatmap_path,
+                }
+                paths = callback.paths(trainer.log_dir)
+                for name, path in paths.items():
+                    if path is not None and "{log_dir}" not in settings[name]:
+                        folder = path if name == "export_dir" else path.parent
+                        folders.append((f"ExportOnFitEnd {name}", folder))
+        data = self.datamodule
+        rewards = data.rewards if isinstance(data, PreferenceDataModule) else None
+        if rewards is not None and rewards.cache_folder is not None:
+            folders.append(("data.rewards.cache_dir", rewards.cache_folder))
         return folders
 
     def _parse_ckpt_path(self) -> None:
-        """As Lightning's, plus the ``meta.pt`` of sharded checkpoint folders."""
-        super()._parse_ckpt_path()
+        """As Lightning's, plus the ``meta.pt`` of sharded checkpoint folders; a checkpoint that
+        cannot be one (empty, truncated, text, foreign) is refused first, naming the file."""
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if is_file_path(ckpt_path):
+            check_checkpoint_file(ckpt_path)
+        super()._parse_ckpt_path()
         meta = Path(ckpt_path) / "meta.pt" if ckpt_path else None
         if meta is None or not meta.is_file():
             return
@@ -354,10 +425,15 @@ class TRegCLI(LightningCLI):
 def cli_main(args: ArgsType = None) -> None:
     """Entry point of the ``treg`` command; ``args`` replaces ``sys.argv[1:]`` (for tests).
 
-    Returns None, so the console script exits with status 0; use ``TRegCLI(args=...)`` to keep
-    the trainer, model and datamodule at hand.
+    Returns None, so the console script exits with status 0. A user error prints one paragraph
+    and exits with status 2, Ctrl-C says what was kept and exits with 130 (see
+    :mod:`treg_lightning.exits`); known third-party noise is hidden (:mod:`treg_lightning.noise`).
+    Use ``TRegCLI(args=...)`` to keep the trainer, model and datamodule at hand (it raises).
     """
-    TRegCLI(args=args)
+    # Parse errors are the parser's own messages and exit as they are (JSONARGPARSE_DEBUG=true
+    # shows the parser's internals).
+    with exit_statuses(debug_requested(args)), known_noise_hidden():
+        TRegCLI(args=args)
 
 
 if __name__ == "__main__":

@@ -187,7 +187,9 @@ def run_module(base_module, run: EvalRun, datamodule):
     state = policy_state_dict(load_checkpoint_state(run.ckpt_path))
     own = module.policy.state_dict()
     module.policy.load_state_dict({k: state[k].to(v.dtype) for k, v in own.items()})
-    if module.needs_reference and not module.data_has_reference_logps(datamodule):
+    known, rewards = module.reward_source(datamodule)
+    cached = known and rewards is not None and rewards.provides_reference_logps
+    if module.needs_reference and not cached:
         module.build_reference()
     return module
 

@@ -42,6 +42,19 @@ def load_checkpoint_state(ckpt_path: str | Path) -> dict[str, Any]:
     return checkpoint["state_dict"]
 
 
+def remove_stale_weights(output_dir: str | Path) -> list[Path]:
+    """Delete the weight files (``*.safetensors`` and their index) of an earlier export in
+    ``output_dir``, so an overwriting export never leaves another model's shards beside its own
+    (a 3-shard export over a 4-shard one would load shard 4 of the old model)."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    stale = sorted([*folder.glob("*.safetensors"), *folder.glob("*.safetensors.index.json")])
+    for path in stale:
+        path.unlink()
+    return stale
+
+
 def policy_state_dict(state: dict[str, Any], prefix: str = POLICY_PREFIX) -> dict[str, Any]:
     """The policy's own keys (``policy.model.layers...`` -> ``model.layers...``)."""
     policy = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}

@@ -17,8 +17,10 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
+from treg_lightning.errors import ConfigError, UserError
 
-class NonFiniteError(RuntimeError):
+
+class NonFiniteError(UserError, RuntimeError):
     """Raised when a loss or gradient is NaN or infinite and the guard is set to stop."""
 
 
@@ -46,7 +48,7 @@ class NonFiniteGuard(Callback):
 
     def __init__(self, action: Literal["stop", "skip"] = "stop", max_skips: int = 10) -> None:
         if action not in ("stop", "skip"):
-            raise ValueError(f"NonFiniteGuard: action must be 'stop' or 'skip', got {action!r}.")
+            raise ConfigError(f"NonFiniteGuard: action must be 'stop' or 'skip', got {action!r}.")
         self.action = action
         self.max_skips = max_skips
         self.skipped = 0

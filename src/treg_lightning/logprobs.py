@@ -121,5 +121,56 @@ def token_logps_from_hidden(
 
 
 def sequence_logps(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sum of ``[batch, seq]`` token log-probs over masked-in positions: ``[batch]``."""
+    """Sum of ``[batch, seq]`` token log-probs over masked-in positions: ``[batch]``.
+
+    ``where`` rather than a product with the mask: a masked position never contributes, even
+    when its value is not finite.
+    """
     return torch.where(mask.bool(), token_logps, 0.0).sum(-1)
+
+
+def check_plain_logits(lm: torch.nn.Module) -> None:
+    """Logits must be ``lm_head(hidden)`` (+ Gemma-2 soft-capping, which is handled)."""
+    for key in ("logit_scale", "logits_scaling"):
+        value = getattr(lm.config, key, None)
+        if value not in (None, 1, 1.0):
+            raise NotImplementedError(
+                f"{type(lm).__name__} scales its logits ({key}={value}); token log-probs are "
+                "computed from lm_head(hidden) and would be wrong for this model."
+            )
+
+
+def model_softcap(lm: torch.nn.Module) -> float | None:
+    """The model's final-logit soft-capping value (Gemma-2: 30.0), or None."""
+    return getattr(lm.config, "final_logit_softcapping", None)
+
+
+def causal_lm_token_logps(
+    lm: torch.nn.Module,
+    model_inputs: dict,
+    score_mask: torch.Tensor,
+    chunk_size: int = 1024,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """``[batch, seq]`` token log-probs of a Hugging Face causal LM, via its final hidden states.
+
+    The one place where a model's forward becomes token log-probs: the training module, the
+    reference and the annotate pass all call it. ``model_inputs`` go to the base model
+    (``input_ids`` and either ``attention_mask`` or packed-row arguments); ``score_mask`` marks
+    the tokens to score (see :func:`token_logps_from_hidden`). Under FSDP2 it is bound to the
+    model and registered as a forward method (``treg_lightning.forward.bind_token_logps``), so
+    the root unit that owns ``lm_head`` is unsharded while its weight is read here.
+    """
+    check_plain_logits(lm)
+    base = getattr(lm, lm.base_model_prefix)
+    hidden = base(**model_inputs)[0]
+    head = lm.get_output_embeddings()
+    return token_logps_from_hidden(
+        hidden,
+        head.weight,
+        model_inputs["input_ids"],
+        score_mask,
+        chunk_size=chunk_size,
+        softcap=softcap,
+        lm_head_bias=getattr(head, "bias", None),
+    )

@@ -4,9 +4,9 @@ Sequence level (per pair, averaged): reward accuracy (chosen implicit reward > r
 chosen/rejected rewards, chosen/rejected summed log-probs, the T-REG term
 ``alpha * w * (L_REG_w + L_REG_l)`` and the sequence weight ``w``.
 
-Token level: agreement between the policy's implicit token rewards
-``c(y) * (logp_t - ref_logp_t)`` (``c(y) * logp_t`` when reference-free) and the cached
-self-generated rewards ``r_hat_t`` over response tokens:
+Token level: agreement between the loss's implicit token rewards
+``c(y) * (logp_t - ref_logp_t)`` (``c(y) * logp_t`` for a reference-free loss) and the
+self-generated rewards ``r_hat_t`` the data carries, over response tokens:
 
 - ``token_sign_agreement``: share of tokens whose signs match, ignoring ``r_hat_t == 0``
   (pooled over all tokens of the epoch);
@@ -23,7 +23,8 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric, Metric
 
-SIDES = ("chosen", "rejected")
+from treg_lightning.losses.base import LossOutput, implicit_token_rewards
+from treg_lightning.pairs import PairScores
 
 
 class SignAgreement(Metric):
@@ -53,14 +54,6 @@ def pearson(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return ((x * y).sum() / (x.norm() * y.norm())).float()
 
 
-def implicit_token_rewards(
-    token_scale: torch.Tensor, token_logps: torch.Tensor, ref_token_logps: torch.Tensor | None
-) -> torch.Tensor:
-    """``c(y) * (logp_t - ref_logp_t)`` ``[batch, seq]``; ``ref_logp_t = 0`` when None."""
-    log_ratio = token_logps if ref_token_logps is None else token_logps - ref_token_logps
-    return token_scale[:, None].to(log_ratio.dtype) * log_ratio.detach()
-
-
 class PreferenceMetrics(nn.ModuleDict):
     """All metrics of one stage; ``update_from`` feeds them one batch."""
 
@@ -80,12 +73,12 @@ class PreferenceMetrics(nn.ModuleDict):
         self["token_sign_agreement"] = SignAgreement()
 
     def update_from(
-        self, batch: dict, loss_output, regularizer_output=None, logps=None, ref=None
+        self, pair: PairScores, loss_output: LossOutput, regularizer_output=None
     ) -> dict[str, Metric]:
         """Update from one batch (``forward``, so each metric caches its batch value).
 
         Returns the metrics updated by this batch: the token-level ones need token rewards in
-        the batch and the T-REG term needs a regularizer. The set depends only on the
+        the pair and the T-REG term needs a regularizer. The set depends only on the
         configuration, never on the values, so every process logs (and syncs) the same ones.
         """
         out = loss_output
@@ -95,29 +88,25 @@ class PreferenceMetrics(nn.ModuleDict):
             "chosen_reward": out.chosen_rewards,
             "rejected_reward": out.rejected_rewards,
             "weight": out.weight,
+            "chosen_logps": pair.chosen.logps.detach(),
+            "rejected_logps": pair.rejected.logps.detach(),
         }
-        if logps is not None:
-            values["chosen_logps"] = logps["chosen_logps"].detach()
-            values["rejected_logps"] = logps["rejected_logps"].detach()
         if regularizer_output is not None:
             values["treg"] = regularizer_output.losses.detach()
         updated = {}
         for name, value in values.items():
             self[name](value.float())
             updated[name] = self[name]
-        if logps is not None and "chosen_token_rewards" in batch:
-            updated.update(self._update_token_agreement(batch, out, logps, ref))
+        if pair.has_token_rewards and pair.chosen.token_logps is not None:
+            updated.update(self._update_token_agreement(pair, out))
         return updated
 
-    def _update_token_agreement(self, batch, out, logps, ref) -> dict[str, Metric]:
+    def _update_token_agreement(self, pair: PairScores, out: LossOutput) -> dict[str, Metric]:
         preds, target = [], []
-        for side in SIDES:
-            mask = batch[f"{side}_response_mask"].bool()
-            ref_token_logps = ref[f"{side}_ref_token_logps"] if ref else None
-            scale = getattr(out, f"{side}_token_scale")
-            rewards = implicit_token_rewards(scale, logps[f"{side}_token_logps"], ref_token_logps)
-            preds.append(rewards[mask])
-            target.append(batch[f"{side}_token_rewards"][mask].to(rewards.dtype))
+        for side, scores in pair.sides():
+            rewards = implicit_token_rewards(out, side, scores)
+            preds.append(rewards[scores.mask])
+            target.append(scores.token_rewards[scores.mask].to(rewards.dtype))
         preds, target = torch.cat(preds), torch.cat(target)
         self["token_sign_agreement"](preds, target, torch.ones_like(preds, dtype=torch.bool))
         # Undefined correlations (no variance, e.g. implicit rewards all 0 at the start of DPO)

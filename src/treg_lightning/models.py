@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from treg_lightning.errors import ConfigError, MissingFileError
+
 SMOLLM2_ALIAS = "smollm2"
 SMOLLM2_FOLDER = "smollm2-135m-instruct"
 # Models whose attention applies logit soft-capping, which sdpa cannot express.
@@ -71,18 +73,18 @@ def resolve_model_source(name_or_path: str | os.PathLike) -> ModelSource:
     path = Path(name).expanduser()
     if name.endswith(".gguf"):
         if not path.is_file():
-            raise FileNotFoundError(f"GGUF file {path} does not exist; check the model path.")
+            raise MissingFileError(f"GGUF file {path} does not exist; check the model path.")
         _require_gguf_package(path)
         return ModelSource(str(path.parent), gguf_file=path.name, local=True)
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{path} is a folder but holds no config.json: point the model argument at a "
                 "folder written by save_pretrained, a .gguf file, a hub id or 'smollm2'."
             )
         return ModelSource(str(path), local=True)
     if name.startswith(("/", "./", "../", "~")) or path.exists():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"Model path {path} does not exist (or is not a folder / .gguf file). Give a "
             "save_pretrained folder, a .gguf file, a Hugging Face hub id or 'smollm2'."
         )
@@ -95,7 +97,7 @@ def parse_dtype(torch_dtype: str | torch.dtype) -> torch.dtype:
         return torch_dtype
     key = str(torch_dtype).removeprefix("torch.").lower()
     if key not in _DTYPES:
-        raise ValueError(f"Unknown torch_dtype {torch_dtype!r}; use one of {sorted(_DTYPES)}.")
+        raise ConfigError(f"Unknown torch_dtype {torch_dtype!r}; use one of {sorted(_DTYPES)}.")
     return _DTYPES[key]
 
 
@@ -124,7 +126,7 @@ def choose_attn_implementation(requested: str | None, device_type: str, model_ty
     if requested not in (None, "auto"):
         check_attn_implementation(requested)
         if requested == "flash_attention_2" and not flash_attn_available():
-            raise ValueError(
+            raise ConfigError(
                 "attn_implementation='flash_attention_2' was requested but flash-attn is not "
                 "installed/usable: `pip install flash-attn` on a CUDA machine, or leave "
                 "attn_implementation unset to pick automatically."
@@ -148,7 +150,7 @@ def check_attn_implementation(name: str | None) -> None:
     if name not in known:
         close = difflib.get_close_matches(str(name), known, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(
+        raise ConfigError(
             f"attn_implementation {name!r} is not an attention kernel transformers knows; use "
             f"one of {known}, or leave it unset to pick one for the device.{hint}"
         )
@@ -164,7 +166,7 @@ def check_vocab_fits(tokenizer, model: torch.nn.Module, model_name: str) -> None
     rows = getattr(embeddings, "num_embeddings", None)
     if rows is not None and len(tokenizer) > rows:
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-        raise ValueError(
+        raise ConfigError(
             f"the tokenizer {name!r} has {len(tokenizer)} tokens but the model {model_name!r} "
             f"embeds only {rows}: they do not belong together. Use the tokenizer saved with the "
             "model (data.tokenizer follows model.model), or resize the model's embeddings "
@@ -218,14 +220,14 @@ def load_causal_lm(
             )
         except OSError as err:
             if source.local and "safetensors" in str(err):
-                raise OSError(
+                raise MissingFileError(
                     f"{source.path} holds no safetensors weights; only safetensors are loaded "
                     "(pickle-based .bin files can run code). If you trust its source, load it "
                     "once and re-save it with model.save_pretrained(folder) (safetensors)."
                 ) from err
             raise
     if model.get_output_embeddings() is None:
-        raise ValueError(
+        raise ConfigError(
             f"{name_or_path} loaded as {type(model).__name__}, which has no lm_head (output "
             "embeddings); preference training needs a causal LM with a language-modelling head."
         )

@@ -15,10 +15,12 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from treg_lightning.errors import UserError
+
 _DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
-class OutputFolderError(OSError):
+class OutputFolderError(UserError, OSError):
     """An output folder cannot be created or written (the message names it and the setting)."""
 
     def __str__(self) -> str:
@@ -51,6 +53,39 @@ def check_writable(folders: Iterable[tuple[str, str | os.PathLike | None]]) -> N
                 f"writable (check its permissions, free space and that no part of the path is a "
                 f"file), or set {setting} to a folder you can write.",
             ) from err
+
+
+def check_not_overwriting(
+    path: str | os.PathLike | None, setting: str, overwrite: bool, how_to_allow: str
+) -> None:
+    """Refuse, at start-up, to write into a folder that holds files or over an existing file.
+
+    Args:
+        path: the output folder (or file); None is skipped. An empty folder is fine.
+        setting: the setting that names it, e.g. "--output_dir" (named in the error).
+        overwrite: the user allowed replacing what is there.
+        how_to_allow: the setting that allows it, e.g. "--overwrite".
+
+    Raises:
+        OutputFolderError: something is there and ``overwrite`` is False.
+    """
+    if path is None or overwrite:
+        return
+    path = Path(path).expanduser()
+    if path.is_dir():
+        held = sorted(p.name for p in path.iterdir())
+        if not held:
+            return
+        what = f"already holds {len(held)} entries (e.g. {', '.join(held[:3])})"
+    elif path.exists():
+        what = "already exists"
+    else:
+        return
+    raise OutputFolderError(
+        errno.EEXIST,
+        f"{path} ({setting}) {what}; writing there would replace files of an earlier run. "
+        f"Choose a new or empty folder, or set {how_to_allow} to replace them.",
+    )
 
 
 @contextmanager

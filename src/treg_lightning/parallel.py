@@ -11,13 +11,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from treg_lightning.errors import ConfigError
+
 
 def decoder_layer_classes(model: nn.Module) -> set[type[nn.Module]]:
     """The transformer block classes of ``model`` (e.g. ``{LlamaDecoderLayer}``)."""
     names = set(getattr(model, "_no_split_modules", None) or [])
     classes = {type(m) for m in model.modules() if type(m).__name__ in names}
     if not classes:
-        raise ValueError(
+        raise ConfigError(
             f"Cannot find the decoder layers of {type(model).__name__}: its `_no_split_modules` "
             f"is {sorted(names) or 'empty'}. Shard it yourself by overriding "
             "PreferenceModule.configure_model()."

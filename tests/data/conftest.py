@@ -14,39 +14,18 @@ from types import SimpleNamespace
 
 import pytest
 
-CHATML = (
-    "{{ bos_token }}{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{{ message['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-CHATML_NO_BOS = CHATML.removeprefix("{{ bos_token }}")
-SPECIAL = ["<s>", "<|im_end|>", "<|im_start|>", "<pad>"]
+from builders import CHATML, CHATML_NO_BOS, byte_tokenizer
+
+SPECIAL = ("<s>", "<|im_end|>", "<|im_start|>", "<pad>")
 
 HH_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 HH_FILE = HH_DATA / "hh-rlhf-harmless-base-test.jsonl.gz"
 
 
 def make_tokenizer(adds_bos: bool = True, chat_template: str | None = CHATML):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {char: index for index, char in enumerate(alphabet)}
-    for token in SPECIAL:
-        vocab[token] = len(vocab)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.add_special_tokens(SPECIAL)
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    if adds_bos:
-        backend.post_processor = processors.TemplateProcessing(
-            single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
-        )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="<|im_end|>", pad_token="<pad>"
+    return byte_tokenizer(
+        chat_template, specials=SPECIAL, bos="<s>", eos="<|im_end|>", pad="<pad>", adds_bos=adds_bos
     )
-    tokenizer.chat_template = chat_template
-    return tokenizer
 
 
 @pytest.fixture(scope="session")

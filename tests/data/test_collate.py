@@ -20,20 +20,20 @@ ROWS = [
         "prompt_ids": [11, 12, 13],
         "chosen_ids": [21, 22],
         "rejected_ids": [31],
-        "chosen_rewards": [0.1, -0.2],
-        "rejected_rewards": [0.3],
-        "chosen_ref_logps": [-1.0, -2.0],
-        "rejected_ref_logps": [-3.0],
+        "chosen_token_rewards": [0.1, -0.2],
+        "rejected_token_rewards": [0.3],
+        "chosen_ref_token_logps": [-1.0, -2.0],
+        "rejected_ref_token_logps": [-3.0],
     },
     {
         "index": 9,
         "prompt_ids": [14],
         "chosen_ids": [23, 24, 25, 26],
         "rejected_ids": [32, 33],
-        "chosen_rewards": [0.4, 0.0, -0.1, 0.2],
-        "rejected_rewards": [-0.4, 0.25],
-        "chosen_ref_logps": [-0.5, -0.6, -0.7, -0.8],
-        "rejected_ref_logps": [-0.9, -1.1],
+        "chosen_token_rewards": [0.4, 0.0, -0.1, 0.2],
+        "rejected_token_rewards": [-0.4, 0.25],
+        "chosen_ref_token_logps": [-0.5, -0.6, -0.7, -0.8],
+        "rejected_ref_token_logps": [-0.9, -1.1],
     },
 ]
 
@@ -71,6 +71,7 @@ def test_batch_layout_by_hand():
         batch["rejected_ref_token_logps"], torch.tensor([[0, 0, 0, -3.0], [0, -0.9, -1.1, 0]])
     )
     assert_close(batch["index"], torch.tensor([5, 9]))
+    assert_close(batch["prompt_lengths"], torch.tensor([3, 1]))
 
 
 def test_dtypes_follow_the_contract():
@@ -84,12 +85,20 @@ def test_dtypes_follow_the_contract():
     assert batch["index"].dtype == torch.long
 
 
-def test_rows_without_rewards_get_zero_rewards_and_no_ref_logps():
+def test_rows_without_values_give_a_batch_without_them():
+    """No token rewards in the rows: none in the batch (never zeros, which would silently turn
+    the T-REG term off); the same for reference logps."""
     keys = ("index", "prompt_ids", "chosen_ids", "rejected_ids")
     batch = PreferenceCollator(PAD)([{k: row[k] for k in keys} for row in ROWS])
-    assert "chosen_ref_token_logps" not in batch and "rejected_ref_token_logps" not in batch
-    assert batch["chosen_token_rewards"].abs().sum() == 0
-    assert batch["chosen_token_rewards"].shape == (2, 5)
+    for side in ("chosen", "rejected"):
+        assert f"{side}_token_rewards" not in batch and f"{side}_ref_token_logps" not in batch
+    assert batch["chosen_input_ids"].shape == (2, 5)
+
+
+def test_rows_carrying_values_for_some_pairs_only_are_an_error():
+    partial = [ROWS[0], {k: v for k, v in ROWS[1].items() if k != "chosen_token_rewards"}]
+    with pytest.raises(ValueError, match=r"rows \[9\] have no chosen_token_rewards"):
+        PreferenceCollator(PAD)(partial)
 
 
 def test_pad_to_multiple_of():
@@ -100,7 +109,7 @@ def test_pad_to_multiple_of():
 
 
 def test_rewards_that_do_not_match_the_response_are_an_error():
-    bad = [{**ROWS[0], "chosen_rewards": [0.1]}]
+    bad = [{**ROWS[0], "chosen_token_rewards": [0.1]}]
     with pytest.raises(ValueError, match=r"row 5: 1 per-token values for 2 chosen tokens"):
         PreferenceCollator(PAD)(bad)
 

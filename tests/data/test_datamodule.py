@@ -14,20 +14,28 @@ from treg_lightning.data.datamodule import PreferenceDataModule
 from treg_lightning.data.errors import DataFormatError
 from treg_lightning.data.sources import load_source
 from treg_lightning.data.tokenize import PairTokenizer
+from treg_lightning.rewards import ContrastiveRewards
 
+# A batch without token rewards or reference logps (data.rewards: None).
 BATCH_KEYS = {
     "index",
+    "prompt_lengths",
     *(
         f"{side}_{name}"
         for side in ("chosen", "rejected")
-        for name in ("input_ids", "attention_mask", "response_mask", "token_rewards")
+        for name in ("input_ids", "attention_mask", "response_mask")
     ),
+}
+VALUE_KEYS = {
+    f"{side}_{name}"
+    for side in ("chosen", "rejected")
+    for name in ("token_rewards", "ref_token_logps")
 }
 
 
 def make_module(tokenizer_dir, **kwargs):
     settings = dict(tokenizer=str(tokenizer_dir), max_length=256, max_prompt_length=128)
-    settings.update(rewards="none", batch_size=4)
+    settings.update(rewards=None, batch_size=4)
     return PreferenceDataModule(**{**settings, **kwargs})
 
 
@@ -55,8 +63,7 @@ def test_demo_batches_without_rewards_match_an_independent_tokenization(tokenize
         assert batch["chosen_response_mask"][b].nonzero().flatten().tolist() == list(
             range(len(prompt), length)
         )
-    assert batch["chosen_token_rewards"].abs().sum() == 0
-    assert batch["rejected_token_rewards"].abs().sum() == 0
+    assert not set(batch) & VALUE_KEYS  # no token rewards: none in the batch (not zeros)
 
 
 def test_val_fraction_split_is_deterministic_by_seed_and_disjoint(tokenizer_dir):
@@ -149,7 +156,7 @@ class RecordingModule(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         assert set(batch) == BATCH_KEYS
         self.seen["train"].append((self.current_epoch, batch["index"].tolist()))
-        return self.weight * batch["chosen_token_rewards"].sum() + self.weight**2
+        return self.weight * batch["chosen_attention_mask"].sum() + self.weight**2
 
     def validation_step(self, batch, batch_idx):
         self.seen["val"].extend(batch["index"].tolist())
@@ -183,32 +190,34 @@ def test_plain_trainer_fit_reshuffles_each_epoch(tokenizer_dir):
 
 def test_annotated_rewards_are_cached_and_reused(tiny_model_dir, tmp_path, monkeypatch):
     settings = dict(source="demo", tokenizer=str(tiny_model_dir), limit=6, max_length=256)
-    settings.update(max_prompt_length=128, batch_size=3, cache_dir=str(tmp_path / "cache"))
+    rewards = ContrastiveRewards(cache_dir=str(tmp_path / "cache"))
+    settings.update(max_prompt_length=128, batch_size=3, rewards=rewards)
     data = PreferenceDataModule(**settings)
     data.setup("fit")
     cache = {row["index"]: row for row in data.datasets["train"]}
     assert len(cache) == 6 and "val" not in data.datasets
     batch = next(iter(data.train_dataloader()))
-    assert set(batch) == BATCH_KEYS | {"chosen_ref_token_logps", "rejected_ref_token_logps"}
+    assert set(batch) == BATCH_KEYS | VALUE_KEYS
     for side in ("chosen", "rejected"):
         mask = batch[f"{side}_response_mask"]
         rewards = batch[f"{side}_token_rewards"]
         assert (rewards[~mask] == 0).all() and (rewards[mask].abs() < 0.5).all()
         assert (batch[f"{side}_ref_token_logps"][mask] < 0).all()
         for b, index in enumerate(batch["index"].tolist()):  # values land on their tokens
-            expected = torch.tensor(cache[index][f"{side}_rewards"])
+            expected = torch.tensor(cache[index][f"{side}_token_rewards"])
             torch.testing.assert_close(rewards[b][mask[b]], expected)
 
-    from treg_lightning.rewards import TokenRewardAnnotator
+    from treg_lightning.rewards import ContrastiveScorer
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("the cache should have been reused")
 
-    monkeypatch.setattr(TokenRewardAnnotator, "__call__", must_not_run)
+    monkeypatch.setattr(ContrastiveScorer, "score", must_not_run)
+    settings["rewards"] = ContrastiveRewards(cache_dir=str(tmp_path / "cache"))
     again = PreferenceDataModule(**settings)
     again.setup("fit")
-    assert [row["chosen_rewards"] for row in again.datasets["train"]] == [
-        row["chosen_rewards"] for row in data.datasets["train"]
+    assert [row["chosen_token_rewards"] for row in again.datasets["train"]] == [
+        row["chosen_token_rewards"] for row in data.datasets["train"]
     ]
 
 
@@ -242,7 +251,7 @@ class Recorder(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-data = PreferenceDataModule("demo", tokenizer=tokenizer_dir, rewards="none", limit=20,
+data = PreferenceDataModule("demo", tokenizer=tokenizer_dir, rewards=None, limit=20,
                             batch_size=2, max_length=256, max_prompt_length=128)
 trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False,
                      enable_checkpointing=False, enable_progress_bar=False,

@@ -32,8 +32,10 @@ import types
 import pytest
 import torch
 
+from builders import tiny_llama, word_tokenizer
 from treg_lightning.logprobs import sequence_logps, token_logps_from_hidden
 from treg_lightning.losses import DPOLoss, IPOLoss, SimPOLoss
+from treg_lightning.pairs import PairScores
 
 trl = pytest.importorskip("trl")
 CPOTrainer = pytest.importorskip("trl.experimental.cpo").CPOTrainer
@@ -77,7 +79,7 @@ def test_simpo_matches_trl_cpo_loss(beta, gamma_beta_ratio):
     chosen, rejected, chosen_len, rejected_len, _, _ = _random_pairs(16, seed=1)
     ours_chosen, ours_rejected = _leaves(chosen, rejected)
     out = SimPOLoss(beta=beta, gamma_beta_ratio=gamma_beta_ratio)(
-        ours_chosen, ours_rejected, chosen_len, rejected_len
+        PairScores.from_sequences(ours_chosen, ours_rejected, chosen_len, rejected_len)
     )
     out.losses.sum().backward()
 
@@ -102,7 +104,9 @@ def test_dpo_label_smoothing_matches_trl_sigmoid_formula(beta, label_smoothing):
     chosen, rejected, chosen_len, rejected_len, ref_chosen, ref_rejected = _random_pairs(16, 2)
     ours_chosen, ours_rejected = _leaves(chosen, rejected)
     out = DPOLoss(beta=beta, label_smoothing=label_smoothing)(
-        ours_chosen, ours_rejected, chosen_len, rejected_len, ref_chosen, ref_rejected
+        PairScores.from_sequences(
+            ours_chosen, ours_rejected, chosen_len, rejected_len, ref_chosen, ref_rejected
+        )
     )
     out.losses.sum().backward()
 
@@ -136,34 +140,11 @@ EXAMPLES = [
 ]
 
 
-def _tiny_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t1"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="t0", unk_token="t1", eos_token="t2"
-    )
-
-
 def _tiny_llama(seed: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=PAD,
-        eos_token_id=EOS,
-        bos_token_id=None,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).double()
+    model = tiny_llama(
+        VOCAB, seed, torch.float64, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=PAD, eos_token_id=EOS,
+    ).train()  # fmt: skip
     # Random init gives nearly uniform next-token distributions; sharpen the head so log-probs
     # (and so the losses and their gradients) vary between tokens.
     with torch.no_grad():
@@ -191,7 +172,7 @@ def _dpo_trainer(tmp_path, loss_type: str, beta: float):
         ref_model=_tiny_llama(seed=1),
         args=config,
         train_dataset=dataset,
-        processing_class=_tiny_tokenizer(),
+        processing_class=word_tokenizer(VOCAB),
     )
     trainer.model.train()
     return trainer, trainer.data_collator(EXAMPLES)
@@ -240,7 +221,7 @@ def _our_out(trainer, batch, loss_fn):
     with torch.no_grad():
         ref_chosen_logps, ref_rejected_logps = summed_logps(trainer.ref_model)
     chosen_lengths, rejected_lengths = mask.sum(-1).chunk(2)
-    out = loss_fn(
+    pair = PairScores.from_sequences(
         chosen_logps,
         rejected_logps,
         chosen_lengths,
@@ -248,7 +229,7 @@ def _our_out(trainer, batch, loss_fn):
         ref_chosen_logps,
         ref_rejected_logps,
     )
-    return out
+    return loss_fn(pair)
 
 
 def _our_mean_loss(trainer, batch, loss_fn):

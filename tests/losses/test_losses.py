@@ -1,4 +1,4 @@
-"""Sequence losses on small hand-computed cases (METHOD.md section 2 and the ``c``/``w`` of
+"""Sequence losses on small hand-computed cases (docs/method.md section 2 and the ``c``/``w`` of
 section 3). Expected values are literals worked out in each docstring; ``softplus(x) =
 log(1 + e^x) = -log sigmoid(-x)``."""
 
@@ -14,12 +14,18 @@ from treg_lightning.losses import (
     SimPOLoss,
     TokenRewardRegularizer,
 )
+from treg_lightning.pairs import PairScores
 
 EXACT = {"atol": 1e-12, "rtol": 1e-12}
 
 
 def f64(*values):
     return torch.tensor(values, dtype=torch.float64)
+
+
+def pair(*sequence_values):
+    """``PairScores`` from (chosen, rejected, |y_w|, |y_l|[, ref_chosen, ref_rejected]) ``[B]``."""
+    return PairScores.from_sequences(*sequence_values)
 
 
 def test_dpo_hand_computed():
@@ -32,7 +38,7 @@ def test_dpo_hand_computed():
     Rewards beta*r: (0.2, -0.2) chosen, (-0.1, 0.1) rejected; c = beta = 0.1 for every response.
     """
     out = DPOLoss(beta=0.1)(
-        f64(-10, -8), f64(-14, -3), f64(3, 5), f64(4, 2), f64(-12, -6), f64(-13, -4)
+        pair(f64(-10, -8), f64(-14, -3), f64(3, 5), f64(4, 2), f64(-12, -6), f64(-13, -4))
     )
     torch.testing.assert_close(out.losses, f64(0.5543552444685271, 0.8543552444685272), **EXACT)
     torch.testing.assert_close(out.weight, f64(0.425557483188341, 0.574442516811659), **EXACT)
@@ -51,7 +57,7 @@ def test_dpo_label_smoothing_hand_computed():
     The weight stays the paper's sigmoid(-beta h).
     """
     out = DPOLoss(beta=0.1, label_smoothing=0.1)(
-        f64(-10, -8), f64(-14, -3), f64(3, 5), f64(4, 2), f64(-12, -6), f64(-13, -4)
+        pair(f64(-10, -8), f64(-14, -3), f64(3, 5), f64(4, 2), f64(-12, -6), f64(-13, -4))
     )
     torch.testing.assert_close(out.losses, f64(0.5843552444685272, 0.8243552444685273), **EXACT)
     torch.testing.assert_close(out.weight, f64(0.425557483188341, 0.574442516811659), **EXACT)
@@ -68,12 +74,14 @@ def test_ipo_hand_computed():
     Rewards r/|y|; c = 1/|y|.
     """
     out = IPOLoss(tau=0.1)(
-        f64(-10, -2, -10),
-        f64(-9, -5, -4),
-        torch.tensor([4, 1, 2]),
-        torch.tensor([3, 5, 2]),
-        f64(-20, -10, -8),
-        f64(-6, -5, -6),
+        pair(
+            f64(-10, -2, -10),
+            f64(-9, -5, -4),
+            torch.tensor([4, 1, 2]),
+            torch.tensor([3, 5, 2]),
+            f64(-20, -10, -8),
+            f64(-6, -5, -6),
+        )
     )
     torch.testing.assert_close(out.losses, f64(2.25, 9.0, 49.0), **EXACT)
     torch.testing.assert_close(out.weight, f64(0.3, 0.0, 1.0), **EXACT)
@@ -85,7 +93,7 @@ def test_ipo_hand_computed():
 
 def test_ipo_loss_is_zero_at_the_target_margin():
     """h = 1/(2 tau) = 2.5 for tau = 0.2: L = 0 and w = 1 - 2 * 0.2 * 2.5 = 0."""
-    out = IPOLoss(tau=0.2)(f64(-3.0), f64(-8.0), f64(2), f64(2), f64(-5.0), f64(-5.0))
+    out = IPOLoss(tau=0.2)(pair(f64(-3.0), f64(-8.0), f64(2), f64(2), f64(-5.0), f64(-5.0)))
     torch.testing.assert_close(out.losses, f64(0.0), **EXACT)
     torch.testing.assert_close(out.weight, f64(0.0), **EXACT)
 
@@ -103,14 +111,14 @@ def test_simpo_hand_computed_and_length_normalized():
     loss = SimPOLoss(beta=2.0, gamma_beta_ratio=0.5)
     assert loss.gamma == 1.0
     args = (f64(-6, -6), f64(-12, -12), torch.tensor([4, 2]), torch.tensor([4, 8]))
-    out = loss(*args)
+    out = loss(pair(*args))
     torch.testing.assert_close(out.losses, f64(0.1269280110429725, 4.0181499279178094), **EXACT)
     torch.testing.assert_close(out.weight, f64(0.11920292202211755, 0.9820137900379085), **EXACT)
     torch.testing.assert_close(out.chosen_rewards, f64(-3, -6), **EXACT)
     torch.testing.assert_close(out.rejected_rewards, f64(-6, -3), **EXACT)
     torch.testing.assert_close(out.chosen_token_scale, f64(0.5, 1.0), **EXACT)
     torch.testing.assert_close(out.rejected_token_scale, f64(0.5, 0.25), **EXACT)
-    with_ref = loss(*args, f64(100, 100), f64(-100, -100))
+    with_ref = loss(pair(*args, f64(100, 100), f64(-100, -100)))
     torch.testing.assert_close(with_ref.losses, out.losses, **EXACT)
 
 
@@ -134,7 +142,7 @@ def test_weight_is_the_magnitude_of_the_loss_gradient(loss):
     chosen, rejected, chosen_len, rejected_len, ref_chosen, ref_rejected = _random_inputs()
     chosen.requires_grad_(True)
     rejected.requires_grad_(True)
-    out = loss(chosen, rejected, chosen_len, rejected_len, ref_chosen, ref_rejected)
+    out = loss(pair(chosen, rejected, chosen_len, rejected_len, ref_chosen, ref_rejected))
     out.losses.sum().backward()
     k = 1 / loss.tau if isinstance(loss, IPOLoss) else 1.0
     inside = (out.weight > 0) & (out.weight < 1)
@@ -152,7 +160,7 @@ def test_everything_but_the_loss_is_detached(loss):
     chosen, rejected, chosen_len, rejected_len, ref_chosen, ref_rejected = _random_inputs()
     chosen.requires_grad_(True)
     rejected.requires_grad_(True)
-    out = loss(chosen, rejected, chosen_len, rejected_len, ref_chosen, ref_rejected)
+    out = loss(pair(chosen, rejected, chosen_len, rejected_len, ref_chosen, ref_rejected))
     assert out.losses.requires_grad
     for name in ("chosen_rewards", "rejected_rewards", "chosen_token_scale"):
         assert not getattr(out, name).requires_grad, name
@@ -177,7 +185,7 @@ def test_reference_losses_without_reference_raise(loss, missing):
         ref_rejected = None
     name = type(loss).__name__
     with pytest.raises(ValueError, match=f"{name} needs reference log-probabilities"):
-        loss(chosen, rejected, chosen_len, rejected_len, ref_chosen, ref_rejected)
+        loss(pair(chosen, rejected, chosen_len, rejected_len, ref_chosen, ref_rejected))
 
 
 @pytest.mark.parametrize(
@@ -195,7 +203,7 @@ def test_reference_losses_without_reference_raise(loss, missing):
         (lambda: SimPOLoss(gamma_beta_ratio=-0.1), "gamma_beta_ratio"),
         (lambda: TokenRewardRegularizer(alpha=-0.1), "alpha"),
         (lambda: TokenRewardRegularizer(weighting="dyn"), "weighting"),
-        (lambda: TokenRewardRegularizer(token_rewards="selfish"), "token_rewards"),
+        (lambda: TokenRewardRegularizer(targets="selfish"), "targets"),
     ],
 )
 def test_invalid_hyperparameters_raise_naming_the_parameter(build, parameter):

@@ -1,4 +1,4 @@
-"""The T-REG regularizer (METHOD.md section 3) on hand-built inputs, for DPO, IPO and SimPO.
+"""The T-REG regularizer (docs/method.md section 3) on hand-built inputs, for DPO, IPO and SimPO.
 
     L_REG(x, y) = -c(y) * sum_t r_hat_t * logp_t        (response tokens only)
     L_total     = mean_pairs[ L_seq + alpha * stopgrad(w) * (L_REG(y_w) + L_REG(y_l)) ]
@@ -23,7 +23,16 @@ import pytest
 import torch
 
 from treg_lightning.logprobs import sequence_logps
-from treg_lightning.losses import DPOLoss, IPOLoss, SimPOLoss, TokenRewardRegularizer
+from treg_lightning.losses import (
+    ChosenSFT,
+    DPOLoss,
+    ImplicitRewards,
+    IPOLoss,
+    SelfGeneratedRewards,
+    SimPOLoss,
+    TokenRewardRegularizer,
+)
+from treg_lightning.pairs import PairScores, ResponseScores
 
 EXACT = {"atol": 1e-12, "rtol": 1e-12}
 ALPHA = 0.25
@@ -94,32 +103,32 @@ EXPECTED = {
 }
 
 
+def make_pair(batch, leaves, ref_token_logps=None) -> PairScores:
+    """The batch's scores: token logps ``leaves``, sums over the masks, the reference sums of
+    the batch and, if given, per-token reference logps (used by the implicit targets only)."""
+    sides = {}
+    for i, side in enumerate(("chosen", "rejected")):
+        mask = batch[f"{side}_mask"]
+        sides[side] = ResponseScores(
+            logps=sequence_logps(leaves[i], mask),
+            lengths=mask.sum(-1),
+            ref_logps=batch[f"ref_{side}_logps"],
+            token_logps=leaves[i],
+            mask=mask,
+            ref_token_logps=None if ref_token_logps is None else ref_token_logps[i],
+            token_rewards=batch[f"{side}_token_rewards"],
+        )
+    return PairScores(**sides)
+
+
 def run(loss_name, regularizer, batch=None, ref_token_logps=None):
     """Sequence loss + regularizer on ``batch``; returns (total, out, reg, token-logp leaves)."""
     batch = make_batch() if batch is None else batch
     chosen = batch["chosen_token_logps"].clone().requires_grad_(True)
     rejected = batch["rejected_token_logps"].clone().requires_grad_(True)
-    chosen_mask, rejected_mask = batch["chosen_mask"], batch["rejected_mask"]
-    out = LOSSES[loss_name](
-        sequence_logps(chosen, chosen_mask),
-        sequence_logps(rejected, rejected_mask),
-        chosen_mask.sum(-1),
-        rejected_mask.sum(-1),
-        batch["ref_chosen_logps"],
-        batch["ref_rejected_logps"],
-    )
-    chosen_ref, rejected_ref = ref_token_logps or (None, None)
-    reg = regularizer(
-        out,
-        chosen,
-        chosen_mask,
-        batch["chosen_token_rewards"],
-        rejected,
-        rejected_mask,
-        batch["rejected_token_rewards"],
-        chosen_ref,
-        rejected_ref,
-    )
+    pair = make_pair(batch, (chosen, rejected), ref_token_logps)
+    out = LOSSES[loss_name](pair)
+    reg = regularizer(pair, out)
     total = (out.losses + reg.losses).mean()
     return total, out, reg, (chosen, rejected)
 
@@ -162,7 +171,7 @@ def test_alpha_zero_is_the_plain_loss_bitwise(loss_name):
     batch = make_batch()
     batch["chosen_token_rewards"] = batch["rejected_token_rewards"] = None
     regularizer = TokenRewardRegularizer(alpha=0.0)
-    assert not regularizer.needs_token_rewards
+    assert not regularizer.needs_token_rewards()
     total, _, reg, leaves = run(loss_name, regularizer, batch)
     plain_only = _plain_loss(loss_name, batch)
     assert torch.equal(total, plain_only[0])
@@ -174,14 +183,7 @@ def test_alpha_zero_is_the_plain_loss_bitwise(loss_name):
 def _plain_loss(loss_name, batch):
     chosen = batch["chosen_token_logps"].clone().requires_grad_(True)
     rejected = batch["rejected_token_logps"].clone().requires_grad_(True)
-    out = LOSSES[loss_name](
-        sequence_logps(chosen, batch["chosen_mask"]),
-        sequence_logps(rejected, batch["rejected_mask"]),
-        batch["chosen_mask"].sum(-1),
-        batch["rejected_mask"].sum(-1),
-        batch["ref_chosen_logps"],
-        batch["ref_rejected_logps"],
-    )
+    out = LOSSES[loss_name](make_pair(batch, (chosen, rejected)))
     return out.losses.mean(), (chosen, rejected)
 
 
@@ -228,12 +230,12 @@ def _live_weight(loss_name, leaves, batch):
 
 
 @pytest.mark.parametrize("loss_name", LOSSES)
-@pytest.mark.parametrize("token_rewards", ["self", "implicit"])
+@pytest.mark.parametrize("targets", [SelfGeneratedRewards, ImplicitRewards])
 @pytest.mark.parametrize("junk", [1e30, -1e30, float("nan"), float("inf")])
-def test_masked_tokens_never_count(loss_name, token_rewards, junk):
+def test_masked_tokens_never_count(loss_name, targets, junk):
     """Junk in masked-out positions of log-probs, rewards and reference log-probs changes neither
     the loss nor the gradients, and everything stays finite."""
-    regularizer = TokenRewardRegularizer(alpha=ALPHA, token_rewards=token_rewards)
+    regularizer = TokenRewardRegularizer(alpha=ALPHA, targets=targets())
     clean = make_batch()
     ref = (clean["chosen_token_logps"] - 0.3, clean["rejected_token_logps"] + 0.2)
     ref = tuple(torch.where(m, r, 0.0) for m, r in zip(_masks(clean), ref, strict=True))
@@ -274,12 +276,12 @@ def test_static_weighting(loss_name):
 
 @pytest.mark.parametrize("loss_name", LOSSES)
 def test_sft_target(loss_name):
-    """token_rewards="sft": r_hat = 1 on chosen tokens, rejected contributes 0, so
+    """ChosenSFT targets: r_hat = 1 on chosen tokens, rejected contributes 0, so
     L_REG_w = -c_w * s_w, e.g. DPO: -0.1 * (-3, -2) = (0.3, 0.2), reg = 0.25 * w * L_REG_w.
     The cached rewards are not needed (None) and, if present, ignored."""
     expected = EXPECTED[loss_name]
-    regularizer = TokenRewardRegularizer(alpha=ALPHA, token_rewards="sft")
-    assert not regularizer.needs_token_rewards
+    regularizer = TokenRewardRegularizer(alpha=ALPHA, targets=ChosenSFT())
+    assert not regularizer.needs_token_rewards()
     batch = make_batch()
     batch["chosen_token_rewards"] = batch["rejected_token_rewards"] = None
     total, out, reg, leaves = run(loss_name, regularizer, batch)
@@ -311,8 +313,10 @@ def _implicit_reference(scale, token_logps, ref_token_logps, mask):
 @pytest.mark.parametrize("loss_name", LOSSES)
 @pytest.mark.parametrize("with_reference", [True, False])
 def test_implicit_target(loss_name, with_reference):
-    """token_rewards="implicit": r_hat_t = sigmoid(c (logp_t - ref_logp_t)) - 0.5 (ref = 0 when
-    absent), detached; L_REG and its gradient are computed with those r_hat as constants."""
+    """ImplicitRewards targets: the loss's own implicit token reward, squashed:
+    r_hat_t = sigmoid(c (logp_t - ref_logp_t)) - 0.5 for DPO and IPO, and
+    sigmoid(c logp_t) - 0.5 for SimPO (reference-free: no reference term even when reference
+    token logps are given); detached, so L_REG and its gradient use those r_hat as constants."""
     batch = make_batch()
     ref = None
     if with_reference:
@@ -320,10 +324,15 @@ def test_implicit_target(loss_name, with_reference):
             f64([[0, -1.5, -1.0, 0], [0, 0, -2.5, -1.0]]),
             f64([[0, -0.5, -1.0, -3.0], [0, -1.0, 0, 0]]),
         )
-    regularizer = TokenRewardRegularizer(alpha=ALPHA, token_rewards="implicit")
-    assert not regularizer.needs_token_rewards
+    regularizer = TokenRewardRegularizer(alpha=ALPHA, targets=ImplicitRewards())
+    assert not regularizer.needs_token_rewards()
     batch["chosen_token_rewards"] = batch["rejected_token_rewards"] = None
+    if with_reference is False and loss_name != "simpo":
+        with pytest.raises(ValueError, match="relative to the reference"):
+            run(loss_name, regularizer, batch, ref)
+        return
     total, out, reg, leaves = run(loss_name, regularizer, batch, ref)
+    reference_term = None if loss_name == "simpo" else ref
 
     plain_total, plain_leaves = _plain_loss(loss_name, make_batch())
     seq_grads = grads(plain_total, plain_leaves)
@@ -331,7 +340,9 @@ def test_implicit_target(loss_name, with_reference):
     for i, side in enumerate(("chosen", "rejected")):
         scale = getattr(out, f"{side}_token_scale")
         mask, logps = batch[f"{side}_mask"], batch[f"{side}_token_logps"]
-        r_hat = _implicit_reference(scale, logps, None if ref is None else ref[i], mask)
+        r_hat = _implicit_reference(
+            scale, logps, None if reference_term is None else reference_term[i], mask
+        )
         expected_reg = -scale * (r_hat * logps).sum(-1)
         torch.testing.assert_close(getattr(reg, f"{side}_reg"), expected_reg, **EXACT)
         expected_grad = seq_grads[i] + ALPHA * out.weight[:, None] * (-scale[:, None] * r_hat) / 2
@@ -340,10 +351,10 @@ def test_implicit_target(loss_name, with_reference):
 
 def test_self_target_without_cached_rewards_raises():
     regularizer = TokenRewardRegularizer(alpha=ALPHA)
-    assert regularizer.needs_token_rewards
+    assert regularizer.needs_token_rewards()
     batch = make_batch()
     batch["chosen_token_rewards"] = None
-    with pytest.raises(ValueError, match="needs cached token rewards"):
+    with pytest.raises(ValueError, match="needs token rewards in the batch"):
         run("dpo", regularizer, batch)
 
 

@@ -5,20 +5,10 @@ tokenized pairs built per the contract (prompt and responses tokenized separatel
 from __future__ import annotations
 
 import pytest
-import torch
 
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-NO_SYSTEM = (
-    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
-    "{{ raise_exception('System role not supported') }}{% endif %}"
-    "{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}"
-    "\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
-    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
-)
-SPECIALS = ["<|im_start|>", "<|im_end|>", "<start_of_turn>", "<end_of_turn>", "<bos>", "<pad>"]
+from builders import CHATML_NO_BOS, NO_SYSTEM, byte_tokenizer, tiny_llama, tokenize_pair
+
+SPECIALS = ("<|im_start|>", "<|im_end|>", "<start_of_turn>", "<end_of_turn>", "<bos>", "<pad>")
 
 EXAMPLES = [
     {
@@ -44,51 +34,13 @@ EXAMPLES = [
 ]
 
 
-def build_tokenizer(chat_template: str = CHATML, eos: str = "<|im_end|>"):
-    """Byte-level BPE without merges (every byte is a token) plus atomic chat special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
-    tokenizer.add_tokens(SPECIALS, special_tokens=True)
-    tokenizer.eos_token, tokenizer.pad_token, tokenizer.bos_token = eos, "<pad>", "<bos>"
-    tokenizer.chat_template = chat_template
-    return tokenizer
+def build_tokenizer(chat_template: str = CHATML_NO_BOS, eos: str = "<|im_end|>"):
+    """Byte-level tokenizer plus atomic chat special tokens (ChatML by default)."""
+    return byte_tokenizer(chat_template, specials=SPECIALS, bos="<bos>", eos=eos, pad="<pad>")
 
 
 def build_model(vocab_size: int, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-        attn_implementation="sdpa",
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
-
-
-def tokenize_pair(tokenizer, example: dict, index: int) -> dict:
-    """Contract tokenization: prompt via chat template; responses on their own + EOS."""
-    text = tokenizer.apply_chat_template(
-        example["prompt"], tokenize=False, add_generation_prompt=True
-    )
-    row = {**example, "index": index}
-    row["prompt_ids"] = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    for side in ("chosen", "rejected"):
-        ids = list(tokenizer(example[side], add_special_tokens=False)["input_ids"])
-        row[f"{side}_ids"] = ids + [tokenizer.eos_token_id]
-    return row
+    return tiny_llama(vocab_size, seed, attn_implementation="sdpa")
 
 
 def make_rows(tokenizer, n: int) -> list[dict]:

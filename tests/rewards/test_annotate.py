@@ -1,8 +1,10 @@
 """The annotate pass: values against a plain full-logits forward, batching invariance, shared
-response ids, resumability (exception and SIGKILL) and a 2-process gloo run."""
+response ids, resumability (exception and SIGKILL) and a 2-process gloo run in which each rank
+scores exactly its own chunks."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,8 +16,9 @@ import numpy as np
 import pytest
 import torch
 
+from builders import SIDES, Annotator
 from treg_lightning.rewards import annotate as annotate_mod
-from treg_lightning.rewards.annotate import TokenRewardAnnotator, check_same_vocab
+from treg_lightning.rewards.annotate import check_same_vocab
 from treg_lightning.rewards.prompts import get_template
 
 
@@ -34,7 +37,7 @@ def _table(ds: datasets.Dataset):
 
 
 def test_rewards_match_independent_full_logits(rw_model, rw_tokenizer, rw_rows, tmp_path):
-    annotator = TokenRewardAnnotator("revise", batch_size=4, progress=False)
+    annotator = Annotator("revise", batch_size=4)
     ds = annotator(rw_model, rw_tokenizer, rw_rows, tmp_path / "work")
     template = get_template("revise")
     for i, row in enumerate(rw_rows):
@@ -44,22 +47,23 @@ def test_rewards_match_independent_full_logits(rw_model, rw_tokenizer, rw_rows, 
                 _full_logits_response_logps(rw_model, worse, row[f"{side}_ids"])
             )
             expected = torch.sigmoid(diff) - 0.5
-            got = torch.tensor(ds[i][f"{side}_rewards"])
+            got = torch.tensor(ds[i][f"{side}_token_rewards"])
             torch.testing.assert_close(got, expected, atol=2e-6, rtol=1e-5)
             ref = _full_logits_response_logps(rw_model, row["prompt_ids"], row[f"{side}_ids"])
-            torch.testing.assert_close(torch.tensor(ds[i][f"{side}_ref_logps"]), ref)
+            torch.testing.assert_close(torch.tensor(ds[i][f"{side}_ref_token_logps"]), ref)
             assert ds[i][f"{side}_ids"] == row[f"{side}_ids"]
     assert ds["index"] == [10, 11, 12]
     assert ds["prompt_ids"] == [r["prompt_ids"] for r in rw_rows]
-    assert ds.features["chosen_rewards"].feature.dtype == "float32"
+    assert ds.features["chosen_token_rewards"].feature.dtype == "float32"
 
 
 def test_batched_equals_one_by_one(rw_model, rw_tokenizer, rw_rows, tmp_path):
-    batched = TokenRewardAnnotator(batch_size=5, chunk_pairs=3, progress=False)
-    single = TokenRewardAnnotator(batch_size=1, chunk_pairs=1, progress=False)
+    batched = Annotator(batch_size=5, chunk_pairs=3)
+    single = Annotator(batch_size=1, chunk_pairs=1)
     a = batched(rw_model, rw_tokenizer, rw_rows, tmp_path / "a")
     b = single(rw_model, rw_tokenizer, rw_rows, tmp_path / "b")
-    for column in ("chosen_rewards", "rejected_rewards", "chosen_ref_logps", "rejected_ref_logps"):
+    columns = [f"{side}_{name}" for side in SIDES for name in ("token_rewards", "ref_token_logps")]
+    for column in columns:
         for x, y in zip(a[column], b[column], strict=True):
             np.testing.assert_allclose(x, y, atol=1e-5)
     assert single.stats["forwards"] == 3 * 6  # 2 responses x 3 contexts, one per forward
@@ -74,9 +78,7 @@ def test_response_ids_identical_across_contexts(rw_model, rw_tokenizer, rw_rows,
         return [np.zeros(len(r), np.float32) for _, r in sequences]
 
     monkeypatch.setattr(annotate_mod, "score_sequences", spy)
-    TokenRewardAnnotator("instruct", progress=False).annotate_rows(
-        rw_model, rw_tokenizer, rw_rows[:1]
-    )
+    Annotator("instruct").scorer.score(rw_model, rw_tokenizer, rw_rows[:1])
     row = rw_rows[0]
     contexts = [c for c, r in seen if r == row["chosen_ids"]]
     assert len(seen) == 6 and len(contexts) == 3
@@ -85,11 +87,11 @@ def test_response_ids_identical_across_contexts(rw_model, rw_tokenizer, rw_rows,
 
 
 def test_no_reference_logps_when_disabled(rw_model, rw_tokenizer, rw_rows, tmp_path):
-    annotator = TokenRewardAnnotator(store_reference_logps=False, progress=False)
+    annotator = Annotator(store_reference_logps=False)
     ds = annotator(rw_model, rw_tokenizer, rw_rows, tmp_path)
-    assert "chosen_ref_logps" not in ds.column_names
+    assert "chosen_ref_token_logps" not in ds.column_names
     assert annotator.stats["forwards"] == 2  # 3 pairs x 2 responses x 2 contexts, batch 8
-    assert all(-0.5 < v < 0.5 for r in ds["chosen_rewards"] for v in r)
+    assert all(-0.5 < v < 0.5 for r in ds["chosen_token_rewards"] for v in r)
 
 
 class _Interrupt(Exception):
@@ -102,7 +104,7 @@ def test_resume_after_interruption_is_identical_and_skips_done_chunks(
     rows = rw_helpers.make_rows(rw_tokenizer, 7)  # chunks of 2 pairs: 4 chunks (2, 2, 2, 1)
 
     def annotator():
-        return TokenRewardAnnotator(batch_size=3, chunk_pairs=2, progress=False)
+        return Annotator(batch_size=3, chunk_pairs=2)
 
     reference = annotator()(rw_model, rw_tokenizer, rows, tmp_path / "uninterrupted")
 
@@ -126,12 +128,12 @@ def test_resume_after_interruption_is_identical_and_skips_done_chunks(
 
 def test_changed_rows_recompute_their_chunk(rw_model, rw_tokenizer, rw_helpers, tmp_path):
     rows = rw_helpers.make_rows(rw_tokenizer, 4)
-    TokenRewardAnnotator(chunk_pairs=2, progress=False)(rw_model, rw_tokenizer, rows, tmp_path)
+    Annotator(chunk_pairs=2)(rw_model, rw_tokenizer, rows, tmp_path)
     rows[3] = {**rows[3], "chosen_ids": rows[3]["chosen_ids"][:-2] + rows[3]["chosen_ids"][-1:]}
-    again = TokenRewardAnnotator(chunk_pairs=2, progress=False)
+    again = Annotator(chunk_pairs=2)
     ds = again(rw_model, rw_tokenizer, rows, tmp_path)
     assert again.stats["chunks_done"] == 1
-    assert len(ds[3]["chosen_rewards"]) == len(rows[3]["chosen_ids"])
+    assert len(ds[3]["chosen_token_rewards"]) == len(rows[3]["chosen_ids"])
 
 
 def test_check_same_vocab(rw_tokenizer, rw_helpers):
@@ -144,7 +146,7 @@ def test_check_same_vocab(rw_tokenizer, rw_helpers):
 
 def test_world_size_without_process_group_is_refused(rw_model, rw_tokenizer, rw_rows, tmp_path):
     with pytest.raises(RuntimeError, match="needs torch.distributed initialized"):
-        TokenRewardAnnotator(progress=False)(
+        Annotator()(
             rw_model, rw_tokenizer, rw_rows, tmp_path, rank=0, world_size=2
         )
 
@@ -152,11 +154,12 @@ def test_world_size_without_process_group_is_refused(rw_model, rw_tokenizer, rw_
 # Subprocess script: builds the same tiny model/tokenizer/rows as the fixtures (same seed).
 _SCRIPT = textwrap.dedent(
     """
-    import importlib.util, os, signal, sys
+    import importlib.util, json, os, signal, sys
+    sys.path.insert(0, {tests!r})
     import torch
     import torch.distributed as dist
     import torch.multiprocessing as mp
-    from treg_lightning.rewards.annotate import TokenRewardAnnotator
+    from builders import SIDES, Annotator
 
     _spec = importlib.util.spec_from_file_location("rw_conftest", {conftest!r})
     _conftest = importlib.util.module_from_spec(_spec)
@@ -172,13 +175,16 @@ _SCRIPT = textwrap.dedent(
         return build_model(len(tok)), tok, make_rows(tok, 7)
 
     def annotator():
-        return TokenRewardAnnotator(batch_size=3, chunk_pairs=2, progress=False)
+        return Annotator(batch_size=3, chunk_pairs=2)
 
     def worker(rank, world_size):
         dist.init_process_group("gloo", init_method="file://" + OUT + "/pg", rank=rank,
                                 world_size=world_size)
         model, tok, rows = setup()
-        ds = annotator()(model, tok, rows, OUT + "/work2")
+        mine = annotator()
+        ds = mine(model, tok, rows, OUT + "/work2")
+        with open(OUT + f"/chunks-rank{{rank}}.json", "w") as f:
+            json.dump(mine.chunks, f)
         if rank == 0:
             ds.save_to_disk(OUT + "/two")
         dist.destroy_process_group()
@@ -203,8 +209,11 @@ _SCRIPT = textwrap.dedent(
 def _run_script(tmp_path: Path, mode: str) -> subprocess.CompletedProcess:
     script = tmp_path / "annotate_script.py"
     conftest = str(Path(__file__).resolve().parent / "conftest.py")
-    script.write_text(_SCRIPT.format(conftest=conftest, out=str(tmp_path)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    tests = str(Path(__file__).resolve().parents[1])
+    script.write_text(_SCRIPT.format(conftest=conftest, tests=tests, out=str(tmp_path)))
+    # The checkout under test, not an installed copy, is what the script must import.
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": src}
     return subprocess.run(
         [sys.executable, str(script), mode], capture_output=True, text=True, env=env, timeout=240
     )
@@ -232,7 +241,7 @@ def test_sigkill_then_rerun_equals_uninterrupted(
     try:
         model = rw_helpers.build_model(len(rw_tokenizer))
         rows = rw_helpers.make_rows(rw_tokenizer, 7)
-        rerun = TokenRewardAnnotator(batch_size=3, chunk_pairs=2, progress=False)
+        rerun = Annotator(batch_size=3, chunk_pairs=2)
         resumed = rerun(model, rw_tokenizer, rows, tmp_path / "killed")
     finally:
         torch.set_num_threads(threads)
@@ -246,6 +255,9 @@ def test_two_process_gloo_equals_single_process(single_process_run, tmp_path):
     two_ds = datasets.load_from_disk(str(tmp_path / "two"))
     assert _table(two_ds).equals(_table(single_process_run))
     assert len(two_ds) == 7 and two_ds[6]["index"] == 16
+    # 7 pairs in chunks of 2 = chunks 0..3: rank r scores exactly the chunks c % 2 == r.
+    done = [json.loads((tmp_path / f"chunks-rank{r}.json").read_text()) for r in (0, 1)]
+    assert done == [[0, 2], [1, 3]]
 
 
 HAND_PAIRS = [
@@ -282,15 +294,18 @@ def test_smollm2_rewards_on_hand_written_pairs(rw_helpers, tmp_path):
         )
         for i, (q, c, r) in enumerate(HAND_PAIRS)
     ]
-    ds = TokenRewardAnnotator("instruct", batch_size=6, progress=False)(
+    ds = Annotator("instruct", batch_size=6)(
         model, tokenizer, rows, tmp_path
     )
     means = {k: [float(np.mean(v)) for v in ds[k]] for k in ds.column_names if "_ids" not in k}
-    reward_wins = [c > r for c, r in zip(means["chosen_rewards"], means["rejected_rewards"])]
+    reward_wins = [
+        c > r for c, r in zip(means["chosen_token_rewards"], means["rejected_token_rewards"])
+    ]
     assert sum(reward_wins) >= 2 and reward_wins[1]
-    assert all(c > r + 1.0 for c, r in zip(means["chosen_ref_logps"], means["rejected_ref_logps"]))
-    assert all(-0.5 < v < 0.5 for r in ds["rejected_rewards"] for v in r)
-    assert max(abs(v) for r in ds["chosen_rewards"] for v in r) > 0.01  # the contexts matter
+    ref_means = zip(means["chosen_ref_token_logps"], means["rejected_ref_token_logps"])
+    assert all(c > r + 1.0 for c, r in ref_means)
+    assert all(-0.5 < v < 0.5 for r in ds["rejected_token_rewards"] for v in r)
+    assert max(abs(v) for r in ds["chosen_token_rewards"] for v in r) > 0.01  # the contexts matter
 
 
 def test_eval_mode_during_annotation_and_scaled_logits_refused(rw_tokenizer, rw_helpers, tmp_path):
@@ -298,8 +313,8 @@ def test_eval_mode_during_annotation_and_scaled_logits_refused(rw_tokenizer, rw_
     rows = rw_helpers.make_rows(rw_tokenizer, 1)
     modes = []
     model.model.register_forward_pre_hook(lambda module, args: modes.append(module.training))
-    TokenRewardAnnotator(progress=False)(model, rw_tokenizer, rows, tmp_path / "a")
+    Annotator()(model, rw_tokenizer, rows, tmp_path / "a")
     assert modes and not any(modes) and model.training  # eval inside, restored after
     model.config.logit_scale = 0.5
     with pytest.raises(NotImplementedError, match=r"scales its logits \(logit_scale=0.5\)"):
-        TokenRewardAnnotator(progress=False)(model, rw_tokenizer, rows, tmp_path / "b")
+        Annotator()(model, rw_tokenizer, rows, tmp_path / "b")

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from treg_lightning.rewards.annotate import TokenRewardAnnotator
+from treg_lightning.rewards.annotate import ContrastiveScorer
 from treg_lightning.rewards.cache import (
     CacheError,
     compute_fingerprint,
@@ -30,22 +30,25 @@ def _fp(model, tokenizer, rows, template="instruct", settings=SETTINGS, name="ti
     )
 
 
-class CountingAnnotate:
-    """annotate_fn that runs the real annotator and counts calls."""
+class CountingScore:
+    """``score_chunk`` running the real scorer on chunks of one pair (``build(...,
+    chunk_pairs=1)``), counting the chunks it scores; ``fail_at=k`` raises KeyboardInterrupt
+    when asked for the (k+1)-th chunk, after the first k were written."""
 
-    def __init__(self, model, tokenizer, fail_after_chunk: int | None = None):
+    def __init__(self, model, tokenizer, fail_at: int | None = None):
         self.model, self.tokenizer, self.calls = model, tokenizer, 0
-        self.fail_after_chunk = fail_after_chunk
+        self.fail_at = fail_at
+        self.scorer = ContrastiveScorer()
 
-    def __call__(self, rows, work_dir):
+    def __call__(self, rows):
+        if self.calls == self.fail_at:
+            raise KeyboardInterrupt
         self.calls += 1
+        return self.scorer.score(self.model, self.tokenizer, rows)
 
-        def hook(c):
-            if c == self.fail_after_chunk:
-                raise KeyboardInterrupt
 
-        annotator = TokenRewardAnnotator(chunk_pairs=1, progress=False)
-        return annotator(self.model, self.tokenizer, rows, work_dir, on_chunk_done=hook)
+def build(rows, cache_dir, fingerprint, score):
+    return load_or_build(rows, cache_dir, fingerprint, score, chunk_pairs=1)
 
 
 def test_fingerprint_changes_with_every_input(rw_model, rw_tokenizer, rw_rows, rw_helpers):
@@ -96,10 +99,10 @@ def test_fingerprint_of_weights_sample_detects_a_sampled_element(rw_model):
 
 def test_builds_once_then_reuses(rw_model, rw_tokenizer, rw_rows, tmp_path):
     fp = _fp(rw_model, rw_tokenizer, rw_rows)
-    annotate = CountingAnnotate(rw_model, rw_tokenizer)
-    ds = load_or_build(rw_rows, tmp_path / "cache", fp, annotate)
-    again = load_or_build(rw_rows, tmp_path / "cache", fp, annotate)
-    assert annotate.calls == 1
+    annotate = CountingScore(rw_model, rw_tokenizer)
+    ds = build(rw_rows, tmp_path / "cache", fp, annotate)
+    again = build(rw_rows, tmp_path / "cache", fp, annotate)
+    assert annotate.calls == 3  # one chunk per pair, scored once
     assert again.data.table.equals(ds.data.table)
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["data", "meta.json"]
     meta = read_meta(tmp_path / "cache")
@@ -110,37 +113,37 @@ def test_builds_once_then_reuses(rw_model, rw_tokenizer, rw_rows, tmp_path):
         "prompt_ids",
         "chosen_ids",
         "rejected_ids",
-        "chosen_rewards",
-        "rejected_rewards",
-        "chosen_ref_logps",
-        "rejected_ref_logps",
+        "chosen_token_rewards",
+        "rejected_token_rewards",
+        "chosen_ref_token_logps",
+        "rejected_ref_token_logps",
     }
 
 
 def test_interrupted_build_resumes(rw_model, rw_tokenizer, rw_rows, tmp_path):
     fp = _fp(rw_model, rw_tokenizer, rw_rows)
     with pytest.raises(KeyboardInterrupt):
-        load_or_build(rw_rows, tmp_path, fp, CountingAnnotate(rw_model, rw_tokenizer, 0))
+        build(rw_rows, tmp_path, fp, CountingScore(rw_model, rw_tokenizer, fail_at=1))
     assert not (tmp_path / "meta.json").exists()
     assert (tmp_path / "work" / "chunk-000000.safetensors").is_file()
-    ds = load_or_build(rw_rows, tmp_path, fp, CountingAnnotate(rw_model, rw_tokenizer))
-    uninterrupted = load_or_build(
-        rw_rows, tmp_path / "fresh", fp, CountingAnnotate(rw_model, rw_tokenizer)
+    ds = build(rw_rows, tmp_path, fp, CountingScore(rw_model, rw_tokenizer))
+    uninterrupted = build(
+        rw_rows, tmp_path / "fresh", fp, CountingScore(rw_model, rw_tokenizer)
     )
     assert ds.data.table.equals(uninterrupted.data.table)
     assert not (tmp_path / "work").exists()
 
 
 def test_other_fingerprint_is_refused_with_names(rw_model, rw_tokenizer, rw_rows, tmp_path):
-    load_or_build(
+    build(
         rw_rows,
         tmp_path,
         _fp(rw_model, rw_tokenizer, rw_rows),
-        CountingAnnotate(rw_model, rw_tokenizer),
+        CountingScore(rw_model, rw_tokenizer),
     )
     other = _fp(rw_model, rw_tokenizer, rw_rows, template="revise", name="other-model")
     with pytest.raises(CacheError) as info:
-        load_or_build(rw_rows, tmp_path, other, CountingAnnotate(rw_model, rw_tokenizer))
+        build(rw_rows, tmp_path, other, CountingScore(rw_model, rw_tokenizer))
     message = str(info.value)
     assert f"at {tmp_path} was built for model 'tiny' / template 'instruct'" in message
     assert "uses model 'other-model' / template 'revise'" in message
@@ -151,74 +154,56 @@ def test_other_fingerprint_is_refused_with_names(rw_model, rw_tokenizer, rw_rows
 def test_unfinished_work_for_other_inputs_is_refused(rw_model, rw_tokenizer, rw_rows, tmp_path):
     fp = _fp(rw_model, rw_tokenizer, rw_rows)
     with pytest.raises(KeyboardInterrupt):
-        load_or_build(rw_rows, tmp_path, fp, CountingAnnotate(rw_model, rw_tokenizer, 0))
+        build(rw_rows, tmp_path, fp, CountingScore(rw_model, rw_tokenizer, fail_at=1))
     other = _fp(rw_model, rw_tokenizer, rw_rows, settings={"max_length": 64})
     with pytest.raises(
         CacheError, match="unfinished token-reward cache at .* differing inputs: settings"
     ):
-        load_or_build(rw_rows, tmp_path, other, CountingAnnotate(rw_model, rw_tokenizer))
+        build(rw_rows, tmp_path, other, CountingScore(rw_model, rw_tokenizer))
 
 
 def test_stale_ids_name_the_row(rw_model, rw_tokenizer, rw_rows, tmp_path):
-    load_or_build(rw_rows, tmp_path, "digest-1", CountingAnnotate(rw_model, rw_tokenizer))
+    build(rw_rows, tmp_path, "digest-1", CountingScore(rw_model, rw_tokenizer))
     rows = [dict(r) for r in rw_rows]
     rows[1]["chosen_ids"] = rows[1]["chosen_ids"][1:]
     with pytest.raises(
         CacheError, match=r"stale: row 1 \(source index 11\) has different chosen_ids"
     ):
-        load_or_build(rows, tmp_path, "digest-1", CountingAnnotate(rw_model, rw_tokenizer))
+        build(rows, tmp_path, "digest-1", CountingScore(rw_model, rw_tokenizer))
 
 
 def test_damaged_caches_are_refused(rw_model, rw_tokenizer, rw_rows, tmp_path):
-    annotate = CountingAnnotate(rw_model, rw_tokenizer)
-    load_or_build(rw_rows, tmp_path / "a", "d", annotate)
+    annotate = CountingScore(rw_model, rw_tokenizer)
+    build(rw_rows, tmp_path / "a", "d", annotate)
     for arrow in (tmp_path / "a" / "data").glob("*.arrow"):
         arrow.write_bytes(arrow.read_bytes()[:100])
     with pytest.raises(CacheError, match="is damaged: its Arrow data .* cannot be read"):
-        load_or_build(rw_rows, tmp_path / "a", "d", annotate)
+        build(rw_rows, tmp_path / "a", "d", annotate)
 
-    load_or_build(rw_rows, tmp_path / "b", "d", annotate)
+    build(rw_rows, tmp_path / "b", "d", annotate)
     (tmp_path / "b" / "meta.json").unlink()
     with pytest.raises(CacheError, match="is damaged: it has data/ but no meta.json"):
-        load_or_build(rw_rows, tmp_path / "b", "d", annotate)
+        build(rw_rows, tmp_path / "b", "d", annotate)
 
-    load_or_build(rw_rows, tmp_path / "c", "d", annotate)
+    build(rw_rows, tmp_path / "c", "d", annotate)
     (tmp_path / "c" / "meta.json").write_text("{not json")
     with pytest.raises(CacheError, match="meta.json is unreadable"):
-        load_or_build(rw_rows, tmp_path / "c", "d", annotate)
-    assert annotate.calls == 3
+        build(rw_rows, tmp_path / "c", "d", annotate)
+    assert annotate.calls == 3 * 3  # three caches of three one-pair chunks, each built once
 
 
 def test_foreign_folders_are_refused(rw_model, rw_tokenizer, rw_rows, tmp_path):
-    annotate = CountingAnnotate(rw_model, rw_tokenizer)
+    annotate = CountingScore(rw_model, rw_tokenizer)
     (tmp_path / "f1").mkdir()
     (tmp_path / "f1" / "notes.txt").write_text("mine")
     with pytest.raises(CacheError, match="is not empty and holds no token-reward cache"):
-        load_or_build(rw_rows, tmp_path / "f1", "d", annotate)
+        build(rw_rows, tmp_path / "f1", "d", annotate)
     (tmp_path / "f2").mkdir()
     (tmp_path / "f2" / "meta.json").write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(CacheError, match="is not a treg-lightning token-reward cache"):
-        load_or_build(rw_rows, tmp_path / "f2", "d", annotate)
+        build(rw_rows, tmp_path / "f2", "d", annotate)
     assert annotate.calls == 0
     assert (tmp_path / "f1" / "notes.txt").read_text() == "mine"  # nothing of theirs touched
-
-
-def test_cached_token_rewards_builds_then_reuses(rw_model, rw_tokenizer, rw_rows, tmp_path):
-    from treg_lightning.rewards import cached_token_rewards
-
-    annotator = TokenRewardAnnotator("revise", progress=False)
-    ds = cached_token_rewards(
-        rw_rows, tmp_path, rw_model, rw_tokenizer, annotator, "tiny", settings={"max_length": 9}
-    )
-    forwards = annotator.stats["forwards"]
-    again = cached_token_rewards(
-        rw_rows, tmp_path, rw_model, rw_tokenizer, annotator, "tiny", settings={"max_length": 9}
-    )
-    assert forwards > 0 and annotator.stats["forwards"] == forwards  # nothing recomputed
-    assert again.data.table.equals(ds.data.table)
-    settings = read_meta(tmp_path)["description"]["settings"]
-    assert settings["dtype"] == "torch.float32" and settings["max_length"] == 9
-    assert settings["template"]["name"] == "revise"
 
 
 def test_model_identity_handles_tensors_past_float32_counting():

@@ -149,14 +149,17 @@ def test_export_on_fit_end_writes_html_png_and_logs_the_image(rw_tokenizer, rw_r
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from treg_lightning.callbacks import ExportOnFitEnd
+    from treg_lightning.data.datamodule import PreferenceDataModule
 
     rows = rows_with_rewards(rw_rows)
     cache = datasets.Dataset.from_list([{k: r[k] for k in (
         "index", "prompt_ids", "chosen_ids", "rejected_ids", "chosen_token_rewards",
         "rejected_token_rewards")} for r in rows])  # fmt: skip
     logger = TensorBoardLogger(tmp_path / "tb", name="run")
+    data = PreferenceDataModule(rewards=None)
+    data.tokenizer, data.datasets = rw_tokenizer, {"train": cache}
     trainer = SimpleNamespace(
-        datamodule=SimpleNamespace(tokenizer=rw_tokenizer, datasets={"train": cache}),
+        datamodule=data,
         loggers=[logger], is_global_zero=True, global_step=3, log_dir=logger.log_dir,
         checkpoint_callback=None,
     )  # fmt: skip

@@ -1,13 +1,11 @@
 """Batches of preference pairs: padding collator and length-grouped sampler.
 
-`PreferenceCollator` turns cache rows (``prompt_ids``, ``chosen_ids``, ``chosen_rewards``, ...)
-into the contract's batch: per side ``{side}_input_ids`` ``[B, T]`` long,
-``{side}_attention_mask`` ``[B, T]`` long, ``{side}_response_mask`` ``[B, T]`` bool,
-``{side}_token_rewards`` ``[B, T]`` float32 and, when the rows carry reference logps,
-``{side}_ref_token_logps`` ``[B, T]`` float32; plus ``index`` ``[B]`` long. Each side is
-right-padded to its own longest sequence. Per-token values are aligned with ``input_ids``:
-the value of response token ``j`` sits at position ``len(prompt_ids) + j``; prompt and padding
-positions hold 0.
+`PreferenceCollator` turns rows (``prompt_ids``, ``chosen_ids``, per-token values, ...) into the
+batch of the pair contract (:mod:`treg_lightning.pairs`): per side ``{side}_input_ids``,
+``{side}_attention_mask``, ``{side}_response_mask`` and whichever per-token values the rows carry
+(``{side}_token_rewards``, ``{side}_ref_token_logps``), plus ``index`` and ``prompt_lengths``.
+Each side is right-padded to its own longest sequence. A value the rows do not carry is not in
+the batch: nothing is filled in for it.
 
 `LengthGroupedSampler` orders pairs so that each batch holds pairs of similar length, which
 cuts the padding the model computes on real data.
@@ -21,15 +19,12 @@ from collections.abc import Sequence
 import torch
 from torch.utils.data import DistributedSampler
 
-SIDES = ("chosen", "rejected")
+from treg_lightning.pairs import SIDES, VALUE_FIELDS, field
+from treg_lightning.rewards.cache.store import CacheError
 
 
 class PreferenceCollator:
-    """Pads cache rows into the contract's batch dict.
-
-    Rows without ``{side}_rewards`` (data module with ``rewards="none"``) get zero token
-    rewards, which makes the T-REG term vanish; ``{side}_ref_token_logps`` is only served when
-    every row of the batch has ``{side}_ref_logps``.
+    """Pads rows into the contract's batch dict.
 
     Args:
         pad_token_id: Id written at padding positions of ``input_ids`` (masked everywhere).
@@ -41,39 +36,36 @@ class PreferenceCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
-        batch = {"index": torch.tensor([int(row["index"]) for row in rows], dtype=torch.long)}
+        batch = {
+            "index": torch.tensor([int(row["index"]) for row in rows], dtype=torch.long),
+            "prompt_lengths": torch.tensor([len(row["prompt_ids"]) for row in rows]),
+        }
         for side in SIDES:
             batch.update(self._side(rows, side))
         return batch
 
     def _side(self, rows: Sequence[dict], side: str) -> dict[str, torch.Tensor]:
-        lengths = [len(row["prompt_ids"]) + len(row[f"{side}_ids"]) for row in rows]
-        seq_len = self._padded_length(max(lengths))
-        input_ids = torch.full((len(rows), seq_len), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), seq_len), dtype=torch.long)
-        response_mask = torch.zeros((len(rows), seq_len), dtype=torch.bool)
-        token_rewards = torch.zeros((len(rows), seq_len), dtype=torch.float32)
-        with_ref = all(row.get(f"{side}_ref_logps") is not None for row in rows)
-        ref_token_logps = torch.zeros((len(rows), seq_len), dtype=torch.float32)
+        lengths = [len(row["prompt_ids"]) + len(row[field(side, "ids")]) for row in rows]
+        shape = (len(rows), self._padded_length(max(lengths)))
+        input_ids = torch.full(shape, self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros(shape, dtype=torch.long)
+        response_mask = torch.zeros(shape, dtype=torch.bool)
+        values = {name: torch.zeros(shape) for name in _carried_values(rows, side)}
         for b, row in enumerate(rows):
             start, end = len(row["prompt_ids"]), lengths[b]
-            input_ids[b, :end] = torch.tensor(list(row["prompt_ids"]) + list(row[f"{side}_ids"]))
+            input_ids[b, :end] = torch.tensor(
+                list(row["prompt_ids"]) + list(row[field(side, "ids")])
+            )
             attention_mask[b, :end] = 1
             response_mask[b, start:end] = True
-            rewards = row.get(f"{side}_rewards")
-            if rewards is not None:
-                token_rewards[b, start:end] = _per_token(rewards, end - start, row, side)
-            if with_ref:
-                ref = _per_token(row[f"{side}_ref_logps"], end - start, row, side)
-                ref_token_logps[b, start:end] = ref
+            for name, tensor in values.items():
+                tensor[b, start:end] = _per_token(row[field(side, name)], end - start, row, side)
         batch = {
-            f"{side}_input_ids": input_ids,
-            f"{side}_attention_mask": attention_mask,
-            f"{side}_response_mask": response_mask,
-            f"{side}_token_rewards": token_rewards,
+            field(side, "input_ids"): input_ids,
+            field(side, "attention_mask"): attention_mask,
+            field(side, "response_mask"): response_mask,
         }
-        if with_ref:
-            batch[f"{side}_ref_token_logps"] = ref_token_logps
+        batch.update({field(side, name): tensor for name, tensor in values.items()})
         return batch
 
     def _padded_length(self, length: int) -> int:
@@ -81,9 +73,26 @@ class PreferenceCollator:
         return math.ceil(length / multiple) * multiple if multiple else length
 
 
+def _carried_values(rows: Sequence[dict], side: str) -> list[str]:
+    """The per-token value fields the rows carry; all rows of a batch must agree."""
+    carried = []
+    for name in VALUE_FIELDS:
+        present = [row.get(field(side, name)) is not None for row in rows]
+        if all(present):
+            carried.append(name)
+        elif any(present):
+            missing = [row.get("index") for row, ok in zip(rows, present, strict=True) if not ok]
+            raise CacheError(
+                f"rows {missing} have no {field(side, name)} while others of their batch do: "
+                "the data serves per-token values for some pairs only. Rebuild the token-reward "
+                "cache (delete its folder) so that every pair is annotated."
+            )
+    return carried
+
+
 def _per_token(values, num_tokens: int, row: dict, side: str) -> torch.Tensor:
     if len(values) != num_tokens:
-        raise ValueError(
+        raise CacheError(
             f"row {row.get('index')}: {len(values)} per-token values for {num_tokens} "
             f"{side} tokens; the token-reward cache does not match the tokenized data. "
             "Delete the cache folder and rebuild it."

@@ -6,22 +6,22 @@ Usable with a plain ``Trainer`` (no CLI needed)::
                                 max_prompt_length=256, batch_size=4, val_fraction=0.1)
     trainer.fit(module, datamodule=data)
 
-Token rewards: with ``rewards="annotate"`` (default) ``setup`` builds, or reuses, the
-fingerprinted token-reward cache by running the evaluator over every pair (see
-``treg_lightning.rewards``); this runs on every rank, each annotating its shard. With
-``rewards="none"`` no evaluator runs and batches carry zero token rewards: plain DPO / IPO /
-SimPO training (the T-REG term is then zero), and no reference logps, so losses that need a
-reference use a live reference model.
+Token rewards come from the injected source ``rewards`` (a
+:class:`~treg_lightning.rewards.TokenRewardSource`; default: the paper's contrastive
+self-generated rewards, :class:`~treg_lightning.rewards.ContrastiveRewards`, cached): ``setup``
+hands it the tokenized pairs of each split, on every rank, and serves what it returns. With
+``rewards=None`` no source runs and the batches carry no token rewards (plain DPO / IPO / SimPO;
+a regularizer that needs token rewards is refused at start-up).
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal
 
 import lightning.pytorch as pl
 import torch
+from jsonargparse import lazy_instance
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
@@ -31,21 +31,11 @@ from treg_lightning.data.formats import normalize_rows
 from treg_lightning.data.resumable import ResumableDataLoader
 from treg_lightning.data.sources import DEMO_SOURCE, RawSource, load_source
 from treg_lightning.data.tokenize import PairTokenizer, tokenize_pairs
-from treg_lightning.models import (
-    cache_root,
-    check_vocab_fits,
-    load_causal_lm,
-    load_tokenizer,
-    parse_dtype,
-)
-from treg_lightning.rewards import (
-    ContrastiveTemplate,
-    TokenRewardAnnotator,
-    annotation_fingerprint,
-    check_same_vocab,
-    load_or_build,
-)
-from treg_lightning.rewards.prompts import get_template
+from treg_lightning.errors import ConfigError
+from treg_lightning.models import load_tokenizer
+from treg_lightning.rewards.cache import distributed
+from treg_lightning.rewards.contrastive import ContrastiveRewards
+from treg_lightning.rewards.source import AnnotationContext, TokenRewardSource
 
 SPLITS = ("train", "val")
 
@@ -78,19 +68,10 @@ class PreferenceDataModule(pl.LightningDataModule):
         limit: Use only the first `limit` rows of each source (None: all).
         megabatch_size: Global batches per length-sorted group in the training order (larger:
             less padding, less random batches).
-        rewards: "annotate": compute (or reuse) token rewards with the evaluator and serve them;
-            "none": serve zero token rewards, run no evaluator (plain DPO / IPO / SimPO).
-        evaluator: Model scoring the response tokens (METHOD.md section 1); None: the model
-            named by `tokenizer` (the reference model, as in the paper).
-        evaluator_dtype: Dtype of the evaluator during annotation ("float32", "bfloat16", ...).
-        template: Contrastive template: preset "instruct" or "revise", or a
-            ContrastiveTemplate with custom texts.
-        store_reference_logps: Also cache the evaluator's token logps under the plain prompt,
-            so DPO / IPO train without a live reference model (valid when the evaluator is
-            the reference model).
-        annotate_batch_size: Sequences per evaluator forward pass during annotation.
-        cache_dir: Folder of token-reward caches (one subfolder per split and fingerprint);
-            None: `$TREG_CACHE/token_rewards` or `~/.cache/treg_lightning/token_rewards`.
+        rewards: Source of the token rewards (and cached reference log-probs): default the
+            contrastive self-generated rewards of the paper
+            (treg_lightning.rewards.ContrastiveRewards: template, evaluator, batch size, cache
+            folder); null: no token rewards (plain DPO / IPO / SimPO).
         trust_remote_code: Allow tokenizer/model code from the hub.
     """
 
@@ -112,29 +93,23 @@ class PreferenceDataModule(pl.LightningDataModule):
         skip_invalid_rows: bool = True,
         limit: int | None = None,
         megabatch_size: int = 64,
-        rewards: Literal["annotate", "none"] = "annotate",
-        evaluator: str | None = None,
-        evaluator_dtype: str = "float32",
-        template: str | ContrastiveTemplate = "instruct",
-        store_reference_logps: bool = True,
-        annotate_batch_size: int = 8,
-        cache_dir: str | None = None,
+        rewards: TokenRewardSource | None = lazy_instance(ContrastiveRewards),
         trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+            raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}.")
         if not 0 < max_prompt_length < max_length:
-            raise ValueError(
+            raise ConfigError(
                 f"max_prompt_length ({max_prompt_length}) must be positive and smaller than "
                 f"max_length ({max_length}), so that every response keeps at least one token."
             )
-        if rewards not in ("annotate", "none"):
-            raise ValueError(f"rewards must be 'annotate' or 'none', got {rewards!r}.")
-        # Checked at start-up, not after tokenizing every pair (where the annotate pass uses them).
-        get_template(template)
-        parse_dtype(evaluator_dtype)
-        self.save_hyperparameters(ignore=["template"] if not isinstance(template, str) else [])
+        if rewards is not None and not isinstance(rewards, TokenRewardSource):
+            raise ConfigError(
+                f"rewards must be a token-reward source (e.g. treg_lightning.rewards."
+                f"ContrastiveRewards(...)) or None for no token rewards, got {rewards!r}."
+            )
+        self.save_hyperparameters(ignore=["rewards"])
         self.source = source
         self.tokenizer_name = tokenizer
         self.split = split
@@ -152,15 +127,8 @@ class PreferenceDataModule(pl.LightningDataModule):
         self.limit = limit
         self.megabatch_size = megabatch_size
         self.rewards = rewards
-        self.evaluator = evaluator
-        self.evaluator_dtype = evaluator_dtype
-        self.template = template
-        self.store_reference_logps = store_reference_logps
-        self.annotate_batch_size = annotate_batch_size
-        self.cache_dir = cache_dir
         self.trust_remote_code = trust_remote_code
         self.tokenizer = None
-        self._evaluator = None
         self.datasets: dict[str, object] = {}
         self.lengths: dict[str, list[int]] = {}
         self.reports: dict[str, SkipReport] = {}
@@ -184,7 +152,8 @@ class PreferenceDataModule(pl.LightningDataModule):
             if rows.get(split):
                 self.datasets[split] = self._serve(split, rows[split])
                 self.lengths[split] = pair_lengths(rows[split])
-        self._evaluator = None  # only the annotate pass needs it: free it before training
+        if self.rewards is not None:
+            self.rewards.release()  # only annotation needs the evaluator: free it before training
 
     def train_dataloader(self) -> DataLoader:
         loader = self._dataloader("train", self.batch_size, shuffle=True)
@@ -219,14 +188,19 @@ class PreferenceDataModule(pl.LightningDataModule):
             self._log_report(split, source_name, report, rows[split])
         return rows
 
-    def build_caches(self) -> dict[str, object]:
-        """Builds (or reuses) the token-reward cache of every split; returns them by split."""
-        if self.rewards != "annotate":
-            raise ValueError("build_caches needs rewards='annotate'.")
+    def annotate(self) -> dict[str, object]:
+        """Runs the reward source over every split (building its cache); returns the served
+        rows by split. What ``treg annotate`` calls."""
+        if self.rewards is None:
+            raise ConfigError(
+                "nothing to annotate: data.rewards is null (no token-reward source). Set it to "
+                "a source, e.g. data.rewards: {class_path: treg_lightning.rewards."
+                "ContrastiveRewards}."
+            )
         rows = self.tokenized_rows()
-        caches = {split: self._load_or_build_cache(split, r) for split, r in rows.items() if r}
-        self._evaluator = None
-        return caches
+        served = {split: self._serve(split, r) for split, r in rows.items() if r}
+        self.rewards.release()
+        return served
 
     # --- internals -----------------------------------------------------------------------------
 
@@ -282,43 +256,16 @@ class PreferenceDataModule(pl.LightningDataModule):
             )
 
     def _serve(self, split: str, rows: list[dict]):
-        if self.rewards == "none":
+        if self.rewards is None:
             return rows
-        return self._load_or_build_cache(split, rows)
-
-    def _load_or_build_cache(self, split: str, rows: list[dict]):
-        """The token-reward cache of `rows` (built with the evaluator when missing)."""
-        annotator = TokenRewardAnnotator(
-            template=self.template,
-            batch_size=self.annotate_batch_size,
-            store_reference_logps=self.store_reference_logps,
+        context = AnnotationContext(
+            tokenizer=self._load_tokenizer(),
+            model_name=self.tokenizer_name,
+            device=self._device(),
+            settings={"max_length": self.max_length, "max_prompt_length": self.max_prompt_length},
+            trust_remote_code=self.trust_remote_code,
         )
-        evaluator_name = self.evaluator or self.tokenizer_name
-        tokenizer = self._load_tokenizer()
-        model = self._load_evaluator(evaluator_name)
-        lengths = {"max_length": self.max_length, "max_prompt_length": self.max_prompt_length}
-        fingerprint = annotation_fingerprint(
-            model, tokenizer, annotator, rows, lengths, model_name=evaluator_name
-        )
-        root = Path(self.cache_dir) if self.cache_dir else cache_root() / "token_rewards"
-        dataset = load_or_build(
-            rows,
-            root / f"{split}-{fingerprint.digest[:16]}",
-            fingerprint,
-            annotate_fn=lambda todo, work_dir: annotator(model, tokenizer, todo, work_dir),
-        )
-        return dataset  # the evaluator is freed on return: only this pass needs it
-
-    def _load_evaluator(self, name: str):
-        """The evaluator model, loaded once per setup (its fingerprint is taken even when the
-        cache exists, so a changed model is never served stale rewards)."""
-        if self._evaluator is None:
-            if name != self.tokenizer_name:
-                check_same_vocab(self._load_tokenizer(), load_tokenizer(name), name)
-            model = load_causal_lm(name, self.evaluator_dtype)
-            check_vocab_fits(self._load_tokenizer(), model, name)  # before any annotate forward
-            self._evaluator = model.to(self._device()).eval()
-        return self._evaluator
+        return self.rewards.annotate(rows, split, context)
 
     def _device(self) -> torch.device:
         if self.trainer is not None:
@@ -340,10 +287,8 @@ class PreferenceDataModule(pl.LightningDataModule):
             # under tensor parallelism); single-device strategies have no such attribute.
             kwargs = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) or {}
             return kwargs.get("num_replicas", 1), kwargs.get("rank", 0)
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_world_size(), dist.get_rank()
-        return 1, 0
+        rank, world_size, _ = distributed()
+        return world_size, rank
 
     def _dataloader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         if split not in self.datasets:

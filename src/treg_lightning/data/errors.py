@@ -15,10 +15,12 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from treg_lightning.errors import UserError
+
 SKIP_HINT = "Fix or remove the row, or set skip_invalid_rows=true to count and skip it."
 
 
-class DataFormatError(ValueError):
+class DataFormatError(UserError, ValueError):
     """A data problem, located as precisely as known (file, row, field), with what to do.
 
     Args:

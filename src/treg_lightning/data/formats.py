@@ -20,7 +20,10 @@ Accepted layouts (the ones TRL accepts, plus HH-RLHF transcripts):
   must be the same in both. A ``prompt`` string in that transcript form is parsed the same way.
 
 Message content may be a string or a list of ``{"type": "text", "text": ...}`` parts. Response
-texts are stripped of surrounding whitespace, as most chat templates do.
+texts are stripped of surrounding whitespace, as most chat templates do. A message list flattened
+to text by another tool (a pandas CSV's Python repr, or JSON text) is read back safely or the row
+is refused (see textlists.py). An empty prompt (empty text, empty list, a user turn with no text)
+is refused, never trained.
 
 Schema problems (a missing or misspelled column) raise `DataFormatError`; problems of one row
 raise `InvalidRowError`, which `normalize_rows` skips and counts when ``skip_invalid_rows`` is
@@ -34,9 +37,16 @@ import re
 
 from treg_lightning.data.errors import DataFormatError, InvalidRowError, SkipReport
 from treg_lightning.data.sources import RawSource
+from treg_lightning.data.textlists import looks_like_messages, parse_messages
 
 ROLES = ("system", "user", "assistant")
 REQUIRED_COLUMNS = ("chosen", "rejected")
+MESSAGE_COLUMNS = ("prompt", "chosen", "rejected")
+# Column names other data sets give the prompt, reported as "rename 'question' to 'prompt'".
+PROMPT_ALIASES = (
+    "question", "instruction", "query", "input", "context", "prompts", "questions",
+    "instructions", "inputs", "user", "human", "request", "problem", "prompt_text", "text",
+)  # fmt: skip
 
 # "\n\nHuman: " / "\n\nAssistant: " turn markers of Anthropic's HH-RLHF transcripts.
 _HH_MARKER = re.compile(r"\n\n(Human|Assistant):[ ]?")
@@ -74,6 +84,7 @@ def normalize_rows(source: RawSource, skip_invalid_rows: bool, report: SkipRepor
 def normalize_row(row: dict) -> dict:
     """Returns ``{"prompt": messages, "chosen": str, "rejected": str}`` for one raw row."""
     _check_columns(row)
+    row = _read_back_message_lists(row)
     chosen, rejected = row["chosen"], row["rejected"]
     _check_response_type("chosen", chosen)
     _check_response_type("rejected", rejected)
@@ -84,8 +95,12 @@ def normalize_row(row: dict) -> dict:
             reason="mixed formats",
         )
     if isinstance(chosen, str) and row.get("prompt") is None:
-        chosen = _parse_transcript(chosen, "chosen", implicit=True)
-        rejected = _parse_transcript(rejected, "rejected", implicit=True)
+        try:
+            chosen = _parse_transcript(chosen, "chosen", implicit=True, columns=list(row))
+            rejected = _parse_transcript(rejected, "rejected", implicit=True, columns=list(row))
+        except InvalidRowError:
+            _check_prompt_alias(row)  # the prompt is in a column of another name: say so
+            raise
     prompt = _prompt_messages(row.get("prompt"))
     if isinstance(chosen, str):
         if prompt is None:
@@ -121,6 +136,30 @@ def _check_columns(row: dict) -> None:
                 hint="Rename the column to 'prompt', or remove it if the prompt is implicit "
                 "in chosen/rejected.",
             )
+
+
+def _read_back_message_lists(row: dict) -> dict:
+    flattened = {
+        field: parse_messages(row[field], field)
+        for field in MESSAGE_COLUMNS
+        if isinstance(row.get(field), str) and looks_like_messages(row[field])
+    }
+    return {**row, **flattened} if flattened else row
+
+
+def _check_prompt_alias(row: dict) -> None:
+    """No 'prompt' column but one under another usual name, beside string responses: say so
+    (the row would otherwise be read as an HH-RLHF transcript without turn markers)."""
+    lowered = {str(key).lower(): key for key in row}
+    alias = next((lowered[name] for name in PROMPT_ALIASES if name in lowered), None)
+    if alias is None or not isinstance(row[alias], (str, list)):
+        return
+    raise DataFormatError(
+        f"no 'prompt' column; the file has columns {[str(key) for key in row]}",
+        field="prompt",
+        hint=f"Rename '{alias}' to 'prompt' (e.g. Dataset.rename_column('{alias}', 'prompt'), or "
+        "edit the header), or give chosen/rejected as full conversations.",
+    )
 
 
 def _did_you_mean(name: str, keys: list[str]) -> str:
@@ -203,7 +242,9 @@ def _text(content, field: str) -> str:
 # --- HH-RLHF transcripts --------------------------------------------------------------------
 
 
-def _parse_transcript(text: str, field: str, implicit: bool) -> list[dict]:
+def _parse_transcript(
+    text: str, field: str, implicit: bool, columns: list | None = None
+) -> list[dict]:
     """Splits "\\n\\nHuman: a\\n\\nAssistant: b" into user/assistant messages."""
     text = "\n\n" + text.lstrip("\n") if text.lstrip("\n").startswith("Human:") else text
     pieces = _HH_MARKER.split(text)
@@ -211,10 +252,12 @@ def _parse_transcript(text: str, field: str, implicit: bool) -> list[dict]:
         if implicit:
             raise InvalidRowError(
                 "no 'prompt' column, and the text has no '\\n\\nHuman:' / '\\n\\nAssistant:' "
-                "turn markers to separate the prompt from the response",
+                "turn markers to separate the prompt from the response (the row has columns "
+                f"{[str(c) for c in columns or []]})",
                 field=field,
                 reason="implicit prompt without turn markers",
-                hint="Add a 'prompt' column, or give chosen/rejected as message lists.",
+                hint="Add a 'prompt' column (rename the one that holds the prompt), or give "
+                "chosen/rejected as message lists.",
             )
         return [{"role": "user", "content": text}]
     roles, contents = pieces[1::2], pieces[2::2]
@@ -239,7 +282,10 @@ def _split_conversations(prompt: list[dict] | None, chosen: list[dict], rejected
     if shared != len(chosen) - 1 or shared != len(rejected) - 1:
         differs = "chosen" if shared < len(chosen) - 1 else "rejected"
         raise _no_shared_prompt(f"{differs}[{shared}]", shared)
+    given = prompt
     prompt = (prompt or []) + chosen[:-1]
+    if not prompt and given is not None:
+        raise InvalidRowError("empty prompt (no message)", field="prompt", reason="empty prompt")
     if not prompt:
         raise _no_shared_prompt("prompt", 0)
     for field, messages in (("chosen", chosen), ("rejected", rejected)):
@@ -281,6 +327,7 @@ def _no_shared_prompt(field: str, at: int) -> InvalidRowError:
 
 
 def _check_example(example: dict) -> None:
+    _check_prompt_text(example["prompt"])
     _check_roles(example["prompt"])
     for field in ("chosen", "rejected"):
         if not example[field]:
@@ -291,6 +338,21 @@ def _check_example(example: dict) -> None:
             field="rejected",
             reason="chosen identical to rejected",
         )
+
+
+def _check_prompt_text(prompt: list[dict]) -> None:
+    """A prompt must hold text, and so must each of its user turns."""
+    if not any(message["content"].strip() for message in prompt):
+        raise InvalidRowError(
+            "empty prompt (no text to answer)", field="prompt", reason="empty prompt"
+        )
+    for position, message in enumerate(prompt):
+        if message["role"] == "user" and not message["content"].strip():
+            raise InvalidRowError(
+                f"empty user message at prompt message {position}",
+                field=f"prompt[{position}].content",
+                reason="empty prompt",
+            )
 
 
 def _check_roles(prompt: list[dict]) -> None:

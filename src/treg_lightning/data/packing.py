@@ -29,13 +29,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Per-token fields of the contract's batch that are packed (when present on both sides).
-_TOKEN_FIELDS = ("input_ids", "response_mask", "token_rewards", "ref_token_logps")
+from treg_lightning.pairs import SIDES, TOKEN_FIELDS, field
+
+# Per-token fields of the contract's batch that are packed (when present on both sides); the
+# attention mask is what packing replaces.
+_PACKED_FIELDS = tuple(name for name in TOKEN_FIELDS if name != "attention_mask")
 
 
-def _side_tokens(batch: dict, side: str, field: str, keep: torch.Tensor) -> torch.Tensor:
-    """Real tokens of ``{side}_{field}`` ``[B, T]`` as a flat ``[n]`` tensor, row by row."""
-    return batch[f"{side}_{field}"][keep]
+def _side_tokens(batch: dict, side: str, name: str, keep: torch.Tensor) -> torch.Tensor:
+    """Real tokens of ``{side}_{name}`` ``[B, T]`` as a flat ``[n]`` tensor, row by row."""
+    return batch[field(side, name)][keep]
 
 
 def pack_batch(batch: dict) -> dict:
@@ -59,8 +62,8 @@ def pack_batch(batch: dict) -> dict:
         ValueError: a sequence has no real token, or a sequence's first token is a response
             token (it would be scored from the previous sequence's last hidden state).
     """
-    sides = ("chosen", "rejected")
-    keeps = [batch[f"{side}_attention_mask"].bool() for side in sides]
+    sides = SIDES
+    keeps = [batch[field(side, "attention_mask")].bool() for side in sides]
     lengths = torch.cat([keep.sum(-1) for keep in keeps])
     if (lengths == 0).any():
         bad = (lengths == 0).nonzero().flatten().tolist()
@@ -68,10 +71,10 @@ def pack_batch(batch: dict) -> dict:
             f"pack_batch: sequences {bad} (0..B-1 chosen, B..2B-1 rejected) have no real token "
             "(all-zero attention_mask); drop empty pairs before collating."
         )
-    fields = [f for f in _TOKEN_FIELDS if f"chosen_{f}" in batch and f"rejected_{f}" in batch]
+    names = [n for n in _PACKED_FIELDS if all(field(s, n) in batch for s in sides)]
     packed = {
-        field: torch.cat([_side_tokens(batch, s, field, k) for s, k in zip(sides, keeps)])[None]
-        for field in fields
+        name: torch.cat([_side_tokens(batch, s, name, k) for s, k in zip(sides, keeps)])[None]
+        for name in names
     }
     packed["response_mask"] = packed["response_mask"].bool()
     if "token_rewards" in packed:
@@ -99,7 +102,7 @@ def pack_batch(batch: dict) -> dict:
         seq_lengths=lengths,
         seq_index=seq_index[None],
         num_pairs=len(lengths) // 2,
-        widths=tuple(batch[f"{side}_input_ids"].shape[1] for side in sides),
+        widths=tuple(batch[field(side, "input_ids")].shape[1] for side in sides),
     )
     if "index" in batch:
         packed["index"] = batch["index"]

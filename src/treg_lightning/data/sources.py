@@ -26,6 +26,7 @@ from importlib import resources
 from pathlib import Path
 
 from treg_lightning.data.errors import DataFormatError
+from treg_lightning.errors import MissingFileError
 
 DEMO_SOURCE = "demo"
 
@@ -87,7 +88,7 @@ def load_source(source: str, split: str = "train", limit: int | None = None) -> 
         elif path.is_dir():
             loaded = _read_folder(path, split)
         elif _looks_like_path(source):
-            raise FileNotFoundError(f"{source}: no such file or folder. {SOURCE_HINT}")
+            raise MissingFileError(f"{source}: no such file or folder. {SOURCE_HINT}")
         else:
             loaded = _read_hub(source, split, limit)
     if limit is not None:
@@ -99,7 +100,7 @@ def load_source(source: str, split: str = "train", limit: int | None = None) -> 
 def _demo_path() -> Path:
     path = Path(str(resources.files("treg_lightning.data") / "demo" / "pairs.jsonl"))
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"the demo set {path} is missing from the installed package; reinstall treg-lightning."
         )
     return path
@@ -175,7 +176,7 @@ def _parse_json_object(line: str, name: str, number: int) -> dict:
         value = json.loads(line)
     except json.JSONDecodeError as error:
         raise DataFormatError(
-            f"invalid JSON ({error.msg} at column {error.colno}); the file may be truncated",
+            f"invalid JSON ({error.msg}, column {error.colno}); the file may be truncated",
             file=name,
             line=number,
             hint="Each line of a .jsonl file must be one complete JSON object.",
@@ -198,7 +199,7 @@ def _read_json(path: Path, name: str) -> RawSource:
         if error.msg == "Extra data":  # several objects, one per line: it is really jsonl
             return _read_jsonl(path, name)
         raise DataFormatError(
-            f"invalid JSON ({error.msg} at column {error.colno}); the file may be truncated",
+            f"invalid JSON ({error.msg}, column {error.colno}); the file may be truncated",
             file=name,
             line=error.lineno,
             hint="Write the file again, or use .jsonl with one object per line.",

@@ -2,7 +2,7 @@
 
 The response token ids must be the very same ids wherever the response is scored (plain prompt,
 contrastive prompts, training), so a response is tokenized once, on its own, and never
-re-tokenized as part of a joined string (METHOD.md section 1).
+re-tokenized as part of a joined string (docs/method.md section 1).
 
 * prompt ids = the chat template of the prompt messages with ``add_generation_prompt=True``,
   rendered to text and tokenized without special tokens; a BOS is prepended only when the
@@ -21,6 +21,8 @@ A pair that cannot be used after truncation raises `InvalidRowError` (counted wh
 from __future__ import annotations
 
 from treg_lightning.data.errors import DataFormatError, InvalidRowError, SkipReport
+from treg_lightning.errors import ConfigError
+from treg_lightning.pairs import SIDES
 
 
 class PairTokenizer:
@@ -47,17 +49,17 @@ class PairTokenizer:
     ) -> None:
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
         if not 0 < max_prompt_length < max_length:
-            raise ValueError(
+            raise ConfigError(
                 f"max_prompt_length ({max_prompt_length}) must be positive and smaller than "
                 f"max_length ({max_length}), so that every response keeps at least one token."
             )
         if chat_template is None and not getattr(tokenizer, "chat_template", None):
-            raise ValueError(
+            raise ConfigError(
                 f"the tokenizer '{name}' has no chat template. Pass the tokenizer of a chat / "
                 "instruct model, or set `chat_template` to a Jinja template string."
             )
         if tokenizer.eos_token_id is None:
-            raise ValueError(
+            raise ConfigError(
                 f"the tokenizer '{name}' has no eos_token, needed to end each response; "
                 "use a tokenizer that defines one."
             )
@@ -101,7 +103,7 @@ class PairTokenizer:
         prompt_ids = self._truncate_prompt(self.prompt_ids(example["prompt"]), report)
         room = self.max_length - len(prompt_ids)  # >= 1 since max_prompt_length < max_length
         tokenized = {**example, "prompt_ids": prompt_ids}
-        for side in ("chosen", "rejected"):
+        for side in SIDES:
             ids = self.response_ids(example[side])
             if len(ids) > room and report is not None:
                 report.truncated[side] += 1

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from treg_lightning.losses.base import LossOutput, require_reference
+from treg_lightning.errors import ConfigError
+from treg_lightning.losses.base import LossOutput, PreferenceLossModule, require_reference
+from treg_lightning.pairs import PairScores
 
 
-class DPOLoss(nn.Module):
+class DPOLoss(PreferenceLossModule):
     """DPO loss with optional label smoothing (cDPO).
 
     Args:
@@ -37,30 +38,23 @@ class DPOLoss(nn.Module):
     def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0) -> None:
         super().__init__()
         if beta <= 0:
-            raise ValueError(f"DPOLoss: beta must be > 0, got {beta}.")
+            raise ConfigError(f"DPOLoss: beta must be > 0, got {beta}.")
         if not 0.0 <= label_smoothing < 0.5:
-            raise ValueError(
+            raise ConfigError(
                 f"DPOLoss: label_smoothing must be in [0, 0.5), got {label_smoothing}."
             )
         self.beta = beta
         self.label_smoothing = label_smoothing
 
-    def forward(
-        self,
-        chosen_logps: torch.Tensor,
-        rejected_logps: torch.Tensor,
-        chosen_lengths: torch.Tensor,
-        rejected_lengths: torch.Tensor,
-        ref_chosen_logps: torch.Tensor | None = None,
-        ref_rejected_logps: torch.Tensor | None = None,
-    ) -> LossOutput:
-        require_reference("DPOLoss", ref_chosen_logps, ref_rejected_logps)
-        chosen_ratio = chosen_logps - ref_chosen_logps
-        rejected_ratio = rejected_logps - ref_rejected_logps
+    def forward(self, pair: PairScores) -> LossOutput:
+        require_reference("DPOLoss", pair)
+        chosen, rejected = pair.chosen, pair.rejected
+        chosen_ratio = chosen.logps - chosen.ref_logps
+        rejected_ratio = rejected.logps - rejected.ref_logps
         logits = self.beta * (chosen_ratio - rejected_ratio)
         eps = self.label_smoothing
         losses = -(1 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
-        scale = torch.full_like(chosen_logps, self.beta).detach()
+        scale = torch.full_like(chosen.logps, self.beta).detach()
         return LossOutput(
             losses=losses,
             chosen_rewards=(self.beta * chosen_ratio).detach(),
@@ -68,4 +62,5 @@ class DPOLoss(nn.Module):
             chosen_token_scale=scale,
             rejected_token_scale=scale,
             weight=torch.sigmoid(-logits).detach(),
+            uses_reference=True,
         )

@@ -17,13 +17,12 @@ Typical ranges: ``tau`` 0.01-1.0 (0.1 is a common default; smaller means a large
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+from treg_lightning.errors import ConfigError
+from treg_lightning.losses.base import LossOutput, PreferenceLossModule, require_reference
+from treg_lightning.pairs import PairScores
 
-from treg_lightning.losses.base import LossOutput, require_reference
 
-
-class IPOLoss(nn.Module):
+class IPOLoss(PreferenceLossModule):
     """Length-normalized IPO loss.
 
     Args:
@@ -35,23 +34,16 @@ class IPOLoss(nn.Module):
     def __init__(self, tau: float = 0.1) -> None:
         super().__init__()
         if tau <= 0:
-            raise ValueError(f"IPOLoss: tau must be > 0, got {tau}.")
+            raise ConfigError(f"IPOLoss: tau must be > 0, got {tau}.")
         self.tau = tau
 
-    def forward(
-        self,
-        chosen_logps: torch.Tensor,
-        rejected_logps: torch.Tensor,
-        chosen_lengths: torch.Tensor,
-        rejected_lengths: torch.Tensor,
-        ref_chosen_logps: torch.Tensor | None = None,
-        ref_rejected_logps: torch.Tensor | None = None,
-    ) -> LossOutput:
-        require_reference("IPOLoss", ref_chosen_logps, ref_rejected_logps)
-        chosen_lengths = chosen_lengths.to(chosen_logps.dtype).clamp(min=1)
-        rejected_lengths = rejected_lengths.to(rejected_logps.dtype).clamp(min=1)
-        chosen_rewards = (chosen_logps - ref_chosen_logps) / chosen_lengths
-        rejected_rewards = (rejected_logps - ref_rejected_logps) / rejected_lengths
+    def forward(self, pair: PairScores) -> LossOutput:
+        require_reference("IPOLoss", pair)
+        chosen, rejected = pair.chosen, pair.rejected
+        chosen_lengths = chosen.lengths.to(chosen.logps.dtype).clamp(min=1)
+        rejected_lengths = rejected.lengths.to(rejected.logps.dtype).clamp(min=1)
+        chosen_rewards = (chosen.logps - chosen.ref_logps) / chosen_lengths
+        rejected_rewards = (rejected.logps - rejected.ref_logps) / rejected_lengths
         margin = chosen_rewards - rejected_rewards
         losses = (margin - 1 / (2 * self.tau)) ** 2
         return LossOutput(
@@ -61,4 +53,5 @@ class IPOLoss(nn.Module):
             chosen_token_scale=(1 / chosen_lengths).detach(),
             rejected_token_scale=(1 / rejected_lengths).detach(),
             weight=(1 - 2 * self.tau * margin).clamp(0, 1).detach(),
+            uses_reference=True,
         )

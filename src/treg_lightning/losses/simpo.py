@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from treg_lightning.losses.base import LossOutput
+from treg_lightning.errors import ConfigError
+from treg_lightning.losses.base import LossOutput, PreferenceLossModule
+from treg_lightning.pairs import PairScores
 
 
-class SimPOLoss(nn.Module):
+class SimPOLoss(PreferenceLossModule):
     """SimPO loss; reference-free.
 
     Args:
@@ -40,9 +41,9 @@ class SimPOLoss(nn.Module):
     def __init__(self, beta: float = 2.0, gamma_beta_ratio: float = 0.5) -> None:
         super().__init__()
         if beta <= 0:
-            raise ValueError(f"SimPOLoss: beta must be > 0, got {beta}.")
+            raise ConfigError(f"SimPOLoss: beta must be > 0, got {beta}.")
         if gamma_beta_ratio < 0:
-            raise ValueError(f"SimPOLoss: gamma_beta_ratio must be >= 0, got {gamma_beta_ratio}.")
+            raise ConfigError(f"SimPOLoss: gamma_beta_ratio must be >= 0, got {gamma_beta_ratio}.")
         self.beta = beta
         self.gamma_beta_ratio = gamma_beta_ratio
 
@@ -51,20 +52,13 @@ class SimPOLoss(nn.Module):
         """The absolute target margin (TRL's ``simpo_gamma``)."""
         return self.gamma_beta_ratio * self.beta
 
-    def forward(
-        self,
-        chosen_logps: torch.Tensor,
-        rejected_logps: torch.Tensor,
-        chosen_lengths: torch.Tensor,
-        rejected_lengths: torch.Tensor,
-        ref_chosen_logps: torch.Tensor | None = None,
-        ref_rejected_logps: torch.Tensor | None = None,
-    ) -> LossOutput:
-        # Reference log-probs are accepted and ignored so callers need not special-case SimPO.
-        chosen_lengths = chosen_lengths.to(chosen_logps.dtype).clamp(min=1)
-        rejected_lengths = rejected_lengths.to(rejected_logps.dtype).clamp(min=1)
-        chosen_rewards = self.beta * chosen_logps / chosen_lengths
-        rejected_rewards = self.beta * rejected_logps / rejected_lengths
+    def forward(self, pair: PairScores) -> LossOutput:
+        # Reference log-probs, if the pair has them, are ignored: SimPO is reference-free.
+        chosen, rejected = pair.chosen, pair.rejected
+        chosen_lengths = chosen.lengths.to(chosen.logps.dtype).clamp(min=1)
+        rejected_lengths = rejected.lengths.to(rejected.logps.dtype).clamp(min=1)
+        chosen_rewards = self.beta * chosen.logps / chosen_lengths
+        rejected_rewards = self.beta * rejected.logps / rejected_lengths
         logits = chosen_rewards - rejected_rewards - self.gamma
         return LossOutput(
             losses=-F.logsigmoid(logits),
@@ -73,4 +67,5 @@ class SimPOLoss(nn.Module):
             chosen_token_scale=(self.beta / chosen_lengths).detach(),
             rejected_token_scale=(self.beta / rejected_lengths).detach(),
             weight=torch.sigmoid(-logits).detach(),
+            uses_reference=False,
         )

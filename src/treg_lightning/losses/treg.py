@@ -15,14 +15,9 @@ weighted per pair by the loss's own stop-gradient sequence weight ``w``::
 
 ``c(y)`` and ``w`` come from the loss (:class:`~treg_lightning.losses.base.LossOutput`).
 
-Options reproduce the paper's ablations:
-
-- ``weighting="static"``: ``w = 1`` instead of the dynamic sequence weight;
-- ``token_rewards="sft"``: ``r_hat = 1`` on chosen tokens and nothing on rejected ones (SFT on
-  ``y_w`` scaled by ``c``);
-- ``token_rewards="implicit"``: the policy's own implicit token rewards instead of the
-  self-generated ones (ours: ``r_hat_t = sigmoid(c(y) * (logp_t - ref_logp_t)) - 0.5``,
-  detached, so they live on the same (-0.5, 0.5) scale; ``ref_logp_t = 0`` without reference).
+Options reproduce the paper's ablations: ``weighting="static"`` (``w = 1`` instead of the
+dynamic sequence weight) and the ``targets`` (:mod:`treg_lightning.losses.targets`): the
+self-generated rewards (paper), SFT on ``y_w``, or the policy's own implicit token rewards.
 
 Typical ranges: ``alpha`` in {0.1, 0.25, 0.5} (paper). ``alpha = 0`` gives the plain loss exactly.
 """
@@ -33,9 +28,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from jsonargparse import lazy_instance
 from torch import nn
 
+from treg_lightning.errors import ConfigError
 from treg_lightning.losses.base import LossOutput
+from treg_lightning.losses.targets import SelfGeneratedRewards, TokenTargets
+from treg_lightning.pairs import PairScores
 
 
 @dataclass
@@ -81,104 +80,51 @@ class TokenRewardRegularizer(nn.Module):
         alpha: strength of the regularizer (>= 0); 0 turns it off exactly.
         weighting: ``"dynamic"`` uses the loss's sequence weight ``w`` (paper); ``"static"``
             uses ``w = 1`` (ablation).
-        token_rewards: ``"self"`` uses the cached self-generated rewards (paper); ``"sft"``
-            regularizes with ``r_hat = 1`` on chosen tokens only; ``"implicit"`` uses the policy's
-            own implicit token rewards (ablations).
+        targets: the token rewards ``r_hat`` to regularize towards:
+            ``SelfGeneratedRewards`` (the data's token rewards; paper), ``ChosenSFT`` or
+            ``ImplicitRewards`` (ablations); see :mod:`treg_lightning.losses.targets`.
     """
 
     def __init__(
         self,
         alpha: float = 0.25,
         weighting: Literal["dynamic", "static"] = "dynamic",
-        token_rewards: Literal["self", "sft", "implicit"] = "self",
+        targets: TokenTargets = lazy_instance(SelfGeneratedRewards),
     ) -> None:
         super().__init__()
         if alpha < 0:
-            raise ValueError(f"TokenRewardRegularizer: alpha must be >= 0, got {alpha}.")
+            raise ConfigError(f"TokenRewardRegularizer: alpha must be >= 0, got {alpha}.")
         if weighting not in ("dynamic", "static"):
-            raise ValueError(f"weighting must be 'dynamic' or 'static', got {weighting!r}.")
-        if token_rewards not in ("self", "sft", "implicit"):
-            raise ValueError(
-                f"token_rewards must be 'self', 'sft' or 'implicit', got {token_rewards!r}."
+            raise ConfigError(f"weighting must be 'dynamic' or 'static', got {weighting!r}.")
+        if not isinstance(targets, TokenTargets):
+            raise ConfigError(
+                f"targets must be a TokenTargets object (SelfGeneratedRewards, ChosenSFT, "
+                f"ImplicitRewards or your own), got {targets!r}."
             )
         self.alpha = alpha
         self.weighting = weighting
-        self.token_rewards = token_rewards
+        self.targets = targets
 
-    @property
     def needs_token_rewards(self) -> bool:
-        """Whether the batch must carry cached ``r_hat`` (only the paper's own variant does)."""
-        return self.alpha > 0 and self.token_rewards == "self"
+        """Whether the batches must carry token rewards ``r_hat`` (the paper's own targets).
 
-    def forward(
-        self,
-        out: LossOutput,
-        chosen_token_logps: torch.Tensor,
-        chosen_mask: torch.Tensor,
-        chosen_token_rewards: torch.Tensor | None,
-        rejected_token_logps: torch.Tensor,
-        rejected_mask: torch.Tensor,
-        rejected_token_rewards: torch.Tensor | None,
-        chosen_ref_token_logps: torch.Tensor | None = None,
-        rejected_ref_token_logps: torch.Tensor | None = None,
-    ) -> RegularizerOutput:
-        """Per-token tensors are ``[batch, seq]`` aligned with the input ids; masks are bool."""
-        weight = out.weight if self.weighting == "dynamic" else torch.ones_like(out.weight)
+        A method, not a property: calling it initializes a ``lazy_instance`` default."""
+        return self.alpha > 0 and self.targets.needs_token_rewards
+
+    def forward(self, pair: PairScores, out: LossOutput) -> RegularizerOutput:
+        """``pair`` needs per-token ``token_logps`` and ``mask`` on both sides (and what the
+        targets read); ``out`` is the sequence loss's output on the same pair."""
+        dynamic = self.weighting == "dynamic"
+        weight = (out.weight if dynamic else torch.ones_like(out.weight)).detach()
         if self.alpha == 0:
             zeros = torch.zeros_like(out.losses)
-            return RegularizerOutput(zeros, zeros, zeros, weight.detach())
-        chosen_rewards, rejected_rewards = self._targets(
-            out,
-            chosen_token_logps,
-            chosen_token_rewards,
-            rejected_token_logps,
-            rejected_token_rewards,
-            chosen_ref_token_logps,
-            rejected_ref_token_logps,
+            return RegularizerOutput(zeros, zeros, zeros, weight)
+        chosen_targets, rejected_targets = self.targets(pair, out)
+        chosen_reg, rejected_reg = (
+            reward_weighted_nll(out.token_scale(side), scores.token_logps, targets, scores.mask)
+            for (side, scores), targets in zip(
+                pair.sides(), (chosen_targets, rejected_targets), strict=True
+            )
         )
-        chosen_reg = reward_weighted_nll(
-            out.chosen_token_scale, chosen_token_logps, chosen_rewards, chosen_mask
-        )
-        rejected_reg = reward_weighted_nll(
-            out.rejected_token_scale, rejected_token_logps, rejected_rewards, rejected_mask
-        )
-        weight = weight.detach()
         losses = self.alpha * weight * (chosen_reg + rejected_reg)
         return RegularizerOutput(losses, chosen_reg, rejected_reg, weight)
-
-    def _targets(
-        self,
-        out,
-        chosen_token_logps,
-        chosen_token_rewards,
-        rejected_token_logps,
-        rejected_token_rewards,
-        chosen_ref_token_logps,
-        rejected_ref_token_logps,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The token rewards ``r_hat`` to regularize towards, detached."""
-        if self.token_rewards == "sft":
-            return torch.ones_like(chosen_token_logps), torch.zeros_like(rejected_token_logps)
-        if self.token_rewards == "implicit":
-            return (
-                _implicit_rewards(
-                    out.chosen_token_scale, chosen_token_logps, chosen_ref_token_logps
-                ),
-                _implicit_rewards(
-                    out.rejected_token_scale, rejected_token_logps, rejected_ref_token_logps
-                ),
-            )
-        if chosen_token_rewards is None or rejected_token_rewards is None:
-            raise ValueError(
-                "TokenRewardRegularizer(token_rewards='self') needs cached token rewards in the "
-                "batch (chosen_token_rewards / rejected_token_rewards): build the token-reward "
-                "cache with `treg annotate`, or set regularizer.alpha: 0 to train without T-REG."
-            )
-        return chosen_token_rewards.detach(), rejected_token_rewards.detach()
-
-
-def _implicit_rewards(
-    token_scale: torch.Tensor, token_logps: torch.Tensor, ref_token_logps: torch.Tensor | None
-) -> torch.Tensor:
-    log_ratio = token_logps if ref_token_logps is None else token_logps - ref_token_logps
-    return (torch.sigmoid(token_scale[:, None] * log_ratio) - 0.5).detach()

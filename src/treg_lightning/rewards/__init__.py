@@ -1,16 +1,15 @@
-"""Self-generated token rewards: contrastive templates, the annotate pass, the on-disk cache and
-a heat-map view (METHOD.md section 1)."""
+"""Token rewards: the reward-source protocol, contrastive self-generated rewards (templates,
+scoring, the fingerprinted cache) and a heat-map view (docs/method.md, section 1)."""
 
-from treg_lightning.rewards.annotate import TokenRewardAnnotator, check_same_vocab, token_rewards
+from treg_lightning.rewards.annotate import ContrastiveScorer, check_same_vocab, token_rewards
 from treg_lightning.rewards.cache import (
     CacheError,
     Fingerprint,
-    annotation_fingerprint,
-    cached_token_rewards,
     compute_fingerprint,
     load_or_build,
     read_meta,
 )
+from treg_lightning.rewards.contrastive import ContrastiveRewards
 from treg_lightning.rewards.prompts import (
     PRESETS,
     ContrastiveTemplate,
@@ -19,15 +18,17 @@ from treg_lightning.rewards.prompts import (
     revise_template,
 )
 from treg_lightning.rewards.render import render_heatmap
+from treg_lightning.rewards.source import AnnotationContext, TokenRewardSource
 
 __all__ = [
     "PRESETS",
+    "AnnotationContext",
     "CacheError",
+    "ContrastiveRewards",
+    "ContrastiveScorer",
     "ContrastiveTemplate",
     "Fingerprint",
-    "TokenRewardAnnotator",
-    "annotation_fingerprint",
-    "cached_token_rewards",
+    "TokenRewardSource",
     "check_same_vocab",
     "compute_fingerprint",
     "get_template",

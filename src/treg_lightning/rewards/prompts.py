@@ -1,4 +1,4 @@
-"""Contrastive prompt templates for self-generated token rewards (METHOD.md section 1).
+"""Contrastive prompt templates for self-generated token rewards (docs/method.md section 1).
 
 The evaluator scores every response token under two opposite contexts built from the same
 prompt: ``x_better`` asks for a helpful, correct, coherent, concise response, ``x_worse`` for an
@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import Literal
+
+from treg_lightning.errors import ConfigError
 
 _SYSTEM_PROBE = "treg-system-probe-7c1f"
 
@@ -68,18 +70,18 @@ class ContrastiveTemplate:
         name: str = "custom",
     ) -> None:
         if mode not in ("instruct", "revise"):
-            raise ValueError(
+            raise ConfigError(
                 f"ContrastiveTemplate mode must be 'instruct' or 'revise', got {mode!r}."
             )
         for field, text in (("better", better), ("worse", worse)):
             missing = [p for p in ("{query}", "{response}") if p not in text]
             if mode == "revise" and missing:
-                raise ValueError(
+                raise ConfigError(
                     f"revise template '{name}': the {field} text lacks the placeholder(s) "
                     f"{', '.join(missing)}; it must show the conversation and the response."
                 )
             if mode == "instruct" and "{response}" in text:
-                raise ValueError(
+                raise ConfigError(
                     f"instruct template '{name}': the {field} text contains {{response}}; an "
                     "instruct template must not show the scored response (use mode='revise')."
                 )
@@ -123,7 +125,7 @@ class ContrastiveTemplate:
             if excess <= 0:
                 return contexts
             messages, response_text = _shrink(messages, response_text, excess, self.mode)
-        raise ValueError(
+        raise ConfigError(
             f"Template '{self.name}' cannot fit its contexts into max_length={max_length} tokens "
             "even with the conversation cut down; raise the context length limit."
         )
@@ -219,7 +221,7 @@ def get_template(
     if isinstance(template, Mapping):
         return ContrastiveTemplate(**template)
     if template not in PRESETS:
-        raise ValueError(
+        raise ConfigError(
             f"Unknown contrastive template preset {template!r}; choose one of {sorted(PRESETS)} "
             "or pass a ContrastiveTemplate(better=..., worse=..., mode=...)."
         )

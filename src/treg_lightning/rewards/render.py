@@ -21,7 +21,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-SIDES = ("chosen", "rejected")
+from treg_lightning.pairs import SIDES, field
+
 _NEGATIVE = (178, 24, 43)  # red end of the diverging scale (ColorBrewer RdBu)
 _POSITIVE = (33, 102, 172)  # blue end
 # Words that name a chat role when a template writes them after a turn marker.
@@ -29,8 +30,8 @@ ROLE_WORDS = ("system", "user", "assistant", "human", "model", "bot", "tool", "d
 # Literal turn markers of templates whose markers are plain text (e.g. "<|user|>").
 _LITERAL_MARKER = re.compile(r"<\|([A-Za-z_]+)\|>")
 
-# Cache columns: the new name first, the old one (before the rename) second.
-_REWARD_COLUMNS = {side: (f"{side}_token_rewards", f"{side}_rewards") for side in SIDES}
+# Cache columns: the contract's name first, the old one (caches of format 1) second.
+_REWARD_COLUMNS = {side: (field(side, "token_rewards"), f"{side}_rewards") for side in SIDES}
 
 
 def token_rewards(row: Mapping[str, Any], side: str) -> list[float]:

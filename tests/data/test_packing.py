@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
+from transformers import AttentionInterface
 
+from builders import tiny_llama
 from treg_lightning.data.packing import (
     block_diagonal_mask,
     pack_batch,
@@ -21,6 +22,7 @@ from treg_lightning.data.packing import (
 )
 from treg_lightning.logprobs import sequence_logps, token_logps_from_hidden
 from treg_lightning.losses import DPOLoss, SimPOLoss, TokenRewardRegularizer
+from treg_lightning.pairs import PairScores, ResponseScores
 
 VOCAB = 64
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
@@ -58,42 +60,21 @@ def _batch(dtype=torch.float32, seed=0):
 
 
 def _model(attn_implementation, dtype):
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        attn_implementation=attn_implementation,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).to(dtype)
+    return tiny_llama(VOCAB, 0, dtype, attn_implementation=attn_implementation)
 
 
 def _loss(chosen_token_logps, rejected_token_logps, sides, loss_fn):
     """Mean of (sequence loss + T-REG) on ``[B, T]`` tensors; ``sides`` holds masks etc."""
-    chosen, rejected = sides
-    chosen_logps = sequence_logps(chosen_token_logps, chosen["mask"])
-    rejected_logps = sequence_logps(rejected_token_logps, rejected["mask"])
-    out = loss_fn(
-        chosen_logps,
-        rejected_logps,
-        chosen["mask"].sum(-1),
-        rejected["mask"].sum(-1),
-        sequence_logps(chosen["ref"], chosen["mask"]),
-        sequence_logps(rejected["ref"], rejected["mask"]),
+    pair = PairScores(
+        *(
+            ResponseScores.from_tokens(token_logps, side["mask"], side["ref"], side["rewards"])
+            for token_logps, side in zip(
+                (chosen_token_logps, rejected_token_logps), sides, strict=True
+            )
+        )
     )
-    reg = TokenRewardRegularizer(alpha=0.25)(
-        out,
-        chosen_token_logps,
-        chosen["mask"],
-        chosen["rewards"],
-        rejected_token_logps,
-        rejected["mask"],
-        rejected["rewards"],
-    )
+    out = loss_fn(pair)
+    reg = TokenRewardRegularizer(alpha=0.25)(pair, out)
     return (out.losses + reg.losses).mean()
 
 

@@ -1,0 +1,54 @@
+"""The start-up check that joins the data's reward source to what the loss and regularizer need.
+
+Run before any model is loaded (by the CLI for every subcommand that trains or evaluates, and by
+``PreferenceModule.prepare_data`` under a plain ``Trainer``), so a run that would silently train
+the wrong thing, or fail mid-epoch, fails in seconds with the two settings named.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from treg_lightning.errors import ConfigError
+from treg_lightning.hparams import real_class
+from treg_lightning.rewards.source import TokenRewardSource
+
+
+def _source_name(rewards: TokenRewardSource | None) -> str:
+    return "null (no token-reward source)" if rewards is None else real_class(rewards).__name__
+
+
+def check_pair_inputs(
+    loss: nn.Module,
+    regularizer: nn.Module | None,
+    live_reference: bool | None,
+    rewards: TokenRewardSource | None,
+) -> None:
+    """Raise :class:`ConfigError` when the loss or the regularizer needs what nothing provides.
+
+    Args:
+        loss: the sequence loss (``needs_reference``).
+        regularizer: the T-REG regularizer or None (``needs_token_rewards``).
+        live_reference: the module's setting: False never loads a reference model.
+        rewards: the data's token-reward source, or None.
+    """
+    if regularizer is not None and regularizer.needs_token_rewards():
+        if rewards is None or not rewards.provides_token_rewards:
+            targets = real_class(regularizer.targets).__name__
+            raise ConfigError(
+                f"model.regularizer (alpha {regularizer.alpha}, targets {targets}) needs token "
+                f"rewards in the data, but data.rewards is {_source_name(rewards)}, which "
+                "provides none. Set data.rewards to a token-reward source (e.g. class_path: "
+                "treg_lightning.rewards.ContrastiveRewards), or train without T-REG "
+                "(model.regularizer.alpha: 0 or model.regularizer: null)."
+            )
+    if getattr(loss, "needs_reference", False) and live_reference is False:
+        if rewards is None or not rewards.provides_reference_logps:
+            raise ConfigError(
+                f"{real_class(loss).__name__} needs reference log-probabilities, but "
+                "model.live_reference is false and data.rewards is "
+                f"{_source_name(rewards)}, which serves no cached reference log-probs. Either "
+                "let the source cache them (data.rewards: ContrastiveRewards with "
+                "store_reference_logps: true) or set model.live_reference: null to load the "
+                "reference model."
+            )

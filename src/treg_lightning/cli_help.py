@@ -1,0 +1,102 @@
+"""What the ``treg`` parser prints: short errors with a guess at the meant key, and help that
+lists every ``data.*`` argument.
+
+- A parse error prints the error and the ``--help`` tip, not the 80-line usage of every option.
+- A value refused by an ``X | None`` setting gives X's error, not jsonargparse's list of every
+  type tried.
+- A misspelled key, in YAML (``does not accept option``) or on the command line
+  (``unrecognized arguments``), gets "Did you mean ...?" with the closest key.
+- ``data.tokenizer`` is set from ``model.model`` by a link; jsonargparse then lists it only under
+  "Linked arguments". :func:`show_linked_target` puts its help back in its own group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import re
+from collections.abc import Iterable
+
+# Usage longer than this many lines is left out of error messages (the tip names --help).
+MAX_USAGE_LINES = 4
+
+
+def did_you_mean(message: str, keys: Iterable[str]) -> str:
+    """``message`` plus "Did you mean ...?" for the unknown keys it names, when one is close."""
+    keys = sorted(set(keys))
+    match = re.search(r"does not accept options? '([^']+)'", message)
+    if match:
+        close = difflib.get_close_matches(match.group(1), keys, n=1, cutoff=0.75)
+        return f"{message}. Did you mean '{close[0]}'?" if close else message
+    match = re.search(r"unrecognized arguments: (.+)$", message)
+    if match:
+        guesses = []
+        for word in match.group(1).split():
+            key = word.split("=", 1)[0].removeprefix("--")
+            if word.startswith("--") and key:
+                close = difflib.get_close_matches(key, keys, n=1, cutoff=0.75)
+                guesses += [f"--{close[0]}"] if close else []
+        if guesses:
+            return f"{message}. Did you mean {', '.join(repr(g) for g in guesses)}?"
+    return message
+
+
+def without_union_dump(message: str) -> str:
+    """jsonargparse's "Does not validate against any of the Union subtypes" message (the types
+    tried, each one's error, the value's repr) cut to the one error that matters: for an
+    ``X | None`` setting, X's. Other messages are returned as they are."""
+    lines = message.splitlines()
+    try:
+        start = lines.index("  Errors:") + 1
+    except ValueError:
+        return message
+    if "Does not validate against any of the Union subtypes" not in message:
+        return message
+    items: list[list[str]] = []
+    for line in lines[start:]:
+        if line.startswith("    - "):
+            items.append([line[len("    - ") :]])
+        elif line.startswith("      ") and items:
+            items[-1].append(line[len("    ") :])
+        else:
+            break
+    kept = [item for item in items if item != ["Expected a <class 'NoneType'>"]]
+    if len(kept) != 1:
+        return message
+    return "\n".join([f"{lines[0]} {kept[0][0]}", *kept[0][1:]])
+
+
+def option_keys(usage: str) -> list[str]:
+    """The ``a.b.c`` keys of every ``--a.b.c`` option in a usage text."""
+    return re.findall(r"--([\w.]+)", usage)
+
+
+def short_usage(usage: str) -> str:
+    """The usage text if short (the root command's subcommand list), else nothing."""
+    return usage if usage.count("\n") < MAX_USAGE_LINES else ""
+
+
+class _LinkedTargetHelp(argparse.Action):
+    """Help-only entry for a link target (never parsed: it is in no parser's action list)."""
+
+    def __init__(self, target: argparse.Action, source: str) -> None:
+        text = (target.help or "").rstrip()
+        super().__init__(
+            option_strings=list(target.option_strings),
+            dest=target.dest,
+            default=argparse.SUPPRESS,
+            metavar=target.dest.rsplit(".", 1)[-1].upper(),
+            help=f"{text} Set from --{source}: change that one (type: str).",
+        )
+
+    def __call__(self, parser, namespace, values, option_string=None):  # pragma: no cover
+        raise AssertionError("help-only entry")
+
+
+def show_linked_target(parser, source: str, target: str) -> None:
+    """``parser.link_arguments(source, target)``, keeping ``target`` listed in its group."""
+    action = next(a for a in parser._actions if a.dest == target)
+    group = next(g for g in parser._action_groups if action in g._group_actions)
+    position = group._group_actions.index(action)
+    parser.link_arguments(source, target)
+    group._group_actions.insert(position, _LinkedTargetHelp(action, source))

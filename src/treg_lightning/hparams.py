@@ -1,0 +1,82 @@
+"""Hyperparameters that reload without the CLI: injected objects described as class paths.
+
+Under the CLI, Lightning saves the parsed config (plain values). Outside it, the injected
+objects of :class:`~treg_lightning.module.PreferenceModule` (the loss, the regularizer and its
+targets, optimizer / scheduler partials) are stored as ``{"class_path", "init_args"}`` and
+instantiated back by jsonargparse on ``load_from_checkpoint``; an object that cannot be described
+(init arguments that are neither plain values nor describable objects) is left out: pass it
+again when loading.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+import lightning as L
+from torch import nn
+
+_PLAIN = (int, float, str, bool, type(None))
+
+
+def portable_hparams(module: L.LightningModule, init_args: dict[str, Any]) -> None:
+    """``module.save_hyperparameters()`` of the caller's ``__init__`` arguments, with injected
+    objects described (see the module docstring)."""
+    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+
+    args = {k: v for k, v in init_args.items() if k not in ("self", "__class__")}
+    under_cli = _given_hyperparameters.get() is not None
+    injected = {} if under_cli else {k: v for k, v in args.items() if _is_object(v)}
+    frame = inspect.currentframe().f_back  # the caller: the module's __init__
+    module.save_hyperparameters(ignore=list(injected), frame=frame)
+    if not injected:
+        return
+    described = {k: _describe(v) for k, v in injected.items()}
+    module.hparams.update({k: v for k, v in described.items() if v is not None})
+    module.hparams["_instantiator"] = "lightning.pytorch.cli.instantiate_module"
+
+
+def _is_object(value: Any) -> bool:
+    return isinstance(value, nn.Module) or callable(value)
+
+
+def _describe(value: Any) -> dict[str, Any] | None:
+    """``{"class_path", "init_args"}`` for a ``partial(cls, **kwargs)``, a class, or an object
+    whose constructor arguments are attributes holding plain values or describable objects
+    (recursively: a regularizer and its targets); else None."""
+    if isinstance(value, functools.partial) and isinstance(value.func, type) and not value.args:
+        return {"class_path": _class_path(value.func), "init_args": dict(value.keywords)}
+    if isinstance(value, type):
+        return {"class_path": _class_path(value)}
+    if inspect.isroutine(value) or not hasattr(value, "__dict__"):
+        return None  # a function, lambda or builtin: nothing to rebuild it from
+    cls = real_class(value)
+    if cls.__init__ is object.__init__:
+        return {"class_path": _class_path(cls)}
+    params = list(inspect.signature(cls.__init__).parameters)[1:]
+    init_args = {}
+    for name in params:
+        if not hasattr(value, name):
+            continue
+        arg = getattr(value, name)
+        if not isinstance(arg, _PLAIN):
+            arg = _describe(arg) if _is_object(arg) else None
+            if arg is None:
+                return None
+        init_args[name] = arg
+    return {"class_path": _class_path(cls), "init_args": init_args}
+
+
+def real_class(value: Any) -> type:
+    """The class of ``value``; for a jsonargparse ``lazy_instance`` (a subclass made on the fly),
+    the class it stands for."""
+    mro = type(value).__mro__
+    for i, cls in enumerate(mro[:-1]):
+        if cls.__module__.startswith("jsonargparse") and "Lazy" in cls.__name__:
+            return mro[i + 1]
+    return type(value)
+
+
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
