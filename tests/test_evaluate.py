@@ -17,6 +17,7 @@ import torch
 from test_cli import write_pairs
 from treg_lightning.cli import TRegCLI
 from treg_lightning.evaluation import length_stats, win_rate
+from treg_lightning.outputs import OutputFolderError
 
 BETA = 0.5
 PROMPTS = ["Say hi.", "Count to 3.", "Why is the sky blue?", "Name a fruit."]
@@ -190,7 +191,7 @@ def test_length_statistics_table_and_plots(evaluated):
     assert [line.split("|")[1].strip() for line in table[2:]] == ["ckpt", "folder", "reference"]
     for png in ("evaluation.png", "curves.png"):
         assert (evaluated["root"] / "report" / png).read_bytes()[:4] == b"\x89PNG"
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    with pytest.raises(OutputFolderError, match="--overwrite"):
         cli_main(evaluated["args"])
 
 

@@ -20,6 +20,7 @@ from test_cli import PAIRS, write_pairs
 from treg_lightning.cli import TRegCLI, TRegTrainer
 from treg_lightning.data.errors import DataFormatError
 from treg_lightning.generation import SamplingSettings, TransformersBackend, cut_at_stop
+from treg_lightning.outputs import OutputFolderError
 from treg_lightning.predictions import PredictJob, PredictSettings, run_predict
 from treg_lightning.prompt_sets import read_prompts_file
 
@@ -217,7 +218,7 @@ def test_predict_cli_data_prompts_and_no_overwrite(setup, tiny_model_dir):
     assert not Path(f"{out}.parts").exists()  # parts removed once merged
     assert "vllm" not in sys.modules  # imported only when its backend is chosen
     before = out.read_bytes()
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    with pytest.raises(OutputFolderError, match="--overwrite"):
         cli_main(["predict", *base_args(tiny_model_dir, setup["data"], out), "--seed=5"])
     assert out.read_bytes() == before
     cli_main(["predict", *base_args(tiny_model_dir, setup["data"], out), "--overwrite=true",
@@ -312,6 +313,7 @@ def test_resume_keeps_finished_shards_and_never_mixes_settings(setup, tiny_model
 PAUSEKIT = '''
 import time
 from pathlib import Path
+from treg_lightning.outputs import OutputFolderError
 from treg_lightning.generation import TransformersBackend
 
 class PauseAfter(TransformersBackend):

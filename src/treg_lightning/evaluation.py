@@ -20,6 +20,7 @@ matplotlib is installed.
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -159,7 +160,9 @@ def matched(rows: list[dict], reference: list[dict], name: str) -> list[int]:
     for row in rows:
         found = positions.get(prompt_key(row))
         if not found:
-            raise ValueError(
+            from treg_lightning.errors import ConfigError
+
+            raise ConfigError(
                 f"run {name!r}: the reference answers have no answer to the prompt "
                 f"{row['instruction'][:80]!r}. Generate both with the same prompts "
                 "(treg predict --prompts FILE, or the same data split and limit)."
@@ -228,15 +231,17 @@ def pair_metrics(trainer, module, datamodule) -> dict[str, float]:
 def evaluate_runs(trainer, base_module, datamodule, runs: list[EvalRun],
                   settings: EvaluateSettings) -> list[dict[str, Any]]:  # fmt: skip
     """One result dict per run (and one for the reference answers, when given)."""
+    from treg_lightning.errors import ConfigError, MissingFileError
+
     if not runs:
-        raise ValueError("evaluate needs at least one run: --runs '[{name: ..., ...}]'.")
+        raise ConfigError("evaluate needs at least one run: --runs '[{name: ..., ...}]'.")
     for run in runs:
         if not (run.predictions or run.ckpt_path or run.policy):
-            raise ValueError(f"run {run.name!r} has neither predictions nor ckpt_path/policy.")
+            raise ConfigError(f"run {run.name!r} has neither predictions nor ckpt_path/policy.")
         for field in ("predictions", "ckpt_path", "policy"):
             value = getattr(run, field)
             if value is not None and not Path(value).exists():
-                raise FileNotFoundError(f"run {run.name!r}: {field} {value} does not exist.")
+                raise MissingFileError(f"run {run.name!r}: {field} {value} does not exist.")
     answers = {run.name: read_jsonl(Path(run.predictions)) for run in runs if run.predictions}
     reference = read_jsonl(Path(settings.reference)) if settings.reference else None
     tokenizer = datamodule._load_tokenizer() if datamodule is not None else None
@@ -347,10 +352,13 @@ def write_report(results: list[dict[str, Any]], runs: list[EvalRun], output_dir:
 
 def check_report_folder(output_dir: str | Path, overwrite: bool) -> None:
     """Refuse to write over an earlier report unless asked to (checked before any work)."""
+    from treg_lightning.outputs import OutputFolderError
+
     for name in ("evaluation.md", "evaluation.json"):
         path = Path(output_dir) / name
         if path.exists() and not overwrite:
-            raise FileExistsError(
+            raise OutputFolderError(
+                errno.EEXIST,
                 f"{path} exists: evaluate never writes over a report. Choose another "
-                "--output_dir or pass --overwrite true."
+                "--output_dir or pass --overwrite true.",
             )

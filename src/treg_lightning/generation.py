@@ -21,6 +21,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from treg_lightning.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class SamplingSettings:
@@ -40,11 +42,11 @@ class SamplingSettings:
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}.")
+            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}.")
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0: greedy), got {self.temperature}.")
+            raise ConfigError(f"temperature must be >= 0 (0: greedy), got {self.temperature}.")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}.")
 
     @property
     def greedy(self) -> bool:
@@ -74,7 +76,7 @@ def stop_token_ids(tokenizer, model: nn.Module | None = None) -> list[int]:
     ids += extra if isinstance(extra, (list, tuple)) else [extra]
     ids = list(dict.fromkeys(int(i) for i in ids if i is not None))
     if not ids:
-        raise ValueError(
+        raise ConfigError(
             "the tokenizer has no eos_token (the end-of-turn token): generation could not stop "
             "at the end of the answer. Use the tokenizer of a chat model."
         )

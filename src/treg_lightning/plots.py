@@ -43,7 +43,9 @@ def read_metrics(log: str | Path) -> Series:
     events = sorted(path.rglob("events.out.tfevents.*")) if path.is_dir() else []
     if events:
         return _read_events(_latest(events).parent)
-    raise FileNotFoundError(
+    from treg_lightning.errors import MissingFileError
+
+    raise MissingFileError(
         f"{path} holds no metrics.csv (CSVLogger) and no TensorBoard event file: give the "
         "run's log folder (trainer.logger save_dir) or its metrics.csv."
     )

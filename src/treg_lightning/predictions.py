@@ -16,6 +16,7 @@ Output rows (JSONL, AlpacaEval's format plus what evaluation needs)::
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from treg_lightning.errors import ConfigError, MissingFileError
 from treg_lightning.generation import GenerationBackend, SamplingSettings
 from treg_lightning.outputs import disk_full_hint
 
@@ -112,24 +114,25 @@ class PredictSettings:
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.shard_size < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"batch_size ({self.batch_size}) and shard_size ({self.shard_size}) must be >= 1."
             )
 
 
 def check_output(output: str | Path, overwrite: bool) -> Path:
     """Refuse to write over an existing answers file unless asked to; check the folder."""
-    from treg_lightning.outputs import check_writable
+    from treg_lightning.outputs import OutputFolderError, check_writable
 
     path = Path(output).expanduser()
+    if path.is_dir():
+        raise OutputFolderError(errno.EISDIR, f"--output {path} is a folder; give a .jsonl name.")
     if path.exists() and not overwrite:
-        raise FileExistsError(
+        raise OutputFolderError(
+            errno.EEXIST,
             f"{path} exists: predict never writes over an answers file. Choose another "
             "--output, or pass --overwrite true to replace it (the old file stays until the "
-            "new one is complete)."
+            "new one is complete).",
         )
-    if path.is_dir():
-        raise IsADirectoryError(f"--output {path} is a folder; give a .jsonl file name.")
     check_writable([("--output", path.parent)])
     return path
 
@@ -298,9 +301,9 @@ class PredictJob:
 def run_predict(trainer, job: PredictJob) -> Path | None:
     """``treg predict``: launch the strategy's processes and generate (see the module doc)."""
     if job.module is None or job.datamodule is None:
-        raise ValueError("predict needs the model and data sections (--config ...).")
+        raise ConfigError("predict needs the model and data sections (--config ...).")
     if job.ckpt_path is not None and not Path(job.ckpt_path).exists():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"--ckpt_path {job.ckpt_path} does not exist: give a .ckpt file or a sharded "
             "checkpoint folder, or drop --ckpt_path to generate with model.model as it is "
             "(e.g. an exported policy folder)."

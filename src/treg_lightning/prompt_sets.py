@@ -145,7 +145,9 @@ def data_prompts(datamodule, split: str) -> list[dict[str, Any]]:
     the prompt ids training used (pairs sharing a prompt give one prompt)."""
     rows = datamodule.tokenized_rows()
     if not rows.get(split):
-        raise ValueError(
+        from treg_lightning.errors import ConfigError
+
+        raise ConfigError(
             f"the data has no {split!r} pairs to take prompts from (splits: "
             f"{sorted(k for k, v in rows.items() if v)}). Set data.val_fraction or "
             "data.val_source for held-out prompts, --split train, or give --prompts FILE."

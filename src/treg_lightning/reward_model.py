@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import torch
 
+from treg_lightning.errors import ConfigError
+
 
 class RewardModelScorer:
     """Rewards of conversations under a sequence-classification reward model.
@@ -46,7 +48,7 @@ class RewardModelScorer:
             name_or_path, trust_remote_code=trust_remote_code
         )
         if not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError(
+            raise ConfigError(
                 f"the reward model {self.name!r} has no chat template: its tokenizer cannot "
                 "render (prompt, answer) as it was trained to read them. Use a chat reward model."
             )
@@ -56,7 +58,7 @@ class RewardModelScorer:
         )
         self.model.to(self.device).eval()
         if self.model.config.num_labels != 1:
-            raise ValueError(
+            raise ConfigError(
                 f"the reward model {self.name!r} has {self.model.config.num_labels} outputs; a "
                 "reward model has one (num_labels=1)."
             )
