@@ -47,6 +47,10 @@ mutation: install
 
 demo: install
 	$(BIN)/treg fit --config configs/demo.yaml
+	# The answers of the policy just trained, into its run folder (the newest version_N).
+	run=$$(ls -d outputs/demo/logs/version_* | sort -V | tail -1); \
+	$(BIN)/treg predict --config configs/demo.yaml --model.model $$run/policy \
+		--output $$run/answers.jsonl --max_new_tokens 96
 
 clean:
 	rm -rf $(VENV) .pytest_cache outputs

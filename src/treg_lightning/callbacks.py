@@ -8,12 +8,12 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 
 from treg_lightning.data.datamodule import PreferenceDataModule
-from treg_lightning.pairs import field
 
 
 class ExportOnFitEnd(Callback):
     """After ``fit``: export the policy as a Hugging Face folder, write the token-reward heat
-    map of the first training pairs, and print where each output lies.
+    map of the first training pairs (HTML, and with matplotlib a PNG beside it, also logged as
+    an image to TensorBoard / W&B loggers), and print where each output lies.
 
     ``{log_dir}`` in a path stands for the run's own folder (the logger's version folder, e.g.
     ``outputs/demo/logs/version_3``; ``trainer.default_root_dir`` without a logger), so runs
@@ -22,7 +22,8 @@ class ExportOnFitEnd(Callback):
 
     Args:
         export_dir: folder for ``save_pretrained`` (safetensors + tokenizer); None skips it.
-        heatmap_path: ``.html`` file for the heat map; None skips it.
+        heatmap_path: ``.html`` file for the heat map (the PNG takes its name with ``.png``);
+            None skips both.
         heatmap_pairs: number of pairs shown in the heat map.
         overwrite: write even where an earlier run's outputs are (replacing them).
     """
@@ -52,7 +53,10 @@ class ExportOnFitEnd(Callback):
         """Refuse outputs that already exist (an earlier run's), before anything runs."""
         from treg_lightning.outputs import check_not_overwriting
 
-        for name, path in self.paths(trainer.log_dir).items():
+        paths = self.paths(trainer.log_dir)
+        if paths["heatmap_path"] is not None:  # the PNG beside the page
+            paths["heatmap_path (PNG)"] = paths["heatmap_path"].with_suffix(".png")
+        for name, path in paths.items():
             allow = "ExportOnFitEnd overwrite: true"
             check_not_overwriting(path, f"ExportOnFitEnd {name}", self.overwrite, allow)
 
@@ -73,6 +77,7 @@ class ExportOnFitEnd(Callback):
 
                 path = render_heatmap(rows, tokenizer, paths["heatmap_path"], n=self.heatmap_pairs)
                 self.written["token-reward heat map"] = Path(path)
+                self._heatmap_image(trainer, rows, tokenizer, Path(path).with_suffix(".png"))
         if trainer.is_global_zero:
             self._print(trainer, log_dir)
 
@@ -86,11 +91,24 @@ class ExportOnFitEnd(Callback):
         return tokenizer
 
     def _cache_rows(self, trainer: L.Trainer):
+        from treg_lightning.rewards.render import has_token_rewards
+
         data = trainer.datamodule
         rows = data.datasets.get("train") if isinstance(data, PreferenceDataModule) else None
-        if not rows or rows[0].get(field("chosen", "token_rewards")) is None:
+        if not rows or not has_token_rewards(k for k, v in rows[0].items() if v is not None):
             return None  # no token rewards (data.rewards: null): nothing to draw
         return rows
+
+    def _heatmap_image(self, trainer: L.Trainer, rows, tokenizer, path: Path) -> None:
+        """The PNG of the heat map, also logged to TensorBoard / W&B loggers (needs matplotlib,
+        the `plots` extra; skipped without it)."""
+        try:
+            from treg_lightning.rewards.render_png import log_heatmap_image, render_heatmap_png
+        except ImportError:
+            return
+        png, image = render_heatmap_png(rows, tokenizer, path, n=min(self.heatmap_pairs, 4))
+        self.written["token-reward heat map (PNG)"] = png
+        log_heatmap_image(trainer.loggers, image, trainer.global_step)
 
     def _print(self, trainer: L.Trainer, log_dir: str | None) -> None:
         checkpoint = getattr(trainer.checkpoint_callback, "best_model_path", "") or getattr(

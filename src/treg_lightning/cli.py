@@ -44,6 +44,7 @@ from treg_lightning.cli_help import (
 )
 from treg_lightning.data.datamodule import PreferenceDataModule
 from treg_lightning.errors import ConfigError
+from treg_lightning.evaluation import EvalRun
 from treg_lightning.exits import (
     DEBUG_FLAG,
     RunInterrupted,
@@ -51,6 +52,7 @@ from treg_lightning.exits import (
     exit_statuses,
     interrupted_message,
 )
+from treg_lightning.generation import GenerationBackend
 from treg_lightning.guards import NonFiniteGuard
 from treg_lightning.module import PreferenceModule
 from treg_lightning.noise import known_noise_hidden
@@ -163,6 +165,112 @@ class TRegTrainer(Trainer):
             "treg_lightning.plan.plan_from_config(config) instead."
         )
 
+    # ---- predict: answers of the policy (logic in treg_lightning.predictions) ---------------
+
+    def predict(
+        self,
+        model: LightningModule | None = None,
+        datamodule: LightningDataModule | None = None,
+        ckpt_path: str | None = None,
+        prompts: str | None = None,
+        split: str = "val",
+        limit: int | None = None,
+        output: str = "predictions.jsonl",
+        overwrite: bool = False,
+        generator: str | None = None,
+        max_new_tokens: int = 512,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        batch_size: int = 8,
+        shard_size: int = 64,
+        backend: GenerationBackend | None = None,
+        progress: bool = True,
+    ) -> Path | None:
+        """Generate the policy's answers for a prompt set, as AlpacaEval-format JSONL.
+
+        Args:
+            ckpt_path: weights to generate with: a ``.ckpt`` file or a sharded checkpoint
+                folder; None: model.model as it is (e.g. an exported policy folder).
+            prompts: a prompts file (.jsonl/.json: strings, message lists or objects with a
+                prompt/messages/instruction field); None: the data's prompts of ``split``.
+            split: the data split whose prompts are answered ("val" or "train").
+            limit: answer only the first ``limit`` prompts.
+            output: the answers file (JSONL); an existing file is never replaced unless
+                ``overwrite``. Unfinished work lies in ``<output>.parts/`` and is resumed.
+            overwrite: replace an existing ``output``.
+            generator: the ``generator`` field of every row; None: the model / checkpoint name.
+            max_new_tokens: the most tokens an answer may have.
+            temperature: 0 decodes greedily (deterministic); > 0 samples.
+            top_p: nucleus sampling mass when sampling.
+            seed: seeds the sampling of each batch.
+            batch_size: prompts per generate call (left-padded).
+            shard_size: prompts per resumable shard file; shard k goes to rank k % world_size.
+            backend: the generation engine; None: TransformersBackend (``generate``), or
+                ``treg_lightning.generation.VLLMBackend`` (vLLM installed, GPU).
+            progress: show a progress bar (rank 0).
+        """
+        from treg_lightning.generation import SamplingSettings, TransformersBackend
+        from treg_lightning.predictions import PredictJob, PredictSettings, run_predict
+
+        sampling = SamplingSettings(max_new_tokens, temperature, top_p, seed)
+        settings = PredictSettings(
+            output, overwrite, generator, sampling, batch_size, shard_size, progress
+        )
+        backend = backend if backend is not None else TransformersBackend()
+        job = PredictJob(model, datamodule, ckpt_path, prompts, split, limit, settings, backend)
+        return run_predict(self, job)
+
+    # ---- evaluate: one table row per run (logic in treg_lightning.evaluation) --------------
+
+    def evaluate(
+        self,
+        model: LightningModule | None = None,
+        datamodule: LightningDataModule | None = None,
+        runs: list[EvalRun] | None = None,
+        reference: str | None = None,
+        reward_model: str | None = None,
+        reward_batch_size: int = 8,
+        reward_dtype: str = "float32",
+        max_new_tokens: int | None = None,
+        output_dir: str = "evaluation",
+        overwrite: bool = False,
+    ) -> list[dict]:
+        """Compare runs on held-out pairs and on their answers; write a Markdown + JSON table.
+
+        Args:
+            runs: the runs, each ``{name, predictions, ckpt_path | policy, log_dir}``: held-out
+                pair metrics need ``ckpt_path`` or ``policy``, answer metrics ``predictions``
+                (a ``treg predict`` file), training curves ``log_dir``.
+            reference: the reference policy's answers (``treg predict`` of the starting model)
+                for the win rates.
+            reward_model: a sequence-classification reward model (hub id or folder) scoring
+                (prompt, answer) with its chat template; None: no reward columns.
+            reward_batch_size: conversations per reward-model forward.
+            reward_dtype: dtype of the reward model.
+            max_new_tokens: the predict setting, for answers files without finish_reason.
+            output_dir: folder of evaluation.md, evaluation.json and the PNG plots.
+            overwrite: replace an earlier report in ``output_dir``.
+        """
+        from treg_lightning.evaluation import (
+            EvaluateSettings,
+            check_report_folder,
+            evaluate_runs,
+            markdown_table,
+            write_report,
+        )
+
+        settings = EvaluateSettings(
+            reference, reward_model, reward_batch_size, reward_dtype, max_new_tokens,
+            output_dir, overwrite,
+        )  # fmt: skip
+        check_report_folder(output_dir, overwrite)
+        results = evaluate_runs(self, model, datamodule, runs or [], settings)
+        paths = write_report(results, runs or [], output_dir, overwrite)
+        print(markdown_table(results), flush=True)
+        print("\n".join(f"{kind}: {path.resolve()}" for kind, path in paths.items()), flush=True)
+        return results
+
 
 class TRegArgumentParser(LightningArgumentParser):
     """``LightningArgumentParser`` whose errors are short (the error and the ``--help`` tip, not
@@ -220,6 +328,8 @@ class TRegCLI(LightningCLI):
             "annotate": {"model", "datamodule"},
             "export": {"model", "datamodule"},
             "plan": {"model", "datamodule"},
+            "predict": {"model", "datamodule"},
+            "evaluate": {"model", "datamodule"},
         }
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:

@@ -1,0 +1,270 @@
+"""Batched generation of answers: sampling settings, the end-of-turn stop ids and two backends.
+
+A backend turns prompt token ids into answer token ids. :class:`TransformersBackend` (the
+default, tested path) runs ``model.generate`` on left-padded batches; :class:`VLLMBackend` runs
+vLLM (``pip install treg-lightning[vllm]``, GPU) and is only imported when chosen
+(``--backend treg_lightning.generation.VLLMBackend``). Both stop at the chat template's
+end-of-turn token (:func:`stop_token_ids`) and return one :class:`Generation` per prompt.
+
+Greedy decoding (``temperature: 0``) is deterministic; sampled decoding seeds every batch from
+``(seed, batch key)``, so a batch gives the same answers however the run was split or resumed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from treg_lightning.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How answers are decoded.
+
+    Attributes:
+        max_new_tokens: the most tokens an answer may have (its end-of-turn token included).
+        temperature: 0 decodes greedily (deterministic); > 0 samples.
+        top_p: nucleus sampling mass (1.0: the whole distribution); ignored when greedy.
+        seed: seeds the sampling of every batch (with the batch's key).
+    """
+
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}.")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0 (0: greedy), got {self.temperature}.")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}.")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One answer.
+
+    Attributes:
+        token_ids: the answer's tokens, cut before the end-of-turn token.
+        finish_reason: ``"stop"`` (the end-of-turn token came) or ``"length"`` (max_new_tokens).
+    """
+
+    token_ids: list[int]
+    finish_reason: str
+
+
+def stop_token_ids(tokenizer, model: nn.Module | None = None) -> list[int]:
+    """Ids that end an answer: the tokenizer's EOS (the end-of-turn token the training responses
+    end with, see data/tokenize.py) plus the model's ``generation_config.eos_token_id`` (Llama-3
+    instruct lists ``<|eot_id|>`` there)."""
+    ids = [tokenizer.eos_token_id]
+    config = getattr(model, "generation_config", None)
+    extra = getattr(config, "eos_token_id", None)
+    ids += extra if isinstance(extra, (list, tuple)) else [extra]
+    ids = list(dict.fromkeys(int(i) for i in ids if i is not None))
+    if not ids:
+        raise ConfigError(
+            "the tokenizer has no eos_token (the end-of-turn token): generation could not stop "
+            "at the end of the answer. Use the tokenizer of a chat model."
+        )
+    return ids
+
+
+def cut_at_stop(token_ids: Sequence[int], stop_ids: Sequence[int], max_new_tokens: int):
+    """:class:`Generation` of raw generated ids: cut before the first stop id."""
+    stops = set(stop_ids)
+    for position, token in enumerate(token_ids):
+        if token in stops:
+            return Generation(list(token_ids[:position]), "stop")
+    # No end-of-turn token: generate() only stops a row early once it emitted one.
+    return Generation(list(token_ids[:max_new_tokens]), "length")
+
+
+def batch_seed(seed: int, key: str) -> int:
+    """A 63-bit seed for one batch, from the run's seed and the batch's key."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, ...]:
+    """``input_ids`` and ``attention_mask`` ``[batch, longest]``, padded on the left (generated
+    tokens then follow every prompt directly)."""
+    longest = max(len(ids) for ids in prompt_ids)
+    input_ids = torch.full((len(prompt_ids), longest), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompt_ids), longest), dtype=torch.long)
+    for row, ids in enumerate(prompt_ids):
+        if ids:
+            input_ids[row, longest - len(ids) :] = torch.tensor(list(ids), dtype=torch.long)
+            attention_mask[row, longest - len(ids) :] = 1
+    return input_ids, attention_mask
+
+
+class PolicyLoader(Protocol):
+    """What a backend gets to load the policy (see predictions.PolicySource)."""
+
+    def load(self) -> nn.Module: ...
+
+    def folder(self, work_dir: Path) -> Path: ...
+
+
+class GenerationBackend:
+    """Generates answers for batches of prompt ids (subclass it; chosen by ``class_path``)."""
+
+    def setup(self, policy: PolicyLoader, tokenizer, device: torch.device, work_dir: Path):
+        """Load the policy; called once per process before :meth:`generate`."""
+        raise NotImplementedError
+
+    def generate(
+        self, prompt_ids: Sequence[Sequence[int]], sampling: SamplingSettings, key: str
+    ) -> list[Generation]:
+        """One :class:`Generation` per prompt; ``key`` names the batch (it seeds sampling)."""
+        raise NotImplementedError
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What about the backend changes the answers (part of the run's fingerprint)."""
+        raise NotImplementedError
+
+
+class TransformersBackend(GenerationBackend):
+    """``model.generate`` of Hugging Face transformers on left-padded batches (KV cache on).
+
+    Args:
+        compile: ``torch.compile`` the policy's forward (GPU; the first batches compile).
+    """
+
+    def __init__(self, compile: bool = False) -> None:
+        self.compile = compile
+        self.model: nn.Module | None = None
+        self.stop_ids: list[int] = []
+
+    def setup(self, policy: PolicyLoader, tokenizer, device: torch.device, work_dir: Path):
+        model = policy.load().to(device).eval()
+        if self.compile:
+            model.forward = torch.compile(model.forward, dynamic=True)
+        self.model = model
+        self.stop_ids = stop_token_ids(tokenizer, model)
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else self.stop_ids[0])
+        self.device = device
+
+    @torch.no_grad()
+    def generate(
+        self, prompt_ids: Sequence[Sequence[int]], sampling: SamplingSettings, key: str
+    ) -> list[Generation]:
+        from transformers import GenerationConfig
+
+        if self.model is None:
+            raise RuntimeError("TransformersBackend.generate before setup().")
+        input_ids, attention_mask = left_pad(prompt_ids, self.pad_id)
+        options: dict[str, Any] = {"do_sample": False}
+        if not sampling.greedy:
+            torch.manual_seed(batch_seed(sampling.seed, key))
+            options = {"do_sample": True, "temperature": sampling.temperature, "top_k": 0}
+            options["top_p"] = sampling.top_p
+        # A config of our own: the model's generation_config may carry sampling defaults
+        # (temperature, top_k, repetition_penalty) that would change the answers unasked.
+        config = GenerationConfig(
+            max_new_tokens=sampling.max_new_tokens,
+            eos_token_id=self.stop_ids,
+            pad_token_id=self.pad_id,
+            use_cache=True,
+            **options,
+        )
+        out = self.model.generate(
+            input_ids=input_ids.to(self.device),
+            attention_mask=attention_mask.to(self.device),
+            generation_config=config,
+        )
+        new_tokens = out[:, input_ids.shape[1] :].tolist()
+        return [cut_at_stop(ids, self.stop_ids, sampling.max_new_tokens) for ids in new_tokens]
+
+    def fingerprint(self) -> dict[str, Any]:
+        import transformers
+
+        return {"engine": "transformers", "version": transformers.__version__}
+
+
+class VLLMBackend(GenerationBackend):
+    """vLLM generation (GPU; ``pip install treg-lightning[vllm]``). Imported only when chosen.
+
+    vLLM reads a Hugging Face folder: a ``.ckpt`` policy is exported to the run's work folder
+    first. Each data-parallel rank runs its own engine on its own device.
+
+    Args:
+        gpu_memory_utilization: share of the GPU memory vLLM may take.
+        tensor_parallel_size: GPUs per engine.
+        max_model_len: longest prompt + answer; None: the model's.
+        dtype: vLLM's dtype (``"auto"``: the checkpoint's).
+        enforce_eager: skip CUDA graphs (faster start, slower decode).
+    """
+
+    def __init__(
+        self,
+        gpu_memory_utilization: float = 0.85,
+        tensor_parallel_size: int = 1,
+        max_model_len: int | None = None,
+        dtype: str = "auto",
+        enforce_eager: bool = False,
+    ) -> None:
+        self.options = {
+            "gpu_memory_utilization": gpu_memory_utilization,
+            "tensor_parallel_size": tensor_parallel_size,
+            "max_model_len": max_model_len,
+            "dtype": dtype,
+            "enforce_eager": enforce_eager,
+        }
+        self.engine = None
+
+    def setup(self, policy: PolicyLoader, tokenizer, device: torch.device, work_dir: Path):
+        try:
+            import vllm
+        except ImportError as err:
+            raise ImportError(
+                "the VLLMBackend needs vLLM: `pip install treg-lightning[vllm]` on a CUDA "
+                "machine, or use the default backend (treg_lightning.generation."
+                "TransformersBackend)."
+            ) from err
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        folder = policy.folder(work_dir)
+        options = {k: v for k, v in self.options.items() if v is not None}
+        self.engine = vllm.LLM(model=str(folder), tokenizer=str(folder), **options)
+        self.stop_ids = stop_token_ids(tokenizer)
+        self._vllm = vllm
+
+    def generate(
+        self, prompt_ids: Sequence[Sequence[int]], sampling: SamplingSettings, key: str
+    ) -> list[Generation]:
+        params = self._vllm.SamplingParams(
+            max_tokens=sampling.max_new_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p if not sampling.greedy else 1.0,
+            seed=batch_seed(sampling.seed, key),
+            stop_token_ids=self.stop_ids,
+            skip_special_tokens=True,
+        )
+        prompts = [{"prompt_token_ids": list(ids)} for ids in prompt_ids]
+        results = self.engine.generate(prompts, params, use_tqdm=False)
+        out = []
+        for result in results:
+            completion = result.outputs[0]
+            cut = cut_at_stop(completion.token_ids, self.stop_ids, sampling.max_new_tokens)
+            reason = "length" if completion.finish_reason == "length" else "stop"
+            out.append(Generation(cut.token_ids, reason))
+        return out
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"engine": "vllm", **self.options}

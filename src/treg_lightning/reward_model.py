@@ -1,0 +1,118 @@
+"""Score answers with a Hugging Face sequence-classification reward model.
+
+Any ``AutoModelForSequenceClassification`` with one output (the reward models the SimPO sets
+were labelled with, Skywork-Reward, ...) scores a conversation ``prompt + answer`` rendered with
+the reward model's own chat template. Conversations are scored in left-padded batches with
+position ids from the attention mask, and read at their last token, so a batched score equals
+the score of the conversation alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from treg_lightning.errors import ConfigError
+
+
+class RewardModelScorer:
+    """Rewards of conversations under a sequence-classification reward model.
+
+    Args:
+        name_or_path: hub id or local folder of the reward model (safetensors).
+        torch_dtype: dtype the reward model runs in.
+        batch_size: conversations per forward pass.
+        max_length: longest conversation in tokens; longer ones lose their oldest tokens (the
+            answer, at the end, is kept) and are counted in ``truncated``. None: the model's
+            ``max_position_embeddings``.
+        device: where the reward model runs; None: CUDA when available, else CPU.
+        trust_remote_code: allow model code from the hub.
+    """
+
+    def __init__(
+        self,
+        name_or_path: str,
+        torch_dtype: str = "float32",
+        batch_size: int = 8,
+        max_length: int | None = None,
+        device: str | None = None,
+        trust_remote_code: bool = False,
+    ) -> None:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from treg_lightning.models import parse_dtype
+
+        self.name = str(name_or_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            name_or_path, trust_remote_code=trust_remote_code
+        )
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ConfigError(
+                f"the reward model {self.name!r} has no chat template: its tokenizer cannot "
+                "render (prompt, answer) as it was trained to read them. Use a chat reward model."
+            )
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            name_or_path, dtype=parse_dtype(torch_dtype), trust_remote_code=trust_remote_code
+        )
+        self.model.to(self.device).eval()
+        if self.model.config.num_labels != 1:
+            raise ConfigError(
+                f"the reward model {self.name!r} has {self.model.config.num_labels} outputs; a "
+                "reward model has one (num_labels=1)."
+            )
+        positions = getattr(self.model.config, "max_position_embeddings", None)
+        self.max_length = max_length or positions
+        self.batch_size = batch_size
+        self.truncated = 0
+
+    def conversation_ids(self, messages: Sequence[dict]) -> list[int]:
+        """Token ids of a conversation in the reward model's chat template (one BOS)."""
+        tokenizer = self.tokenizer
+        text = tokenizer.apply_chat_template(list(messages), tokenize=False)
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        bos = tokenizer.bos_token_id
+        adds_bos = bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+        if adds_bos and ids[:1] != [bos]:
+            ids.insert(0, bos)
+        if self.max_length is not None and len(ids) > self.max_length:
+            self.truncated += 1
+            ids = ids[len(ids) - self.max_length :]
+        return ids
+
+    @torch.no_grad()
+    def score(self, conversations: Sequence[Sequence[dict]]) -> list[float]:
+        """One reward per conversation (prompt messages + the assistant's answer)."""
+        all_ids = [self.conversation_ids(c) for c in conversations]
+        order = sorted(range(len(all_ids)), key=lambda i: len(all_ids[i]))  # less padding
+        scores: dict[int, float] = {}
+        for start in range(0, len(order), self.batch_size):
+            chosen = order[start : start + self.batch_size]
+            values = self._score_batch([all_ids[i] for i in chosen])
+            scores.update(zip(chosen, values, strict=True))
+        return [scores[i] for i in range(len(all_ids))]
+
+    def _score_batch(self, batch: list[list[int]]) -> list[float]:
+        # The pad id must occur in no sequence: sequence-classification heads read the last
+        # token that is not the pad id, which with left padding is then the true last token.
+        present = {t for ids in batch for t in ids}
+        pad = next(t for t in range(len(self.tokenizer)) if t not in present)
+        longest = max(len(ids) for ids in batch)
+        input_ids = torch.full((len(batch), longest), pad, dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        for row, ids in enumerate(batch):
+            input_ids[row, longest - len(ids) :] = torch.tensor(ids)
+            mask[row, longest - len(ids) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        config = self.model.config
+        saved, config.pad_token_id = config.pad_token_id, pad
+        try:
+            logits = self.model(
+                input_ids=input_ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                position_ids=positions.to(self.device),
+            ).logits
+        finally:
+            config.pad_token_id = saved
+        return logits[:, 0].float().cpu().tolist()
