@@ -35,6 +35,7 @@ from treg_lightning.losses import SimPOLoss, TokenRewardRegularizer
 from treg_lightning.losses.base import LossOutput
 from treg_lightning.losses.treg import RegularizerOutput
 from treg_lightning.metrics import PreferenceMetrics
+from treg_lightning.shared_prompt_forward import shared_prompt_token_logps, uses_shared_prompt
 
 SIDES = ("chosen", "rejected")
 
@@ -156,6 +157,11 @@ class PreferenceModule(L.LightningModule):
         packing: run chosen and rejected as one padding-free packed row instead of a padded
             batch; None (auto) packs when the model uses flash-attention (varlen kernels), where
             it saves the padding compute. With sdpa/eager it builds an ``[N, N]`` mask (tests).
+        shared_prompt: compute each pair's prompt once, both responses attending to it in one
+            sequence (:mod:`treg_lightning.data.shared_prompt`); same log-probs, losses and
+            gradients. None (auto): on unless the model runs flash-attention (its varlen kernel
+            cannot express the mask) or a batch's sides differ in their prompts; measured
+            faster on CPU at HH-RLHF lengths, see :mod:`treg_lightning.shared_prompt_forward`.
         fsdp_param_dtype: FSDP2 compute dtype of the all-gathered parameters (``"bfloat16"`` on
             GPU); None keeps the stored dtype. Only used under ``ModelParallelStrategy``.
         fsdp_cpu_offload: FSDP2 offloads parameters, gradients and optimizer states to CPU.
@@ -181,6 +187,7 @@ class PreferenceModule(L.LightningModule):
         logp_chunk_size: int = 1024,
         softcap: float | None = None,
         packing: bool | None = None,
+        shared_prompt: bool | None = None,
         fsdp_param_dtype: str | None = None,
         fsdp_cpu_offload: bool = False,
         compile: bool = False,
@@ -203,6 +210,7 @@ class PreferenceModule(L.LightningModule):
         self.logp_chunk_size = logp_chunk_size
         self.softcap = softcap
         self.packing = packing
+        self.shared_prompt = shared_prompt
         self.fsdp_param_dtype = fsdp_param_dtype
         self.fsdp_cpu_offload = fsdp_cpu_offload
         self.compile = compile
@@ -361,6 +369,9 @@ class PreferenceModule(L.LightningModule):
         softcap = self.softcap
         if softcap is None:
             softcap = getattr(lm.config, "final_logit_softcapping", None)
+        if uses_shared_prompt(lm, self.shared_prompt, batch):
+            packed = self.uses_packing(lm)
+            return shared_prompt_token_logps(lm, batch, self.logp_chunk_size, softcap, packed)
         if self.uses_packing(lm):
             return self._packed_token_logps(lm, batch, softcap)
         pair = concat_pairs(batch, pad_id=self._pad_id(batch))
