@@ -2,10 +2,11 @@
 
 Every option computes the same ``{chosen,rejected}_token_logps`` of a batch of pairs and one
 backward through a loss on them (forward + backward of the policy, chunked log-probs), on the
-``train_vs_trl.py --size cpu`` model shape with pair lengths drawn from HH-RLHF (same sampling and
-truncation as train_vs_trl.py). The options run round-robin, one step each per round, so a busy
-machine slows all of them alike; the table gives each option's median seconds per step and its
-speed relative to the unshared padded batch (the module's default before shared prompts).
+``train_vs_trl.py`` model shape of ``--size`` with pair lengths drawn from HH-RLHF (same sampling,
+truncation and length grouping as train_vs_trl.py). Each round runs one batch through every
+option in turn; the table gives each option's median seconds per step and its speed-up over the
+unshared padded batch (the module's default before shared prompts) as the median of the per-round
+ratios, which compare the same batch and shrug off a round slowed by other jobs.
 
 - ``unshared-padded``: chosen and rejected stacked, ``[2B, T]``, sdpa (``concat_pairs``);
 - ``unshared-packed``: all ``2B`` sequences in one row, block-diagonal bool mask, sdpa;
@@ -52,6 +53,9 @@ def _token_logps(lm, model_inputs, score_mask, chunk_size, softcap):
     return token_logps_from_hidden(
         hidden, lm.lm_head.weight, model_inputs["input_ids"], score_mask, chunk_size, softcap
     )
+
+
+CPU_TIME = False  # --cpu-time: process CPU seconds (all threads) instead of wall seconds
 
 
 def build_model(size: str, attn: str, dtype: torch.dtype):
@@ -142,12 +146,13 @@ def kv_cache(model, batch, chunk):
 
 
 def step(fn, model, batch, chunk) -> tuple[float, tuple]:
-    start = time.perf_counter()
+    start = time.process_time() if CPU_TIME else time.perf_counter()
     chosen, rejected = fn(model, batch, chunk)
     loss = (chosen.sum() - rejected.sum()) / batch["chosen_input_ids"].shape[0]
     loss.backward()
     model.zero_grad(set_to_none=True)
-    return time.perf_counter() - start, (chosen.detach(), rejected.detach())
+    end = time.process_time() if CPU_TIME else time.perf_counter()
+    return end - start, (chosen.detach(), rejected.detach())
 
 
 def main(argv=None) -> dict:
@@ -159,9 +164,17 @@ def main(argv=None) -> dict:
     p.add_argument("--response-scale", type=float, default=1.0, help="stretch responses only")
     p.add_argument("--options", nargs="+", help="subset of the options (default: all)")
     p.add_argument("--chunk", type=int, default=1024)
+    p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path)
+    p.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time process CPU seconds instead of wall seconds (busy machines)",
+    )
     args = p.parse_args(argv)
+    global CPU_TIME
+    CPU_TIME = args.cpu_time
 
     rng = random.Random(args.seed)
     table = tvt.real_lengths()
@@ -178,6 +191,8 @@ def main(argv=None) -> dict:
     batches = [collator(rows[i : i + args.micro_batch]) for i in range(0, count, args.micro_batch)]
     dtype = getattr(torch, tvt.SIZES[args.size]["dtype"])
     sdpa, flex = build_model(args.size, "sdpa", dtype), None
+    if args.checkpointing:  # as in training (kv-cache then fails: transformers drops the cache)
+        sdpa.gradient_checkpointing_enable({"use_reentrant": False})
     options = {
         "unshared-padded": (unshared_padded, "sdpa"),
         "unshared-packed": (unshared_packed, "sdpa"),
@@ -208,15 +223,16 @@ def main(argv=None) -> dict:
                 print(f"{name}: max |logp - unshared-padded| = {diff:.2e}", flush=True)
             else:
                 times[name].append(seconds)
-    base = statistics.median(times["unshared-padded"]) if "unshared-padded" in times else None
+    base = times.get("unshared-padded")
     real = sum(tvt.real_tokens(rows[i : i + args.micro_batch])
                for i in range(args.micro_batch, count, args.micro_batch))  # fmt: skip
     report = {
         "size": args.size, "max_length": args.max_length, "micro_batch": args.micro_batch,
-        "response_scale": args.response_scale, "rounds": args.rounds,
+        "response_scale": args.response_scale, "rounds": args.rounds, "cpu_time": args.cpu_time,
         "length_source": str(tvt.HH_RLHF) if table else "lognormal stand-in",
         "load_average": os.getloadavg(), "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "errors": errors, "options": {},
+        "threads": torch.get_num_threads(), "checkpointing": args.checkpointing,
+        "errors": errors, "options": {},
     }  # fmt: skip
     print(f"\n{'option':<20}{'median s/step':>14}{'tokens/s':>10}{'vs unshared-padded':>20}")
     for name, values in times.items():
@@ -224,7 +240,11 @@ def main(argv=None) -> dict:
         entry = {"median_s": median, "all_s": [round(v, 4) for v in values],
                  "tokens_per_s": real / args.rounds / median}  # fmt: skip
         if base:
-            entry["speedup"] = base / median
+            # Each round runs one batch through every option: the per-round ratio compares the
+            # same work, and its median shrugs off a round slowed by other jobs.
+            ratios = [b / v for b, v in zip(base, values)]
+            entry["speedup"] = statistics.median(ratios)
+            entry["speedup_per_round"] = [round(r, 3) for r in ratios]
         report["options"][name] = entry
         speed = f"x{entry['speedup']:.2f}" if base else "-"
         print(f"{name:<20}{median:>14.3f}{entry['tokens_per_s']:>10.0f}{speed:>20}")

@@ -242,7 +242,7 @@ FSDP_SCRIPT = textwrap.dedent(
         def load_model(self, name_or_path):
             config = LlamaConfig(**shape["model"], tie_word_embeddings=True)
             with torch.device("cuda" if cuda else "cpu"):
-                return LlamaForCausalLM._from_config(config, torch_dtype=torch.bfloat16)
+                return LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
 
     class Record(L.Callback):
         losses, stamps = [], []

@@ -1,16 +1,26 @@
 """Token log-probs of a pair batch with each prompt computed once (``PreferenceModule``'s
 ``shared_prompt``): the layout and masks are :mod:`treg_lightning.data.shared_prompt`.
 
-When it is used (``shared_prompt=None``, auto), measured on the 2-core CPU machine
-(``bench/shared_prompt_options.py``, bench/README.md): with a mask-based attention kernel (sdpa,
-eager, flex_attention) the shared layout, one padded row per pair, is faster than the unshared
-padded batch at HH-RLHF lengths, since the prompt is computed once; so auto turns it on there.
-With flash-attention the module packs sequences for the varlen kernel, which takes contiguous
-causal segments only and so cannot let the rejected response skip the chosen one in one call;
-auto leaves it off there. On such a GPU, ``attn_implementation="flex_attention"`` runs the shared
-layout in one call with a sparse block mask; the other way, two varlen calls per layer (queries
-of [prompt, chosen] against [prompt, chosen], and rejected queries against [prompt, rejected],
-bottom-right causal), is not implemented.
+When it is used (``shared_prompt=None``, auto): with a mask-based attention kernel (sdpa, eager,
+flex_attention), one padded row per pair. Measured on the 2-core CPU machine with pair lengths
+from HH-RLHF (bench/README.md, ``bench/shared_prompt_options.py``: forward + backward of one
+batch through each path in turn, median of the per-batch ratios against the unshared padded
+batch): 1.37x on SmolLM2-135M's shape with gradient checkpointing, 1.13x on the 11M
+``--size cpu`` model (its 32k x 256 lm_head, the same work on both paths, is most of the compute
+there); with responses 8x longer (UltraFeedback-like) 1.21x on the 135M shape. Only the 11M
+model at the long lengths ran slower in training (0.90x), where the attention over the longer
+shared row outweighs the prompt saved; real model shapes have a wider hidden size. One row per
+pair beat all pairs in one packed row (a dense ``[N, N]`` mask; 1.08x with checkpointing).
+
+Not used (auto) with flash-attention: the module packs sequences for its varlen kernel, which
+takes contiguous causal segments only and cannot let the rejected response skip the chosen one
+in one call. On such a GPU, ``attn_implementation="flex_attention"`` runs the shared layout in
+one call with a sparse :class:`BlockMask` (``packing=True`` puts all pairs in one row, whose
+empty tiles it skips); the other way, two varlen calls per layer (queries of
+``[prompt, chosen]`` against ``[prompt, chosen]``, and rejected queries against
+``[prompt, rejected]``, bottom-right causal), is not implemented. Reusing the prompt's KV cache
+instead was slower here (0.91x) and does not work with gradient checkpointing (transformers
+drops the cache then).
 """
 
 from __future__ import annotations
