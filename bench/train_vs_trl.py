@@ -16,14 +16,25 @@ own.
   Batches come from :class:`~treg_lightning.data.collate.PreferenceCollator` in the order of
   :class:`~treg_lightning.data.collate.LengthGroupedSampler`. With flash-attn installed (CUDA),
   the module packs chosen and rejected padding-free (``packing=True``,
-  :mod:`treg_lightning.data.packing`, varlen attention); otherwise padded batches with sdpa.
+  :mod:`treg_lightning.data.packing`, varlen attention); otherwise each pair's prompt is
+  computed once (``shared_prompt`` auto, :mod:`treg_lightning.data.shared_prompt`: one padded
+  row ``[prompt, chosen, rejected]`` per pair, sdpa).
+- **ours-unshared**: the same with ``shared_prompt=False`` (chosen and rejected as two padded
+  sequences, each with its own copy of the prompt): the shared prompt's gain.
 - **trl**: ``trl.DPOTrainer`` with ``loss_type="sigmoid"``, a live reference model
   (``precompute_ref_log_probs=False``), its default gradient checkpointing, pairs in the given
   (random) order; the only override feeds it the same token ids (``_prepare_dataset`` returns the
   pre-tokenized rows, which are exactly what TRL's own tokenization would produce).
+- **trl-precompute**: the same with ``precompute_ref_log_probs=True``, TRL's fastest setting
+  without a reference model: in ``DPOTrainer.__init__`` (trl 1.16 ``_precompute_ref_logps``) the
+  policy, still untrained, scores every pair once under ``no_grad`` and the sequence logps are
+  stored as dataset columns; ``ref_model`` is None (no reference weights in memory) and each step
+  reads the columns. The precompute runs before ``trainer.train()``, so the timed steps exclude
+  it, as they exclude ours; its seconds are reported apart (``reference_precompute_s``).
 
 Printed: non-padding tokens per second (prompt + response tokens of chosen and rejected, i.e. the
-real tokens of both sequences of each pair), peak memory, memory above the static part (weights,
+real tokens of both sequences of each pair, counted so for every side: the shared prompt computes
+fewer tokens for the same pairs), peak memory, memory above the static part (weights,
 gradients and AdamW states of the policy, plus the reference weights for TRL, computed
 analytically from the parameter count and dtype), and ours/TRL ratios; on H100/H200 also model
 FLOPs utilisation. ``--out`` writes everything as JSON.
@@ -33,6 +44,7 @@ Examples::
     python bench/train_vs_trl.py --size cpu                      # ~2-4 minutes on 2 CPU cores
     python bench/train_vs_trl.py --size 1b --max-length 1024 2048 --out results.json
     python bench/train_vs_trl.py --size 1b --find-max-batch       # GPU only
+    python bench/train_vs_trl.py --size 135m --sides ours ours-unshared --repeats 2
 """
 
 from __future__ import annotations
@@ -47,6 +59,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 HH_RLHF = (
@@ -83,6 +96,38 @@ SIZES = {
         "warmup_steps": 2,
         "steps": 6,
     },
+    # Checks the code paths only (bench/gpu_check.sh --dry-run): bfloat16 like "1b".
+    "tiny": {
+        "model": {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "vocab_size": 512,
+        },
+        "dtype": "bfloat16",
+        "max_length": [64],
+        "warmup_steps": 1,
+        "steps": 1,
+    },
+    # SmolLM2-135M's shape (the demo model): 30 narrow layers, so the decoder, not the lm_head,
+    # holds most of the compute, as in real LLMs (in "cpu" the 32k x 256 embedding is 74 %).
+    "135m": {
+        "model": {
+            "hidden_size": 576,
+            "intermediate_size": 1536,
+            "num_hidden_layers": 30,
+            "num_attention_heads": 9,
+            "num_key_value_heads": 3,
+            "vocab_size": 49152,
+            "rope_theta": 100000.0,
+        },
+        "dtype": "float32",
+        "max_length": [512],
+        "warmup_steps": 1,
+        "steps": 3,
+    },
     "1b": {
         "model": {
             "hidden_size": 2048,
@@ -100,6 +145,13 @@ SIZES = {
     },
 }
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+# What each side runs: our module (shared prompt auto or off) or TRL (live or precomputed ref).
+SIDES = {
+    "ours": {"runner": "ours", "shared_prompt": None},
+    "ours-unshared": {"runner": "ours", "shared_prompt": False},
+    "trl": {"runner": "trl", "precompute_ref_log_probs": False},
+    "trl-precompute": {"runner": "trl", "precompute_ref_log_probs": True},
+}
 
 
 # ---- data ---------------------------------------------------------------------------------
@@ -128,10 +180,14 @@ def sample_lengths(count: int, rng: random.Random, table) -> list[tuple[int, int
     ]
 
 
-def truncate(lengths, max_length: int, scale: float) -> tuple[int, int, int]:
+def truncate(
+    lengths, max_length: int, scale: float, response_scale: float = 1.0
+) -> tuple[int, int, int]:
     """The contract's rule: the prompt keeps at most max_length // 2 tokens (cut from the left),
-    each response is cut so that prompt + response <= max_length."""
-    prompt, chosen, rejected = (max(1, round(n * scale)) for n in lengths)
+    each response is cut so that prompt + response <= max_length. ``scale`` stretches all
+    lengths, ``response_scale`` the responses only (UltraFeedback-like pairs)."""
+    scales = (scale, scale * response_scale, scale * response_scale)
+    prompt, chosen, rejected = (max(1, round(n * s)) for n, s in zip(lengths, scales))
     prompt = max(2, min(prompt, max_length // 2))  # BOS + at least one prompt token
     return prompt, min(chosen, max_length - prompt), min(rejected, max_length - prompt)
 
@@ -169,6 +225,18 @@ def padded_tokens(batches) -> int:
     return total
 
 
+def shared_tokens(rows) -> int:
+    """Tokens of the shared-prompt layout: prompt once, both responses, one copied prompt token."""
+    return sum(
+        len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) + 1 for r in rows
+    )
+
+
+def shared_padded_tokens(batches) -> int:
+    """Tokens a shared-prompt [B, W] forward computes (one row per pair, padded to the longest)."""
+    return sum(len(rows) * max(shared_tokens([r]) for r in rows) for rows in batches)
+
+
 # ---- model --------------------------------------------------------------------------------
 
 
@@ -188,7 +256,8 @@ def build_model_dir(size: str, seed: int, folder: Path) -> int:
         eos_token_id=EOS_ID,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(getattr(torch, settings["dtype"]))
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # GPU: a faster init
+        model = LlamaForCausalLM(config).to(getattr(torch, settings["dtype"]))
     model.save_pretrained(folder)
     num_params = sum(p.numel() for p in model.parameters())
     del model
@@ -260,6 +329,7 @@ def run_ours(spec: dict) -> dict:
     import torch
 
     from treg_lightning.data.collate import LengthGroupedSampler, PreferenceCollator, pair_lengths
+    from treg_lightning.forward import uses_shared_prompt
     from treg_lightning.losses import DPOLoss, TokenRewardRegularizer
     from treg_lightning.module import PreferenceModule
 
@@ -274,6 +344,7 @@ def run_ours(spec: dict) -> dict:
         attn_implementation=spec["attn"],
         gradient_checkpointing=spec["ours_gradient_checkpointing"],
         packing=spec["packing"],
+        shared_prompt=spec["shared_prompt"],
     )
     module.configure_model()
     module.to(device).train()
@@ -284,7 +355,7 @@ def run_ours(spec: dict) -> dict:
     rows, batch_size, warmup = spec["rows"], spec["micro_batch"], spec["warmup_steps"]
     warmup_rows, timed_rows = rows[: warmup * batch_size], rows[warmup * batch_size :]
     order = list(range(len(timed_rows)))
-    if spec["length_grouping"]:
+    if spec["length_grouping"] and timed_rows:
         sampler = LengthGroupedSampler(
             pair_lengths(timed_rows), batch_size, seed=spec["seed"], megabatch_size=spec["steps"]
         )
@@ -313,16 +384,23 @@ def run_ours(spec: dict) -> dict:
         stamps.append((time.perf_counter(), time.process_time()))
         losses.append(loss.item())
     timed_batches = batches[warmup:]
+    shared = uses_shared_prompt(module.policy, spec["shared_prompt"])
+    if shared:
+        nonpadding = shared_tokens(timed_rows)
+        computed = nonpadding if spec["packing"] else shared_padded_tokens(timed_batches)
+    else:
+        nonpadding = real_tokens(timed_rows)
+        computed = nonpadding if spec["packing"] else padded_tokens(timed_batches)
     return {
         **_elapsed(stamps, warmup),
         "real_tokens": real_tokens(timed_rows),
-        "computed_tokens": real_tokens(timed_rows)
-        if spec["packing"]
-        else padded_tokens(timed_batches),
+        "computed_tokens": computed,
+        "nonpadding_computed_tokens": nonpadding,
         "reference_precompute_s": reference_seconds,
         "reference_precompute_pairs": len(rows),
         "attn_implementation": module.policy.config._attn_implementation,
         "packing": spec["packing"],
+        "shared_prompt": shared,
         "gradient_checkpointing": spec["ours_gradient_checkpointing"],
         "compile": spec["compile"],
         "losses": losses,
@@ -349,12 +427,22 @@ def run_trl(spec: dict) -> dict:
         trl.trainer.utils._use_triton = lambda device: True
     rss_after_imports = _rss_now()
 
+    precompute_seconds = []
+
     class PreTokenizedDPOTrainer(DPOTrainer):
         """DPOTrainer fed token ids: the rows already hold ``prompt_ids`` / ``chosen_ids`` /
-        ``rejected_ids``, the very columns TRL's own tokenization produces; the rest is TRL's."""
+        ``rejected_ids``, the very columns TRL's own tokenization produces; the rest is TRL's.
+        The reference precompute (``precompute_ref_log_probs=True``, in ``__init__``) is timed."""
 
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             return dataset
+
+        def _precompute_ref_logps(self, dataset, name, batch_size):
+            start = time.perf_counter()
+            out = super()._precompute_ref_logps(dataset, name, batch_size)
+            _sync()
+            precompute_seconds.append(time.perf_counter() - start)
+            return out
 
     class Clock(TrainerCallback):
         def __init__(self):
@@ -379,6 +467,7 @@ def run_trl(spec: dict) -> dict:
         optim="adamw_torch",
         beta=spec["beta"],
         loss_type=["sigmoid"],
+        precompute_ref_log_probs=spec["precompute_ref_log_probs"],
         max_length=spec["max_length"],
         bf16=spec["dtype"] == "bfloat16",
         use_cpu=not on_gpu,
@@ -403,31 +492,43 @@ def run_trl(spec: dict) -> dict:
     batch_size = spec["micro_batch"]
     timed_rows = rows[warmup * batch_size :]
     timed_batches = [timed_rows[i : i + batch_size] for i in range(0, len(timed_rows), batch_size)]
+    if len(clock.stamps) != warmup + spec["steps"]:
+        raise RuntimeError(f"TRL ran {len(clock.stamps)} steps, not {warmup + spec['steps']}.")
     return {
         **_elapsed(clock.stamps, warmup),
         "real_tokens": real_tokens(timed_rows),
         "computed_tokens": padded_tokens(timed_batches),
+        "nonpadding_computed_tokens": real_tokens(timed_rows),
         "attn_implementation": trainer.model.config._attn_implementation,
         "gradient_checkpointing": config.gradient_checkpointing,
         "reference_model": trainer.ref_model is not None,
+        "precompute_ref_log_probs": spec["precompute_ref_log_probs"],
+        "reference_precompute_s": sum(precompute_seconds),
         "compact_head_patched": spec["trl_compact_head"],
         **_memory(rss_after_imports),
     }
 
 
 def child_main(side: str, spec_path: str, result_path: str) -> None:
-    spec = json.loads(Path(spec_path).read_text())
-    result = run_ours(spec) if side == "ours" else run_trl(spec)
+    spec = {**json.loads(Path(spec_path).read_text()), **SIDES[side]}
+    result = run_ours(spec) if SIDES[side]["runner"] == "ours" else run_trl(spec)
     Path(result_path).write_text(json.dumps(result))
 
 
 # ---- parent -------------------------------------------------------------------------------
 
 
-def run_child(side: str, spec: dict, workdir: Path, timeout: int) -> dict:
+def run_child(side: str, spec: dict, workdir: Path, timeout: int, in_process=False) -> dict:
     spec_path, result_path = workdir / f"{side}-spec.json", workdir / f"{side}-result.json"
     spec_path.write_text(json.dumps(spec))
     result_path.unlink(missing_ok=True)
+    if in_process:  # --in-process (code-path checks): the child's code without a new interpreter
+        try:
+            child_main(side, str(spec_path), str(result_path))
+        except Exception:  # noqa: BLE001 -- reported like a failed child
+            tail = traceback.format_exc()[-3000:]
+            return {"ok": False, "oom": "out of memory" in tail.lower(), "error": tail}
+        return {"ok": True, **json.loads(result_path.read_text()), "in_process": True}
     command = [sys.executable, __file__, "--child", side, str(spec_path), str(result_path)]
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     try:
@@ -441,11 +542,12 @@ def run_child(side: str, spec: dict, workdir: Path, timeout: int) -> dict:
     return {"ok": True, **json.loads(result_path.read_text())}
 
 
-def static_bytes(num_params: int, dtype: str, side: str) -> int:
+def static_bytes(num_params: int, dtype: str, reference_model: bool) -> int:
     """Weights + gradients + two AdamW states of the policy (all in the parameter dtype, as
-    torch.optim.AdamW keeps them), plus the reference weights for TRL."""
+    torch.optim.AdamW keeps them), plus the reference weights when a reference model is held
+    (TRL with a live reference)."""
     width = 2 if dtype == "bfloat16" else 4
-    copies = 4 + (1 if side == "trl" else 0)
+    copies = 4 + (1 if reference_model else 0)
     return copies * num_params * width
 
 
@@ -454,8 +556,9 @@ def summarize(result: dict, num_params: int, dtype: str, side: str) -> dict:
         return result
     result["tokens_per_s"] = result["real_tokens"] / result["elapsed_s"]
     result["tokens_per_cpu_s"] = result["real_tokens"] / result["cpu_s"]
-    result["padding_share"] = 1 - result["real_tokens"] / result["computed_tokens"]
-    result["static_bytes"] = static_bytes(num_params, dtype, side)
+    result["padding_share"] = 1 - result["nonpadding_computed_tokens"] / result["computed_tokens"]
+    reference_model = bool(result.get("reference_model", False))
+    result["static_bytes"] = static_bytes(num_params, dtype, reference_model)
     peak = result.get("peak_cuda_bytes", result["peak_rss_bytes"])
     result["peak_bytes"] = peak
     # On CPU, RSS also holds the interpreter and libraries: subtract the RSS after imports.
@@ -483,27 +586,40 @@ def best_run(runs: list[dict]) -> dict:
 def print_table(title: str, results: dict) -> None:
     mib = 2**20
     print(f"\n{title}")
-    header = f"{'side':<6}{'tokens/s':>11}{'tok/cpu-s':>11}{'peak MiB':>11}{'above static MiB':>18}"
+    header = (
+        f"{'side':<16}{'tokens/s':>11}{'tok/cpu-s':>11}{'peak MiB':>11}{'above static MiB':>18}"
+    )
     header += f"{'padding':>9}"
     print(header + f"{'MFU':>8}")
     for side, r in results.items():
         if not r.get("ok"):
-            print(f"{side:<6} FAILED: {r.get('error', '')[-400:]}")
+            print(f"{side:<16} FAILED: {r.get('error', '')[-400:]}")
             continue
         mfu = f"{100 * r['mfu']:7.1f}%" if "mfu" in r else f"{'-':>8}"
         print(
-            f"{side:<6}{r['tokens_per_s']:>11.1f}{r['tokens_per_cpu_s']:>11.1f}"
+            f"{side:<16}{r['tokens_per_s']:>11.1f}{r['tokens_per_cpu_s']:>11.1f}"
             f"{r['peak_bytes'] / mib:>11.0f}"
             f"{r['above_static_bytes'] / mib:>18.0f}{100 * r['padding_share']:>8.0f}%{mfu}"
         )
-    ours, trl = results.get("ours", {}), results.get("trl", {})
-    if ours.get("ok") and trl.get("ok"):
-        print(
-            f"ours/trl: tokens/s x{ours['tokens_per_s'] / trl['tokens_per_s']:.2f}, "
-            f"tokens/cpu-s x{ours['tokens_per_cpu_s'] / trl['tokens_per_cpu_s']:.2f}, "
-            f"peak memory x{ours['peak_bytes'] / trl['peak_bytes']:.2f}, "
-            f"memory above static x{ours['above_static_bytes'] / trl['above_static_bytes']:.2f}"
-        )
+    for name, ratio in ratios(results).items():
+        print(f"{name}: " + ", ".join(f"{k} x{v:.2f}" for k, v in ratio.items()))
+
+
+def ratios(results: dict) -> dict:
+    """ours / each TRL setting (and ours / ours-unshared): tokens/s, tokens/cpu-s, memory."""
+    out = {}
+    ours = results.get("ours", {})
+    for other in ("trl", "trl-precompute", "ours-unshared"):
+        theirs = results.get(other, {})
+        if not (ours.get("ok") and theirs.get("ok")):
+            continue
+        out[f"ours/{other}"] = {
+            "tokens/s": ours["tokens_per_s"] / theirs["tokens_per_s"],
+            "tokens/cpu-s": ours["tokens_per_cpu_s"] / theirs["tokens_per_cpu_s"],
+            "peak memory": ours["peak_bytes"] / theirs["peak_bytes"],
+            "memory above static": ours["above_static_bytes"] / theirs["above_static_bytes"],
+        }
+    return out
 
 
 def base_spec(args, model_dir: Path, max_length: int) -> dict:
@@ -533,52 +649,65 @@ def base_spec(args, model_dir: Path, max_length: int) -> dict:
     }
 
 
-def benchmark(args, model_dir: Path, num_params: int, workdir: Path, table) -> dict:
+def benchmark(args, model_dir: Path, num_params: int, workdir: Path, table, out, save) -> dict:
+    """Throughput runs per --max-length into ``out`` (``save()`` after each length)."""
     dtype = SIZES[args.size]["dtype"]
-    out = {}
     for max_length in args.max_length:
         spec = base_spec(args, model_dir, max_length)
         rng = random.Random(args.seed)
         count = (args.warmup_steps + args.steps) * args.micro_batch
         lengths = [
-            truncate(n, max_length, args.length_scale) for n in sample_lengths(count, rng, table)
+            truncate(n, max_length, args.length_scale, args.response_scale)
+            for n in sample_lengths(count, rng, table)
         ]
         spec["rows"] = make_rows(lengths, SIZES[args.size]["model"]["vocab_size"], rng)
         runs = {side: [] for side in args.sides}
+        load = [os.getloadavg()]
         for repeat in range(args.repeats):  # sides alternate, so slow phases of a busy machine
             for side in args.sides:  # hit both
                 print(f"[max_length {max_length}] {side}, run {repeat + 1}", flush=True)
-                raw = run_child(side, spec, workdir, args.timeout)
+                raw = run_child(side, spec, workdir, args.timeout, args.in_process)
                 runs[side].append(summarize(raw, num_params, dtype, side))
+                load.append(os.getloadavg())
         results = {side: best_run(side_runs) for side, side_runs in runs.items()}
         print_table(f"max_length {max_length}, micro-batch {args.micro_batch} pairs", results)
-        out[str(max_length)] = results
+        out[str(max_length)] = {**results, "ratios": ratios(results), "load_average": load}
+        save()
     return out
 
 
-def find_max_batch(args, model_dir: Path, num_params: int, workdir: Path) -> dict:
-    """Double the micro-batch until a side runs out of memory; pairs are all max_length long
-    (prompt max_length // 2, both responses filling the rest): what fits in the worst case."""
+def find_max_batch(args, model_dir: Path, num_params: int, workdir: Path, out: dict, save) -> dict:
+    """Double the micro-batch (from --min-batch) until a side runs out of memory; pairs are all
+    max_length long (prompt max_length // 2, both responses filling the rest): what fits in the
+    worst case. One optimizer step per try (the first step allocates the AdamW states, so it
+    holds the peak). ``out`` is filled as it goes and ``save()`` called after each try, so a run
+    cut short keeps what it found."""
     max_length = args.max_length[-1]
     prompt = max_length // 2
-    out = {}
-    for side in args.sides:
-        largest, batch_size = 0, 1
+    for side in args.find_max_batch_sides or args.sides:
+        largest, batch_size = 0, args.min_batch
+        out[side] = {"max_micro_batch": None, "max_length": max_length, "tries": {}}
         while batch_size <= args.max_batch_cap:
             spec = base_spec(args, model_dir, max_length)
-            spec.update(micro_batch=batch_size, warmup_steps=1, steps=1)
+            spec.update(micro_batch=batch_size, warmup_steps=1, steps=0)
             rng = random.Random(args.seed)
-            lengths = [(prompt, max_length - prompt, max_length - prompt)] * (2 * batch_size)
+            lengths = [(prompt, max_length - prompt, max_length - prompt)] * batch_size
             spec["rows"] = make_rows(lengths, SIZES[args.size]["model"]["vocab_size"], rng)
-            raw = run_child(side, spec, workdir, args.timeout)
-            status = "ok" if raw["ok"] else "failed"
+            raw = run_child(side, spec, workdir, args.timeout, args.in_process)
+            status = "ok" if raw["ok"] else ("out of memory" if raw.get("oom") else "failed")
             print(f"[find-max-batch {side}] micro-batch {batch_size}: {status}", flush=True)
+            peak = raw.get("peak_cuda_bytes", raw.get("peak_rss_bytes"))
+            out[side]["tries"][str(batch_size)] = {"status": status, "peak_bytes": peak}
             if not raw["ok"]:
                 if not raw.get("oom"):
                     print(raw.get("error", "")[-2000:])
                 break
             largest, batch_size = batch_size, 2 * batch_size
-        out[side] = {"max_micro_batch": largest, "max_length": max_length}
+            out[side]["max_micro_batch"] = largest
+            save()
+        out[side]["max_micro_batch"] = largest
+        out[side]["capped"] = batch_size > args.max_batch_cap
+        save()
     print(f"\nlargest micro-batch (pairs) at length {max_length}: {out}")
     return out
 
@@ -594,7 +723,10 @@ def parse_args(argv=None):
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--alpha", type=float, default=0.25, help="T-REG strength (0 = plain DPO)")
     parser.add_argument("--length-scale", type=float, default=1.0, help="stretch real lengths")
-    parser.add_argument("--sides", nargs="+", choices=["ours", "trl"], default=["ours", "trl"])
+    parser.add_argument("--response-scale", type=float, default=1.0,
+                        help="stretch the responses only (8: UltraFeedback-like)")  # fmt: skip
+    parser.add_argument("--sides", nargs="+", choices=list(SIDES),
+                        default=["ours", "trl", "trl-precompute"])  # fmt: skip
     parser.add_argument("--ours-packing", choices=["auto", "on", "off"], default="auto",
                         help="auto: pack when CUDA + flash-attn are available")  # fmt: skip
     parser.add_argument("--ours-gradient-checkpointing", choices=["on", "off"], default="on",
@@ -604,12 +736,33 @@ def parse_args(argv=None):
                         help="let TRL's fused LM head score only completion tokens on CPU too, "
                         "as it does on CUDA (default: TRL as installed)")  # fmt: skip
     parser.add_argument("--compile", action="store_true", help="torch.compile our decoder layers")
-    parser.add_argument("--find-max-batch", action="store_true")
-    parser.add_argument("--max-batch-cap", type=int, default=256)
+    parser.add_argument(
+        "--find-max-batch",
+        action="store_true",
+        help="only find the largest micro-batch at the last --max-length",
+    )
+    parser.add_argument(
+        "--with-find-max-batch",
+        action="store_true",
+        help="after the throughput runs, also find the largest micro-batch",
+    )
+    parser.add_argument(
+        "--find-max-batch-sides",
+        nargs="+",
+        choices=list(SIDES),
+        help="sides for the largest micro-batch (default: --sides)",
+    )
+    parser.add_argument("--min-batch", type=int, default=1, help="first micro-batch tried")
+    parser.add_argument("--max-batch-cap", type=int, default=256,
+                        help="largest micro-batch tried; given explicitly, --find-max-batch "
+                        "also runs on CPU (a code-path check: no OOM stops it there)")  # fmt: skip
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per side")
     parser.add_argument("--repeats", type=int, default=1,
                         help="run the sides alternately this many times, keep each side's "
                         "fastest run (for busy machines)")  # fmt: skip
+    parser.add_argument("--in-process", action="store_true",
+                        help="run the sides in this process (a quick code-path check: memory "
+                        "figures are the whole process's, not one side's)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
@@ -628,12 +781,13 @@ def main(argv=None) -> None:
     if args.child:
         child_main(*args.child)
         return
-    if args.find_max_batch:
+    if args.find_max_batch or args.with_find_max_batch:
         import torch
 
-        if not torch.cuda.is_available():
+        if not torch.cuda.is_available() and "--max-batch-cap" not in " ".join(argv or sys.argv):
             raise SystemExit(
-                "--find-max-batch needs a CUDA device (it doubles the batch until OOM)."
+                "--find-max-batch needs a CUDA device (it doubles the batch until OOM); on CPU "
+                "give --max-batch-cap N to check the code path up to N pairs."
             )
     table = real_lengths()
     source = f"{HH_RLHF} (words x {TOKENS_PER_WORD})" if table else "lognormal stand-in"
@@ -652,12 +806,20 @@ def main(argv=None) -> None:
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "cpu_count": os.cpu_count(),
         }
-        if args.find_max_batch:
-            report["find_max_batch"] = find_max_batch(args, workdir / "model", num_params, workdir)
-        else:
-            report["runs"] = benchmark(args, workdir / "model", num_params, workdir, table)
+
+        def save():
+            if args.out:
+                args.out.write_text(json.dumps(report, indent=2))
+
+        if not args.find_max_batch:
+            report["runs"] = {}
+            benchmark(args, workdir / "model", num_params, workdir, table, report["runs"], save)
+        if args.find_max_batch or args.with_find_max_batch:
+            report["find_max_batch"] = {}
+            find_max_batch(args, workdir / "model", num_params, workdir,
+                           report["find_max_batch"], save)  # fmt: skip
+        save()
     if args.out:
-        args.out.write_text(json.dumps(report, indent=2))
         print(f"wrote {args.out}")
 
 

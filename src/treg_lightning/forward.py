@@ -1,23 +1,52 @@
 """Token log-probs of both responses of a batch of pairs, in one forward of a causal LM.
 
-Two layouts of the same pairs, equal in values and gradients:
+Three layouts of the same pairs, equal in values and gradients; each returns per side
+``[B, T_side]`` token log-probs aligned with the batch's ``input_ids``:
 
-- padded (default with sdpa / eager): chosen stacked over rejected, ``[2B, T]``, right-padded to
-  the longer side (:func:`concat_pairs`);
+- shared prompt (default with sdpa / eager / flex_attention): each pair is one sequence
+  ``[prompt | chosen | rejected]`` whose rejected block attends to the prompt but not to the
+  chosen one (:mod:`treg_lightning.data.shared_prompt`), so each prompt is computed once;
+- padded: chosen stacked over rejected, ``[2B, T]``, right-padded to the longer side
+  (:func:`concat_pairs`);
 - packed (default with flash-attention): all ``2B`` sequences' real tokens in one row ``[1, N]``
   (:mod:`treg_lightning.data.packing`), no padding computed.
 
-Both return per side ``[B, T_side]`` token log-probs aligned with the batch's ``input_ids``.
+Why the shared prompt is the default where it is (``PreferenceModule(shared_prompt=None)``):
+measured on the 2-core CPU machine with pair lengths from HH-RLHF (bench/README.md,
+``bench/shared_prompt_options.py``: forward + backward of one batch through each path in turn,
+median of the per-batch ratios against the unshared padded batch), one padded row per pair ran
+1.37x as fast on SmolLM2-135M's shape with gradient checkpointing, 1.13x on the 11M
+``--size cpu`` model (its 32k x 256 lm_head, the same work on both paths, is most of the compute
+there), and 1.21x on the 135M shape with responses 8x longer (UltraFeedback-like). Only the 11M
+model at the long lengths ran slower in training (0.90x), where the attention over the longer
+shared row outweighs the prompt saved; real model shapes have a wider hidden size. One row per
+pair beat all pairs in one packed row (a dense ``[N, N]`` mask; 1.08x with checkpointing).
+
+Not the default with flash-attention: its varlen kernel takes contiguous causal segments only
+and cannot let the rejected response skip the chosen one in one call, so the module packs
+instead. On such a GPU, ``attn_implementation="flex_attention"`` runs the shared layout in one
+call with a sparse ``BlockMask`` (``packing=True`` puts all pairs in one row, whose empty tiles
+it skips); two varlen calls per layer (``[prompt, chosen]`` against itself, rejected queries
+against ``[prompt, rejected]``, bottom-right causal) would be the other way, not implemented.
+Reusing the prompt's KV cache instead was slower here (0.91x) and does not work with gradient
+checkpointing (transformers drops the cache then).
 """
 
 from __future__ import annotations
 
+import warnings
 from types import MethodType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from treg_lightning.data.shared_prompt import (
+    prompt_lengths,
+    shared_prompt_layout,
+    shared_prompt_model_inputs,
+    unpack_shared,
+)
 from treg_lightning.logprobs import causal_lm_token_logps
 from treg_lightning.pairs import SIDES, field
 
@@ -78,3 +107,45 @@ def packed_token_logps(
 def uses_flash_attention(lm: nn.Module) -> bool:
     """Whether ``lm`` runs a flash-attention kernel (varlen: packing saves the padding)."""
     return "flash" in str(getattr(lm.config, "_attn_implementation", ""))
+
+
+def uses_shared_prompt(lm: nn.Module, setting: bool | None, batch: dict | None = None) -> bool:
+    """``setting`` if given (True raises later on a batch whose sides differ in their prompts).
+
+    Auto (None): on unless the model runs flash-attention (see the module docstring), and only
+    for a batch whose two sides carry the same prompts (a subclass may serve different ones);
+    such a batch is computed unshared, with the same values, and a warning says so.
+    """
+    if setting is not None:
+        return setting
+    if uses_flash_attention(lm):
+        return False
+    if batch is None:
+        return True
+    try:
+        prompt_lengths(batch)
+    except ValueError as error:
+        warnings.warn(f"shared_prompt=None (auto) computes this batch unshared: {error}")
+        return False
+    return True
+
+
+def shared_prompt_token_logps(
+    lm: nn.Module,
+    batch: dict[str, torch.Tensor],
+    chunk_size: int,
+    softcap: float | None,
+    packed: bool = False,
+) -> dict[str, torch.Tensor]:
+    """``{side: [B, T_side]}`` token log-probs of ``lm``, each prompt computed once.
+
+    ``lm.token_logps`` is the module's bound forward (base model + chunked log-probs, registered
+    with FSDP2), so sharding, checkpointing and the alignment are those of the unshared path.
+    ``packed``: all pairs in one row (for flex_attention) instead of one padded row per pair.
+    """
+    layout = shared_prompt_layout(batch, packed=packed)
+    dtype = lm.get_output_embeddings().weight.dtype
+    model_inputs = shared_prompt_model_inputs(layout, lm.config._attn_implementation, dtype)
+    token_logps = lm.token_logps(model_inputs, layout["response_mask"], chunk_size, softcap)
+    chosen, rejected = unpack_shared(token_logps, layout)
+    return dict(zip(SIDES, (chosen, rejected), strict=True))

@@ -34,7 +34,9 @@ from treg_lightning.forward import (
     bind_token_logps,
     packed_token_logps,
     padded_token_logps,
+    shared_prompt_token_logps,
     uses_flash_attention,
+    uses_shared_prompt,
 )
 from treg_lightning.hparams import portable_hparams
 from treg_lightning.logprobs import model_softcap
@@ -78,6 +80,11 @@ class PreferenceModule(L.LightningModule):
         packing: run chosen and rejected as one padding-free packed row instead of a padded
             batch; None (auto) packs when the model uses flash-attention (varlen kernels), where
             it saves the padding compute. With sdpa/eager it builds an ``[N, N]`` mask (tests).
+        shared_prompt: compute each pair's prompt once, both responses attending to it in one
+            sequence (:mod:`treg_lightning.data.shared_prompt`); same log-probs, losses and
+            gradients. None (auto): on unless the model runs flash-attention (its varlen kernel
+            cannot express the mask) or a batch's sides differ in their prompts; measured
+            faster on CPU at HH-RLHF lengths, see :mod:`treg_lightning.forward`.
         fsdp_param_dtype: FSDP2 compute dtype of the all-gathered parameters (``"bfloat16"`` on
             GPU); None keeps the stored dtype. Only used under ``ModelParallelStrategy``.
         fsdp_cpu_offload: FSDP2 offloads parameters, gradients and optimizer states to CPU.
@@ -103,6 +110,7 @@ class PreferenceModule(L.LightningModule):
         logp_chunk_size: int = 1024,
         softcap: float | None = None,
         packing: bool | None = None,
+        shared_prompt: bool | None = None,
         fsdp_param_dtype: str | None = None,
         fsdp_cpu_offload: bool = False,
         compile: bool = False,
@@ -128,6 +136,7 @@ class PreferenceModule(L.LightningModule):
         self.logp_chunk_size = logp_chunk_size
         self.softcap = softcap
         self.packing = packing
+        self.shared_prompt = shared_prompt
         self.fsdp_param_dtype = fsdp_param_dtype
         self.fsdp_cpu_offload = fsdp_cpu_offload
         self.compile = compile
@@ -269,6 +278,9 @@ class PreferenceModule(L.LightningModule):
     def model_token_logps(self, lm: nn.Module, batch: dict[str, torch.Tensor]) -> dict:
         """``{side: [B, T_side]}`` token log-probs of ``lm`` on both responses, one forward."""
         softcap = self.softcap if self.softcap is not None else model_softcap(lm)
+        if uses_shared_prompt(lm, self.shared_prompt, batch):
+            packed = self.uses_packing(lm)
+            return shared_prompt_token_logps(lm, batch, self.logp_chunk_size, softcap, packed)
         if self.uses_packing(lm):
             return packed_token_logps(lm, batch, self.logp_chunk_size, softcap)
         return padded_token_logps(lm, batch, self.logp_chunk_size, softcap, self._pad_id())
