@@ -258,7 +258,9 @@ def resolve_shape(
     return _from_hub(name, trust_remote_code)
 
 
-def _from_folder(folder: Path, trust_remote_code: bool, source: str | None = None) -> ModelShape:
+def _from_folder(
+    folder: Path, trust_remote_code: bool = False, source: str | None = None
+) -> ModelShape:
     from transformers import AutoConfig
 
     try:
@@ -278,7 +280,7 @@ def _cached_config(repo_id: str, cache_dir) -> Path | None:
     return Path(found) if isinstance(found, str) else None
 
 
-def _from_hub(repo_id: str, trust_remote_code: bool) -> ModelShape:
+def _from_hub(repo_id: str, trust_remote_code: bool = False) -> ModelShape:
     from huggingface_hub import constants
 
     advice = (
