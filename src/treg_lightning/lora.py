@@ -9,8 +9,8 @@ IPO is the policy itself with the adapters disabled: no second copy of the weigh
   outputs (eval mode inside, the previous modes restored after);
 - :func:`decoder_and_head` / :func:`token_logps`: what the one per-token forward
   (:func:`treg_lightning.logprobs.causal_lm_token_logps`) uses to run a plain or a PEFT-wrapped
-  model; on a ``PeftModel``, ``getattr(model, model.base_model_prefix)`` is the whole causal LM (PEFT
-  forwards attribute lookups to it), not its decoder, so the decoder is reached through
+  model; on a ``PeftModel``, ``getattr(model, model.base_model_prefix)`` is the whole causal LM
+  (PEFT forwards attribute lookups to it), not its decoder, so the decoder is reached through
   ``get_base_model()``;
 - :func:`save_adapter` (adapter alone, ``PeftModel.from_pretrained`` loads it back) and
   :func:`save_merged` (a plain Hugging Face folder with the adapters merged into the weights;
@@ -25,7 +25,6 @@ bitsandbytes).
 from __future__ import annotations
 
 import copy
-import dataclasses
 import importlib.util
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -85,8 +84,11 @@ def apply_lora(model: nn.Module, config: Any, autocast_adapter_dtype: bool = Tru
             f"{type(config).__name__}: other PEFT methods are not supported here (prompt "
             "tuning would also shift the token positions the log-probs are aligned with)."
         )
+    # A copy: PEFT writes into the config it is given (base model name, ...), and the same
+    # config object builds the policy, its export and the start-up check's meta skeleton.
+    config = copy.deepcopy(config)
     if config.task_type is None:
-        config = dataclasses.replace(config, task_type="CAUSAL_LM")
+        config.task_type = "CAUSAL_LM"
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         # Casts the remaining (norm, embedding) weights for stable k-bit training; our
         # PreferenceModule enables gradient checkpointing itself when asked to.

@@ -26,6 +26,7 @@ from jsonargparse import lazy_instance
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
+from treg_lightning.adapters import LoraConfig, QLoRA, check_adapter_settings
 from treg_lightning.checks import check_pair_inputs
 from treg_lightning.data.datamodule import PreferenceDataModule
 from treg_lightning.errors import ConfigError
@@ -61,7 +62,8 @@ class PreferenceModule(L.LightningModule):
         scheduler: builds the per-step learning-rate scheduler from the optimizer; default
             :class:`WarmupCosineLR` (warmup ratio 0.1, cosine decay; total steps from the
             trainer); None = constant learning rate.
-        reference_model: the frozen reference; None = the same weights as ``model``.
+        reference_model: the frozen reference; None = the same weights as ``model`` (with
+            ``peft``: the policy itself with its adapters disabled, no second copy).
         live_reference: whether to load the reference model. None (auto) loads it only when the
             loss needs a reference and the data's reward source serves no cached reference
             log-probs; False never loads it (start-up fails if the loss needs one and none is
@@ -84,6 +86,13 @@ class PreferenceModule(L.LightningModule):
         compile_options: keyword arguments for ``torch.compile`` (default ``{"dynamic": True}``:
             sequence lengths change from batch to batch).
         trust_remote_code: allow model code from the hub.
+        peft: LoRA / DoRA adapters (``class_path: peft.LoraConfig``: ``r``, ``lora_alpha``,
+            ``lora_dropout``, ``target_modules``, ``use_dora``); the base weights freeze and
+            only the adapters train, are checkpointed and reach the optimizer. None: full
+            fine-tuning.
+        quantization: load the frozen base in 4 bits under the adapters
+            (``class_path: treg_lightning.adapters.QLoRA``; CUDA and bitsandbytes only, refused
+            elsewhere at start-up). Needs ``peft``.
     """
 
     def __init__(
@@ -106,12 +115,17 @@ class PreferenceModule(L.LightningModule):
         compile: bool = False,
         compile_options: dict[str, Any] | None = None,
         trust_remote_code: bool = False,
+        peft: LoraConfig | None = None,
+        quantization: QLoRA | None = None,
     ) -> None:
         super().__init__()
         portable_hparams(self, locals())
         # At start-up, not when configure_model loads the model (after the annotate pass).
         parse_dtype(torch_dtype)
         check_attn_implementation(attn_implementation)
+        check_adapter_settings(peft, quantization)
+        self.peft = peft
+        self.quantization = quantization
         self.model_name = model
         self.loss = loss
         self.regularizer = regularizer
@@ -161,6 +175,19 @@ class PreferenceModule(L.LightningModule):
         known, rewards = self.reward_source(datamodule)
         if known:
             check_pair_inputs(self.loss, self.regularizer, self.live_reference, rewards)
+        if self.quantization is not None and self._trainer is not None:
+            self.check_device(self._trainer.strategy.root_device.type)
+
+    def check_device(self, device_type: str) -> None:
+        """Refuse, before any weights load, settings the device cannot run (QLoRA off CUDA)."""
+        if self.quantization is not None:
+            self.quantization.check(device_type)
+
+    @property
+    def adapters_are_reference(self) -> bool:
+        """The reference is the policy with its LoRA adapters off (``peft`` set and the
+        reference model is the policy's base): nothing more is loaded."""
+        return self.peft is not None and self.reference_model_name == self.model_name
 
     def wants_live_reference(self) -> bool:
         if self.live_reference is not None:
@@ -175,6 +202,14 @@ class PreferenceModule(L.LightningModule):
         from treg_lightning.models import load_causal_lm
 
         device = self._trainer.strategy.root_device.type if self._trainer is not None else None
+        if self.quantization is not None:
+            return self.quantization.load(
+                name_or_path,
+                self.torch_dtype,
+                self.attn_implementation,
+                self.trust_remote_code,
+                device,
+            )
         return load_causal_lm(
             name_or_path,
             torch_dtype=self.torch_dtype,
@@ -196,7 +231,8 @@ class PreferenceModule(L.LightningModule):
             self.build_reference()
 
     def build_policy(self) -> nn.Module:
-        """Load the trainable policy into ``self.policy``."""
+        """Load the trainable policy into ``self.policy`` (with ``peft``: wrapped with the
+        adapters, after loading and before FSDP2 sharding)."""
         policy = self.load_model(self.model_name).train()  # from_pretrained returns eval mode
         datamodule = self._trainer.datamodule if self._trainer is not None else None
         tokenizer = datamodule.tokenizer if isinstance(datamodule, PreferenceDataModule) else None
@@ -207,11 +243,20 @@ class PreferenceModule(L.LightningModule):
         policy.config.use_cache = False
         if self.gradient_checkpointing and self._fsdp_mesh() is None:
             policy.gradient_checkpointing_enable({"use_reentrant": False})
+        if self.peft is not None:
+            from treg_lightning.adapters import keep_adapters_only
+            from treg_lightning.lora import apply_lora
+
+            policy = apply_lora(policy, self.peft)
+            keep_adapters_only(self)
         self.policy = self._prepare(policy, activation_checkpointing=self.gradient_checkpointing)
         return self.policy
 
     def build_reference(self) -> nn.Module:
-        """Load the frozen reference into ``self.reference`` (eval mode, no gradients)."""
+        """Load the frozen reference into ``self.reference`` (eval mode, no gradients); nothing
+        when the reference is the policy with its adapters off (:attr:`adapters_are_reference`)."""
+        if self.adapters_are_reference:
+            return self.policy
         reference = self.load_model(self.reference_model_name).eval().requires_grad_(False)
         self.reference = self._prepare(reference, activation_checkpointing=False)
         return self.reference
@@ -285,6 +330,11 @@ class PreferenceModule(L.LightningModule):
             return None
         if all(field(side, "ref_token_logps") in batch for side in SIDES):
             return {side: batch[field(side, "ref_token_logps")] for side in SIDES}
+        if self.reference is None and self.adapters_are_reference:
+            from treg_lightning.lora import adapters_disabled
+
+            with torch.no_grad(), adapters_disabled(self.policy):
+                return self.model_token_logps(self.policy, batch)
         if self.reference is None:
             raise ConfigError(
                 f"{type(self.loss).__name__} needs reference log-probabilities, but the batch "
@@ -342,6 +392,13 @@ class PreferenceModule(L.LightningModule):
             )
 
     # ---- Lightning hooks ------------------------------------------------------------------
+
+    def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        # Dropout masks (lora_dropout) from the run's seed, step and rank: a resumed run draws
+        # the masks of the run that never stopped (checkpoints hold no random state).
+        from treg_lightning.seeding import seed_step
+
+        seed_step(self.global_step, batch_idx, self.global_rank)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, outputs = self.compute_loss(batch, "train")
