@@ -380,3 +380,40 @@ def test_fsdp2_and_ddp_lora_two_processes_equal_one(sharded_runs, tiny_model_dir
     for name, value in single_export.state_dict().items():
         torch.testing.assert_close(sharded_export.state_dict()[name], value, atol=1e-4, rtol=1e-4)
         assert torch.equal(consolidated[name], sharded_export.state_dict()[name]), name
+
+
+# --- QLoRA (CUDA + bitsandbytes only) ------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_qlora_module_trains_and_its_reference_is_the_4bit_base(tiny_model_dir):
+    if not torch.cuda.is_available():
+        pytest.skip("QLoRA needs a CUDA device")
+    pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes (the `qlora` extra)")
+    from treg_lightning.adapters import QLoRA
+
+    module = make_module(
+        tiny_model_dir,
+        quantization=QLoRA(),
+        torch_dtype="bfloat16",
+        live_reference=True,
+        optimizer=functools.partial(torch.optim.SGD, lr=1.0),
+        peft=lora_config(dropout=0.0),
+    )
+    module.scheduler_factory = None
+    module.check_device("cuda")
+    module.configure_model()
+    assert any(type(m).__name__ == "Linear4bit" for m in module.policy.modules())
+    assert module.reference is None
+    batch = {k: v.cuda() for k, v in pair_batch(seed=1).items()}
+    before = module.reference_logps(batch)
+    optimizer = module.configure_optimizers()
+    loss, _ = module.compute_loss(batch)
+    loss.backward()
+    optimizer.step()
+    after = module.reference_logps(batch)
+    with torch.no_grad():
+        policy = module.forward_logps(batch)
+    for side in SIDES:
+        assert torch.equal(before[side], after[side])  # the frozen 4-bit base did not move
+        assert not torch.equal(policy[side], after[side])  # the adapters did

@@ -72,10 +72,10 @@ class QLoRA:
     def load(
         self,
         name_or_path: str,
-        torch_dtype: str,
-        attn_implementation: str | None,
-        trust_remote_code: bool,
-        device_type: str | None,
+        torch_dtype: str = "bfloat16",
+        attn_implementation: str | None = None,
+        trust_remote_code: bool = False,
+        device_type: str | None = None,
     ) -> nn.Module:
         """The causal LM with 4-bit weights (norms and embeddings stay in ``torch_dtype``)."""
         return load_quantized_causal_lm(

@@ -205,10 +205,10 @@ class PreferenceModule(L.LightningModule):
         if self.quantization is not None:
             return self.quantization.load(
                 name_or_path,
-                self.torch_dtype,
-                self.attn_implementation,
-                self.trust_remote_code,
-                device,
+                torch_dtype=self.torch_dtype,
+                attn_implementation=self.attn_implementation,
+                trust_remote_code=self.trust_remote_code,
+                device_type=device,
             )
         return load_causal_lm(
             name_or_path,
