@@ -40,6 +40,15 @@ class RecordAdapters(L.Callback):
         self.steps[trainer.global_step] = {"loss": float(outputs["loss"]), "adapters": weights}
 
 
+class ReferenceFirst(L.Callback):
+    """An adapters-off pass before the step's policy forward (a subclass may compute the
+    reference first): under PEFT's own adapter switch, which flips requires_grad, this order
+    left the last decoder layer's adapters frozen under FSDP2."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        pl_module.reference_logps(batch)
+
+
 def fit(strategy_name, max_steps, ckpt_path=None, export=False):
     L.seed_everything(0)
     module = PreferenceModule(
@@ -71,7 +80,7 @@ def fit(strategy_name, max_steps, ckpt_path=None, export=False):
         "single": lambda: "auto",
     }
     record = RecordAdapters()
-    callbacks = [record]
+    callbacks = [record, ReferenceFirst()]
     if ckpt_path is None:
         every_step = ModelCheckpoint(
             dirpath=out_dir / f"ckpt-{strategy_name}", every_n_train_steps=1, save_top_k=-1
