@@ -43,6 +43,7 @@ def test_configs_exist():
     names = {p.name for p in RUN_CONFIGS}
     assert {
         "demo.yaml",
+        "demo_lora.yaml",
         "llama3_simpo_treg.yaml",
         "llama3_dpo_treg.yaml",
         "llama3_ipo_treg.yaml",
@@ -150,3 +151,34 @@ def test_demo_config_is_cpu_sized():
     # 40 pairs and 15 steps took 1 min 48 s end to end on 2 CPU cores (README); the budget of
     # `make demo` is 5 minutes, so the demo stays within these bounds.
     assert c["trainer"]["max_steps"] <= 20 and c["data"]["limit"] <= 48
+
+
+def _differences(a, b, path=""):
+    """Dotted keys where two parsed configs differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = set(a) | set(b)
+        return sorted(d for k in keys for d in _differences(a.get(k), b.get(k), f"{path}{k}."))
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return sorted(d for i, (x, y) in enumerate(zip(a, b)) for d in _differences(x, y, path))
+    return [] if a == b else [path.rstrip(".")]
+
+
+def test_demo_lora_is_the_demo_with_adapters():
+    """demo_lora.yaml is demo.yaml plus the adapters, their learning rate and its own output
+    folder: the side-by-side run in the README compares LoRA with full training, nothing else."""
+    full = print_config("--config", str(CONFIGS / "demo.yaml"))
+    lora = print_config("--config", str(CONFIGS / "demo_lora.yaml"))
+    differences = _differences(full, lora)
+    assert [d for d in differences if not d.startswith("model.peft")] == [
+        "model.optimizer.init_args.lr",
+        "trainer.default_root_dir",
+        "trainer.logger.init_args.save_dir",
+    ]
+    peft = lora["model"]["peft"]
+    assert peft["class_path"] == "peft.LoraConfig"
+    assert {k: peft["init_args"][k] for k in ("r", "lora_alpha", "target_modules")} == {
+        "r": 16,
+        "lora_alpha": 32,
+        "target_modules": "all-linear",
+    }
+    assert lora["model"]["optimizer"]["init_args"]["lr"] == pytest.approx(2e-4)

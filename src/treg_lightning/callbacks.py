@@ -26,6 +26,8 @@ class ExportOnFitEnd(Callback):
             None skips both.
         heatmap_pairs: number of pairs shown in the heat map.
         overwrite: write even where an earlier run's outputs are (replacing them).
+        adapter_only: with LoRA (``model.peft``), write the adapter alone
+            (``PeftModel.from_pretrained(base, folder)`` loads it) instead of the merged model.
     """
 
     def __init__(
@@ -34,7 +36,9 @@ class ExportOnFitEnd(Callback):
         heatmap_path: str | None = "{log_dir}/token_rewards.html",
         heatmap_pairs: int = 8,
         overwrite: bool = False,
+        adapter_only: bool = False,
     ) -> None:
+        self.adapter_only = adapter_only
         self.export_dir = export_dir
         self.heatmap_path = heatmap_path
         self.heatmap_pairs = heatmap_pairs
@@ -60,6 +64,15 @@ class ExportOnFitEnd(Callback):
             allow = "ExportOnFitEnd overwrite: true"
             check_not_overwriting(path, f"ExportOnFitEnd {name}", self.overwrite, allow)
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.adapter_only and getattr(pl_module, "peft", None) is None:
+            from treg_lightning.errors import ConfigError
+
+            raise ConfigError(
+                "ExportOnFitEnd adapter_only: true writes the LoRA adapter alone, but the model "
+                "has no adapters (model.peft is not set): drop adapter_only, or set model.peft."
+            )
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from treg_lightning.export import export_module
 
@@ -67,9 +80,12 @@ class ExportOnFitEnd(Callback):
         log_dir = trainer.log_dir  # a collective under multi-process strategies: every rank
         paths = self.paths(log_dir)
         if paths["export_dir"] is not None:
-            folder = export_module(pl_module, paths["export_dir"], tokenizer)  # collective
+            folder = export_module(  # collective
+                pl_module, paths["export_dir"], tokenizer, self.adapter_only
+            )
             if folder is not None:
-                self.written["policy (Hugging Face folder)"] = folder
+                what = "LoRA adapter (peft folder)" if self.adapter_only else "Hugging Face folder"
+                self.written[f"policy ({what})"] = folder
         if trainer.is_global_zero and paths["heatmap_path"] is not None:
             rows = self._cache_rows(trainer)
             if rows is not None:

@@ -182,6 +182,13 @@ def check_checkpoint_fits(ckpt_path: str | Path, module, setting: str = "--ckpt_
         )
     else:
         detail = f"it lacks {len(missing)} of the model's weights, e.g. {missing[:2]}"
+    lora = getattr(module, "peft", None) is not None
+    if lora != any(".lora_" in k for k in got):
+        detail += (
+            "; it holds LoRA adapters but model.peft is not set"
+            if not lora
+            else "; it holds no LoRA adapters but model.peft is set"
+        )
     raise CheckpointError(
         f"{setting} {ckpt_path} was written for another model than model.model={name} "
         f"({detail}). Use the config of the run that wrote it (its model.model), or a "
@@ -197,6 +204,11 @@ def _expected_shapes(module) -> dict[str, tuple[int, ...]] | None:
     source = resolve_model_source(module.model_name)
     if source.gguf_file is not None:
         return None
+    if getattr(module, "peft", None) is not None:
+        # A LoRA run's checkpoints hold its adapters only (treg_lightning.adapters).
+        from treg_lightning.adapters import adapter_shapes
+
+        return adapter_shapes(module)
     trust = bool(getattr(module, "trust_remote_code", False))
     config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust)
     with torch.device("meta"):

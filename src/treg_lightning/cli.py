@@ -116,8 +116,12 @@ class TRegTrainer(Trainer):
         ckpt_path: str | None = None,
         output_dir: str = "export",
         overwrite: bool = False,
+        adapter_only: bool = False,
     ) -> Path:
         """Write the policy of a checkpoint as a Hugging Face folder (safetensors + tokenizer).
+
+        A LoRA run (``model.peft``) is written with its adapters merged into the base weights of
+        ``model.model`` (a plain folder, no peft needed to load it), or the adapter alone.
 
         Args:
             ckpt_path: a ``.ckpt`` file or a sharded checkpoint folder (FSDP2 / FSDP).
@@ -125,6 +129,8 @@ class TRegTrainer(Trainer):
                 that already holds files is refused unless ``overwrite`` is set.
             overwrite: write into a non-empty ``output_dir``, replacing its files (weight
                 files of an earlier export are removed first, so two models never mix).
+            adapter_only: write the LoRA adapter alone (``adapter_config.json`` + safetensors;
+                ``PeftModel.from_pretrained(base, output_dir)`` loads it).
         """
         from treg_lightning.export import export_checkpoint, remove_stale_weights
 
@@ -132,8 +138,9 @@ class TRegTrainer(Trainer):
             raise ConfigError("export needs --ckpt_path (a .ckpt file or a checkpoint folder).")
         if overwrite:
             remove_stale_weights(output_dir)
-        folder = export_checkpoint(model, ckpt_path, output_dir)
-        print(f"policy written to {folder.resolve()}", flush=True)
+        folder = export_checkpoint(model, ckpt_path, output_dir, adapter_only)
+        what = "LoRA adapter" if adapter_only else "policy"
+        print(f"{what} written to {folder.resolve()}", flush=True)
         return folder
 
     # ---- plan --------------------------------------------------------------------------------
@@ -425,6 +432,7 @@ class TRegCLI(LightningCLI):
         source (:func:`treg_lightning.checks.check_pair_inputs`), before any model loads."""
         if isinstance(self.model, PreferenceModule):
             self.model.check_inputs(self.datamodule)
+            self.model.check_device(self.trainer.strategy.root_device.type)
 
     def before_export(self) -> None:
         config = self.config_init[self.subcommand]

@@ -9,7 +9,9 @@ Two entry points:
 - :func:`export_module`: from a live :class:`PreferenceModule` (after ``fit``), gathering
   FSDP2 shards onto rank 0 first.
 
-Either folder loads with ``AutoModelForCausalLM.from_pretrained(folder)``.
+Either folder loads with ``AutoModelForCausalLM.from_pretrained(folder)``. A LoRA policy
+(``model.peft``) is written with its adapters merged into the base weights, or, with
+``adapter_only``, as the adapter alone (:func:`treg_lightning.adapters.export_adapters`).
 """
 
 from __future__ import annotations
@@ -80,14 +82,25 @@ def save_pretrained(
     return output_dir
 
 
-def export_checkpoint(module, ckpt_path: str | Path, output_dir: str | Path) -> Path:
+def export_checkpoint(
+    module, ckpt_path: str | Path, output_dir: str | Path, adapter_only: bool = False
+) -> Path:
     """Load the policy of ``module`` from ``ckpt_path`` and write it to ``output_dir``.
 
     ``module`` is an unconfigured :class:`PreferenceModule` with the run's settings (the CLI
-    reads them from the checkpoint); its policy is built on CPU, then overwritten.
+    reads them from the checkpoint); its policy is built on CPU, then overwritten. With LoRA the
+    checkpoint's adapters go onto the base of ``model.model`` (``adapter_only``: the adapter
+    alone is written).
     """
     from treg_lightning.models import load_tokenizer
 
+    if getattr(module, "peft", None) is not None:
+        from treg_lightning.adapters import export_adapters
+
+        state = policy_state_dict(load_checkpoint_state(ckpt_path))
+        tokenizer = load_tokenizer(module.model_name, trust_remote_code=module.trust_remote_code)
+        return export_adapters(module, state, output_dir, tokenizer, adapter_only, str(ckpt_path))
+    _check_adapter_only(adapter_only)
     module.build_policy()
     state = policy_state_dict(load_checkpoint_state(ckpt_path))
     state = {k: v.to(p.dtype) for (k, v), p in _matched(module.policy, state)}
@@ -107,7 +120,19 @@ def _matched(policy: nn.Module, state: dict[str, Any]):
     return [((k, state[k]), own[k]) for k in own]
 
 
-def export_module(module, output_dir: str | Path, tokenizer=None) -> Path | None:
+def _check_adapter_only(adapter_only: bool) -> None:
+    if adapter_only:
+        from treg_lightning.errors import ConfigError
+
+        raise ConfigError(
+            "adapter_only writes the LoRA adapter alone, but this run has no adapters "
+            "(model.peft is not set): drop adapter_only to export the whole policy."
+        )
+
+
+def export_module(
+    module, output_dir: str | Path, tokenizer=None, adapter_only: bool = False
+) -> Path | None:
     """Write the live policy of ``module``; collective under FSDP2 (call on every rank).
 
     Returns the folder on global rank 0 and None on other ranks.
@@ -115,6 +140,14 @@ def export_module(module, output_dir: str | Path, tokenizer=None) -> Path | None
     from treg_lightning.parallel import is_sharded
 
     policy = module.policy
+    if getattr(module, "peft", None) is not None:
+        from treg_lightning.adapters import export_adapters, live_adapter_state
+
+        state = live_adapter_state(policy)  # collective under FSDP2
+        if module.global_rank != 0:
+            return None
+        return export_adapters(module, state, output_dir, tokenizer, adapter_only)
+    _check_adapter_only(adapter_only)
     state_dict = None
     if is_sharded(policy):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

@@ -10,6 +10,8 @@ again when loading.
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import functools
 import inspect
 from typing import Any
@@ -38,7 +40,8 @@ def portable_hparams(module: L.LightningModule, init_args: dict[str, Any]) -> No
 
 
 def _is_object(value: Any) -> bool:
-    return isinstance(value, nn.Module) or callable(value)
+    is_config = dataclasses.is_dataclass(value) and not isinstance(value, type)  # peft.LoraConfig
+    return isinstance(value, nn.Module) or callable(value) or is_config
 
 
 def _describe(value: Any) -> dict[str, Any] | None:
@@ -51,6 +54,8 @@ def _describe(value: Any) -> dict[str, Any] | None:
         return {"class_path": _class_path(value)}
     if inspect.isroutine(value) or not hasattr(value, "__dict__"):
         return None  # a function, lambda or builtin: nothing to rebuild it from
+    if dataclasses.is_dataclass(value):
+        return _describe_dataclass(value)
     cls = real_class(value)
     if cls.__init__ is object.__init__:
         return {"class_path": _class_path(cls)}
@@ -66,6 +71,45 @@ def _describe(value: Any) -> dict[str, Any] | None:
                 return None
         init_args[name] = arg
     return {"class_path": _class_path(cls), "init_args": init_args}
+
+
+def _describe_dataclass(value: Any) -> dict[str, Any] | None:
+    """A config dataclass (``peft.LoraConfig``) by the fields that differ from its defaults."""
+    cls = type(value)
+    try:
+        default = cls()
+    except TypeError:  # required fields: describe every init field
+        default = None
+    init_args = {}
+    for item in dataclasses.fields(value):
+        current = getattr(value, item.name)
+        if not item.init or (default is not None and current == getattr(default, item.name)):
+            continue
+        plain = _plain(current)
+        if plain is _UNDESCRIBABLE:
+            return None
+        init_args[item.name] = plain
+    return {"class_path": _class_path(cls), "init_args": init_args}
+
+
+_UNDESCRIBABLE = object()
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as plain values (a set as a sorted list, an enum as its value)."""
+    if isinstance(value, enum.Enum):
+        value = value.value
+    if isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, (set, frozenset)):
+        value = sorted(value, key=str)
+    if isinstance(value, (list, tuple)):
+        items = [_plain(v) for v in value]
+        return _UNDESCRIBABLE if _UNDESCRIBABLE in items else items
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        items = {k: _plain(v) for k, v in value.items()}
+        return _UNDESCRIBABLE if _UNDESCRIBABLE in items.values() else items
+    return _UNDESCRIBABLE
 
 
 def real_class(value: Any) -> type:

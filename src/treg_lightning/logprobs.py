@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from treg_lightning.lora import base_causal_lm, decoder_and_head
+
 
 def _logit_dtype(dtype: torch.dtype) -> torch.dtype:
     """Logits are upcast to float32 (float64 inputs stay float64, for exact tests)."""
@@ -133,6 +135,7 @@ def sequence_logps(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
 
 def check_plain_logits(lm: torch.nn.Module) -> None:
     """Logits must be ``lm_head(hidden)`` (+ Gemma-2 soft-capping, which is handled)."""
+    lm = base_causal_lm(lm)
     for key in ("logit_scale", "logits_scaling"):
         value = getattr(lm.config, key, None)
         if value not in (None, 1, 1.0):
@@ -144,7 +147,7 @@ def check_plain_logits(lm: torch.nn.Module) -> None:
 
 def model_softcap(lm: torch.nn.Module) -> float | None:
     """The model's final-logit soft-capping value (Gemma-2: 30.0), or None."""
-    return getattr(lm.config, "final_logit_softcapping", None)
+    return getattr(base_causal_lm(lm).config, "final_logit_softcapping", None)
 
 
 def causal_lm_token_logps(
@@ -162,11 +165,14 @@ def causal_lm_token_logps(
     the tokens to score (see :func:`token_logps_from_hidden`). Under FSDP2 it is bound to the
     model and registered as a forward method (``treg_lightning.forward.bind_token_logps``), so
     the root unit that owns ``lm_head`` is unsharded while its weight is read here.
+
+    ``lm`` may be wrapped by PEFT (:func:`treg_lightning.lora.apply_lora`): the decoder is then
+    found through the wrapped causal LM (:func:`treg_lightning.lora.decoder_and_head`), and its
+    forward runs the adapters unless they are disabled.
     """
     check_plain_logits(lm)
-    base = getattr(lm, lm.base_model_prefix)
-    hidden = base(**model_inputs)[0]
-    head = lm.get_output_embeddings()
+    decoder, head = decoder_and_head(lm)
+    hidden = decoder(**model_inputs)[0]
     return token_logps_from_hidden(
         hidden,
         head.weight,

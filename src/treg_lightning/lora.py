@@ -7,10 +7,10 @@ IPO is the policy itself with the adapters disabled: no second copy of the weigh
   (rank ``r``, ``lora_alpha``, ``lora_dropout``, ``target_modules``; DoRA with ``use_dora``);
 - :func:`adapters_disabled`: context in which the wrapped model computes the base model's
   outputs (eval mode inside, the previous modes restored after);
-- :func:`decoder_and_head` / :func:`token_logps`: the chunked token log-probs
-  (:func:`treg_lightning.logprobs.token_logps_from_hidden`) of a plain or a PEFT-wrapped model;
-  on a ``PeftModel``, ``getattr(model, model.base_model_prefix)`` is the whole causal LM (PEFT
-  forwards attribute lookups to it), not its decoder, so the decoder is reached through
+- :func:`decoder_and_head` / :func:`token_logps`: what the one per-token forward
+  (:func:`treg_lightning.logprobs.causal_lm_token_logps`) uses to run a plain or a PEFT-wrapped
+  model; on a ``PeftModel``, ``getattr(model, model.base_model_prefix)`` is the whole causal LM
+  (PEFT forwards attribute lookups to it), not its decoder, so the decoder is reached through
   ``get_base_model()``;
 - :func:`save_adapter` (adapter alone, ``PeftModel.from_pretrained`` loads it back) and
   :func:`save_merged` (a plain Hugging Face folder with the adapters merged into the weights;
@@ -25,7 +25,6 @@ bitsandbytes).
 from __future__ import annotations
 
 import copy
-import dataclasses
 import importlib.util
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,10 +34,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from treg_lightning.logprobs import token_logps_from_hidden
+from treg_lightning.errors import UserError
 
 
-class QLoRAUnavailable(RuntimeError):
+class QLoRAUnavailable(UserError, RuntimeError):
     """QLoRA was asked for where bitsandbytes or a CUDA device is missing."""
 
 
@@ -85,8 +84,11 @@ def apply_lora(model: nn.Module, config: Any, autocast_adapter_dtype: bool = Tru
             f"{type(config).__name__}: other PEFT methods are not supported here (prompt "
             "tuning would also shift the token positions the log-probs are aligned with)."
         )
+    # A copy: PEFT writes into the config it is given (base model name, ...), and the same
+    # config object builds the policy, its export and the start-up check's meta skeleton.
+    config = copy.deepcopy(config)
     if config.task_type is None:
-        config = dataclasses.replace(config, task_type="CAUSAL_LM")
+        config.task_type = "CAUSAL_LM"
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         # Casts the remaining (norm, embedding) weights for stable k-bit training; our
         # PreferenceModule enables gradient checkpointing itself when asked to.
@@ -128,20 +130,46 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
     The reference log-probs of a LoRA policy: equal to the base model's (no second copy of
     the weights). Wrap the forward in ``torch.no_grad()`` as for any frozen reference. On exit
     the adapters are on again and each submodule gets back its previous train/eval mode.
+
+    Only the adapter layers' "disabled" flag is switched, never ``requires_grad``: PEFT's own
+    ``disable_adapter()`` also freezes and unfreezes the adapter weights, and under FSDP2 that
+    lands on whichever tensor a unit holds at the moment (the sharded parameter, or the
+    unsharded one of a unit not resharded after its forward, such as the last decoder layer), so
+    that layer's adapters stayed frozen for good.
     """
     if not is_peft_model(model):
         raise TypeError(
             "adapters_disabled needs a PEFT-wrapped model (apply_lora), got "
             f"{type(model).__name__}."
         )
+    layers = _adapter_layers(model)
     modes = [(module, module.training) for module in model.modules()]
+    flags = [(layer, layer._disable_adapters) for layer in layers]
     model.eval()
     try:
-        with model.disable_adapter():
-            yield model
+        for layer in layers:
+            layer._disable_adapters = True
+        yield model
     finally:
+        for layer, flag in flags:
+            layer._disable_adapters = flag
         for module, training in modes:
             module.training = training
+
+
+def _adapter_layers(model: nn.Module) -> list[nn.Module]:
+    """The modules whose forward PEFT switches between base and adapted (the flag's owners)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    layers = [m for m in model.modules() if isinstance(m, (BaseTunerLayer, ModulesToSaveWrapper))]
+    for layer in layers:
+        if not hasattr(layer, "_disable_adapters"):  # a PEFT release that renamed the flag
+            raise RuntimeError(
+                f"{type(layer).__name__} of this peft version has no `_disable_adapters` flag; "
+                "treg_lightning.lora.adapters_disabled switches it (tested with peft 0.21)."
+            )
+    return layers
 
 
 def base_causal_lm(model: nn.Module) -> nn.Module:
@@ -169,20 +197,13 @@ def token_logps(
 ) -> torch.Tensor:
     """``[batch, seq]`` token log-probs of a plain or PEFT-wrapped causal LM, chunked.
 
-    Same contract as the module's per-token forward: ``model_inputs`` go to the decoder; only
-    the scored positions go through ``lm_head``, never as full float32 logits.
+    The module's per-token forward itself
+    (:func:`treg_lightning.logprobs.causal_lm_token_logps`): ``model_inputs`` go to the
+    decoder; only the scored positions go through ``lm_head``, never as full float32 logits.
     """
-    decoder, head = decoder_and_head(model)
-    hidden = decoder(**model_inputs)[0]
-    return token_logps_from_hidden(
-        hidden,
-        head.weight,
-        model_inputs["input_ids"],
-        score_mask,
-        chunk_size=chunk_size,
-        softcap=softcap,
-        lm_head_bias=getattr(head, "bias", None),
-    )
+    from treg_lightning.logprobs import causal_lm_token_logps
+
+    return causal_lm_token_logps(model, model_inputs, score_mask, chunk_size, softcap)
 
 
 def save_adapter(model: nn.Module, output_dir: str | Path, tokenizer=None) -> Path:

@@ -26,6 +26,7 @@ from jsonargparse import lazy_instance
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
+from treg_lightning.adapters import LoraConfig, QLoRA, check_adapter_settings
 from treg_lightning.checks import check_module_settings, check_pair_inputs
 from treg_lightning.data.datamodule import PreferenceDataModule
 from treg_lightning.data.resumable import reopen_cut_epoch
@@ -48,6 +49,7 @@ from treg_lightning.models import check_attn_implementation, parse_dtype
 from treg_lightning.pairs import SIDES, PairScores, field
 from treg_lightning.rewards.source import TokenRewardSource
 from treg_lightning.schedulers import WarmupCosineLR
+from treg_lightning.seeding import seed_step
 from treg_lightning.vocab import check_batch_fits, check_model_fits_data
 
 
@@ -65,7 +67,8 @@ class PreferenceModule(L.LightningModule):
         scheduler: builds the per-step learning-rate scheduler from the optimizer; default
             :class:`WarmupCosineLR` (warmup ratio 0.1, cosine decay; total steps from the
             trainer); None = constant learning rate.
-        reference_model: the frozen reference; None = the same weights as ``model``.
+        reference_model: the frozen reference; None = the same weights as ``model`` (with
+            ``peft``: the policy itself with its adapters disabled, no second copy).
         live_reference: whether to load the reference model. None (auto) loads it only when the
             loss needs a reference and the data's reward source serves no cached reference
             log-probs; False never loads it (start-up fails if the loss needs one and none is
@@ -93,6 +96,13 @@ class PreferenceModule(L.LightningModule):
         compile_options: keyword arguments for ``torch.compile`` (default ``{"dynamic": True}``:
             sequence lengths change from batch to batch).
         trust_remote_code: allow model code from the hub.
+        peft: LoRA / DoRA adapters (``class_path: peft.LoraConfig``: ``r``, ``lora_alpha``,
+            ``lora_dropout``, ``target_modules``, ``use_dora``); the base weights freeze and
+            only the adapters train, are checkpointed and reach the optimizer. None: full
+            fine-tuning.
+        quantization: load the frozen base in 4 bits under the adapters
+            (``class_path: treg_lightning.adapters.QLoRA``; CUDA and bitsandbytes only, refused
+            elsewhere at start-up). Needs ``peft``.
     """
 
     def __init__(
@@ -116,6 +126,8 @@ class PreferenceModule(L.LightningModule):
         compile: bool = False,
         compile_options: dict[str, Any] | None = None,
         trust_remote_code: bool = False,
+        peft: LoraConfig | None = None,
+        quantization: QLoRA | None = None,
     ) -> None:
         super().__init__()
         portable_hparams(self, locals())
@@ -123,6 +135,9 @@ class PreferenceModule(L.LightningModule):
         parse_dtype(torch_dtype)
         check_attn_implementation(attn_implementation)
         check_module_settings(logp_chunk_size, packing, attn_implementation)
+        check_adapter_settings(peft, quantization)
+        self.peft = peft
+        self.quantization = quantization
         self.model_name = model
         self.loss = loss
         self.regularizer = regularizer
@@ -173,6 +188,19 @@ class PreferenceModule(L.LightningModule):
         known, rewards = self.reward_source(datamodule)
         if known:
             check_pair_inputs(self.loss, self.regularizer, self.live_reference, rewards)
+        if self.quantization is not None and self._trainer is not None:
+            self.check_device(self._trainer.strategy.root_device.type)
+
+    def check_device(self, device_type: str) -> None:
+        """Refuse, before any weights load, settings the device cannot run (QLoRA off CUDA)."""
+        if self.quantization is not None:
+            self.quantization.check(device_type)
+
+    @property
+    def adapters_are_reference(self) -> bool:
+        """The reference is the policy with its LoRA adapters off (``peft`` set and the
+        reference model is the policy's base): nothing more is loaded."""
+        return self.peft is not None and self.reference_model_name == self.model_name
 
     def wants_live_reference(self) -> bool:
         if self.live_reference is not None:
@@ -187,6 +215,14 @@ class PreferenceModule(L.LightningModule):
         from treg_lightning.models import load_causal_lm
 
         device = self._trainer.strategy.root_device.type if self._trainer is not None else None
+        if self.quantization is not None:
+            return self.quantization.load(
+                name_or_path,
+                torch_dtype=self.torch_dtype,
+                attn_implementation=self.attn_implementation,
+                trust_remote_code=self.trust_remote_code,
+                device_type=device,
+            )
         return load_causal_lm(
             name_or_path,
             torch_dtype=self.torch_dtype,
@@ -208,17 +244,27 @@ class PreferenceModule(L.LightningModule):
             self.build_reference()
 
     def build_policy(self) -> nn.Module:
-        """Load the trainable policy into ``self.policy``."""
+        """Load the trainable policy into ``self.policy`` (with ``peft``: wrapped with the
+        adapters, after loading and before FSDP2 sharding)."""
         policy = self.load_model(self.model_name).train()  # from_pretrained returns eval mode
         check_model_fits_data(self, policy, self.model_name)  # not inside the embedding lookup
         policy.config.use_cache = False
         if self.gradient_checkpointing and self._fsdp_mesh() is None:
             policy.gradient_checkpointing_enable({"use_reentrant": False})
+        if self.peft is not None:
+            from treg_lightning.adapters import keep_adapters_only
+            from treg_lightning.lora import apply_lora
+
+            policy = apply_lora(policy, self.peft)
+            keep_adapters_only(self)
         self.policy = self._prepare(policy, activation_checkpointing=self.gradient_checkpointing)
         return self.policy
 
     def build_reference(self) -> nn.Module:
-        """Load the frozen reference into ``self.reference`` (eval mode, no gradients)."""
+        """Load the frozen reference into ``self.reference`` (eval mode, no gradients); nothing
+        when the reference is the policy with its adapters off (:attr:`adapters_are_reference`)."""
+        if self.adapters_are_reference:
+            return self.policy
         reference = self.load_model(self.reference_model_name).eval().requires_grad_(False)
         check_model_fits_data(self, reference, self.reference_model_name)
         self.reference = self._prepare(reference, activation_checkpointing=False)
@@ -296,6 +342,11 @@ class PreferenceModule(L.LightningModule):
             return None
         if all(field(side, "ref_token_logps") in batch for side in SIDES):
             return {side: batch[field(side, "ref_token_logps")] for side in SIDES}
+        if self.reference is None and self.adapters_are_reference:
+            from treg_lightning.lora import adapters_disabled
+
+            with torch.no_grad(), adapters_disabled(self.policy):
+                return self.model_token_logps(self.policy, batch)
         if self.reference is None:
             raise ConfigError(
                 f"{type(self.loss).__name__} needs reference log-probabilities, but the batch "
@@ -357,6 +408,11 @@ class PreferenceModule(L.LightningModule):
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         check_batch_fits(batch, self)  # on CPU, before an id past the embedding table is looked up
         return batch
+
+    def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        # Dropout masks (lora_dropout) from the run's seed, step and rank: a resumed run draws
+        # the masks of the run that never stopped (checkpoints hold no random state).
+        seed_step(self.global_step, batch_idx, self.global_rank)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, outputs = self.compute_loss(batch, "train")

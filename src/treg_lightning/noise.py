@@ -30,6 +30,11 @@ KNOWN_WARNINGS: list[tuple[type[Warning], str, str]] = [
         "`isinstance(treespec, LeafSpec)` is deprecated",
         "raised inside Lightning's own pytree helper on torch >= 2.10; nothing to do for users",
     ),
+    (
+        UserWarning,
+        "`loftq_config` specified but will be ignored",
+        "the parser fills every field of peft.LoraConfig (loftq_config with its defaults)",
+    ),
 ]
 
 # (logger name prefix, start of the message, why)

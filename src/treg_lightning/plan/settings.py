@@ -309,6 +309,8 @@ def settings_from_config(
     states, optimizer_name, optimizer_note = _optimizer_states(model.get("optimizer"))
     if optimizer_note:
         notes.append(optimizer_note)
+    if model.get("quantization") is not None:
+        notes.append(f"4-bit base (model.quantization) not modelled: weights as {param_dtype}")
     loss_cls, _ = _class_and_args(model.get("loss"))
     needs_reference = bool(getattr(loss_cls, "needs_reference", False)) if loss_cls else False
     live = model.get("live_reference")
