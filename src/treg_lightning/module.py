@@ -366,6 +366,10 @@ class PreferenceModule(L.LightningModule):
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         """Total loss ``mean(L_seq + alpha * w * (L_REG_w + L_REG_l))`` and what metrics need:
         ``{"pair": PairScores, "loss_output": LossOutput, "regularizer_output": ... | None}``."""
+        # Before any embedding lookup: an id past the table is a clear error here, a CUDA
+        # device-side assert inside the forward. (Not in on_before_batch_transfer: a datamodule
+        # that defines that hook would silently replace this one.)
+        check_batch_fits(batch, self)
         pair = self.pair_scores(batch)
         out: LossOutput = self.loss(pair)
         losses = out.losses
@@ -404,10 +408,6 @@ class PreferenceModule(L.LightningModule):
             )
 
     # ---- Lightning hooks ------------------------------------------------------------------
-
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        check_batch_fits(batch, self)  # on CPU, before an id past the embedding table is looked up
-        return batch
 
     def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         # Dropout masks (lora_dropout) from the run's seed, step and rank: a resumed run draws

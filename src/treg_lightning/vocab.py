@@ -50,7 +50,7 @@ def check_batch_fits(batch, module) -> None:
     ]
     if not ids:
         return
-    largest = max(int(tensor.max()) for tensor in ids)  # CPU tensors: no device sync
+    largest = max(int(tensor.max()) for tensor in ids)  # one small sync per step on a GPU
     models = [(module.model_name, module.policy)]
     models.append(
         (getattr(module, "reference_model_name", None), getattr(module, "reference", None))

@@ -1,0 +1,246 @@
+"""The ``treg`` trainer: Lightning's ``Trainer`` plus the entry points the CLI adds.
+
+Each subcommand of ``treg`` beyond Lightning's is a method here, so ``LightningCLI`` builds its
+parser from the signature and docstring and runs it like ``fit``:
+
+- ``annotate``: build the token-reward cache of the ``data`` section on its own, on every device
+  of the configured strategy (each process annotates its shard; rank 0 merges);
+- ``export``: write the policy of a checkpoint as a Hugging Face folder;
+- ``plan``: only declares its arguments (``treg plan`` runs without a trainer, see
+  :mod:`treg_lightning.plan`);
+- ``predict``: answers of the policy (:mod:`treg_lightning.predictions`), replacing Lightning's;
+- ``evaluate``: one table row per run (:mod:`treg_lightning.evaluation`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+
+from treg_lightning.data.datamodule import PreferenceDataModule
+from treg_lightning.errors import ConfigError
+from treg_lightning.evaluation import EvalRun
+from treg_lightning.generation import GenerationBackend
+from treg_lightning.outputs import disk_full_hint
+
+
+class TRegTrainer(Trainer):
+    """Lightning's ``Trainer`` plus the ``annotate`` and ``export`` entry points."""
+
+    def save_checkpoint(self, filepath, weights_only: bool = False, storage_options=None) -> None:
+        # A full disk mid-run must say which file and what to do, not a bare errno 28.
+        advice = (
+            "free space or point the checkpoint folder (ModelCheckpoint dirpath / "
+            "trainer.default_root_dir) elsewhere; earlier checkpoints are kept"
+        )
+        with disk_full_hint(filepath, advice):
+            super().save_checkpoint(filepath, weights_only, storage_options)
+
+    def annotate(
+        self,
+        model: LightningModule | None = None,
+        datamodule: LightningDataModule | None = None,
+    ) -> None:
+        """Build the token-reward cache of the data, on every device of the strategy."""
+        if not isinstance(datamodule, PreferenceDataModule):
+            raise ConfigError(
+                "annotate needs a PreferenceDataModule (the `data` section) with a reward "
+                "source (data.rewards)."
+            )
+        if datamodule.rewards is None:
+            raise ConfigError(
+                "treg annotate builds the token-reward cache, but data.rewards is null (no token "
+                "rewards): set data.rewards to a source (e.g. treg_lightning.rewards."
+                "ContrastiveRewards), or skip annotate and run treg fit directly."
+            )
+        # The strategy needs a module to set up processes (ModelParallelStrategy gives it the
+        # device mesh); PreferenceModule builds no weights until configure_model().
+        self.strategy.connect(model if model is not None else LightningModule())
+        datamodule.trainer = self
+        launcher = self.strategy.launcher
+        if launcher is not None:
+            launcher.launch(self._annotate, datamodule, trainer=self)
+        else:
+            self._annotate(datamodule)
+
+    def _annotate(self, datamodule: LightningDataModule) -> None:
+        self.strategy.setup_environment()  # process group, device
+        if self.local_rank == 0:
+            datamodule.prepare_data()
+        self.strategy.barrier("annotate-prepare")
+        caches = datamodule.annotate()
+        for split, dataset in caches.items():
+            files = getattr(dataset, "cache_files", None) or [{}]
+            where = Path(files[0].get("filename", "?")).parent
+            rank_zero_info(f"token-reward cache, {split}: {len(dataset)} pairs in {where}")
+
+    def export(
+        self,
+        model: LightningModule,
+        datamodule: LightningDataModule | None = None,
+        ckpt_path: str | None = None,
+        output_dir: str = "export",
+        overwrite: bool = False,
+        adapter_only: bool = False,
+    ) -> Path:
+        """Write the policy of a checkpoint as a Hugging Face folder (safetensors + tokenizer).
+
+        A LoRA run (``model.peft``) is written with its adapters merged into the base weights of
+        ``model.model`` (a plain folder, no peft needed to load it), or the adapter alone.
+
+        Args:
+            ckpt_path: a ``.ckpt`` file or a sharded checkpoint folder (FSDP2 / FSDP).
+            output_dir: the folder written; ``from_pretrained(output_dir)`` loads it. A folder
+                that already holds files is refused unless ``overwrite`` is set.
+            overwrite: write into a non-empty ``output_dir``, replacing its files (weight
+                files of an earlier export are removed first, so two models never mix).
+            adapter_only: write the LoRA adapter alone (``adapter_config.json`` + safetensors;
+                ``PeftModel.from_pretrained(base, output_dir)`` loads it).
+        """
+        from treg_lightning.export import export_checkpoint, remove_stale_weights
+
+        if ckpt_path is None:
+            raise ConfigError("export needs --ckpt_path (a .ckpt file or a checkpoint folder).")
+        if overwrite:
+            remove_stale_weights(output_dir)
+        folder = export_checkpoint(model, ckpt_path, output_dir, adapter_only)
+        what = "LoRA adapter" if adapter_only else "policy"
+        print(f"{what} written to {folder.resolve()}", flush=True)
+        return folder
+
+    # ---- plan --------------------------------------------------------------------------------
+
+    def plan(
+        self,
+        model: LightningModule | None = None,
+        datamodule: LightningDataModule | None = None,
+        devices: int | None = None,
+        num_nodes: int | None = None,
+        gpu_memory: str | None = None,
+        reserve: str = "1GiB",
+    ) -> None:
+        """Print the per-device memory of the run, from the model's config.json (no weights).
+
+        ``treg plan`` reads the parsed config without building the trainer, the model or the
+        data (TRegCLI), so this method only declares its arguments; in Python use
+        ``treg_lightning.plan.plan_from_config(config)``.
+
+        Args:
+            devices: devices per node (default: trainer.devices).
+            num_nodes: nodes (default: trainer.num_nodes).
+            gpu_memory: memory of one device, e.g. 80GB (10^9 bytes) or 79.6GiB (2^30);
+                default 80GB, or this machine's RAM when trainer.accelerator is cpu.
+            reserve: memory kept aside per device (CUDA context, NCCL and cuBLAS workspaces).
+        """
+        raise RuntimeError(
+            "Trainer.plan only declares the arguments of `treg plan`; call "
+            "treg_lightning.plan.plan_from_config(config) instead."
+        )
+
+    # ---- predict: answers of the policy (logic in treg_lightning.predictions) ---------------
+
+    def predict(
+        self,
+        model: LightningModule | None = None,
+        datamodule: LightningDataModule | None = None,
+        ckpt_path: str | None = None,
+        prompts: str | None = None,
+        split: str = "val",
+        limit: int | None = None,
+        output: str = "predictions.jsonl",
+        overwrite: bool = False,
+        generator: str | None = None,
+        max_new_tokens: int = 512,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        batch_size: int = 8,
+        shard_size: int = 64,
+        backend: GenerationBackend | None = None,
+        progress: bool = True,
+    ) -> Path | None:
+        """Generate the policy's answers for a prompt set, as AlpacaEval-format JSONL.
+
+        Args:
+            ckpt_path: weights to generate with: a ``.ckpt`` file or a sharded checkpoint
+                folder; None: model.model as it is (e.g. an exported policy folder).
+            prompts: a prompts file (.jsonl/.json: strings, message lists or objects with a
+                prompt/messages/instruction field); None: the data's prompts of ``split``.
+            split: the data split whose prompts are answered ("val" or "train").
+            limit: answer only the first ``limit`` prompts.
+            output: the answers file (JSONL); an existing file is never replaced unless
+                ``overwrite``. Unfinished work lies in ``<output>.parts/`` and is resumed.
+            overwrite: replace an existing ``output``.
+            generator: the ``generator`` field of every row; None: the model / checkpoint name.
+            max_new_tokens: the most tokens an answer may have.
+            temperature: 0 decodes greedily (deterministic); > 0 samples.
+            top_p: nucleus sampling mass when sampling.
+            seed: seeds the sampling of each batch.
+            batch_size: prompts per generate call (left-padded).
+            shard_size: prompts per resumable shard file; shard k goes to rank k % world_size.
+            backend: the generation engine; None: TransformersBackend (``generate``), or
+                ``treg_lightning.generation.VLLMBackend`` (vLLM installed, GPU).
+            progress: show a progress bar (rank 0).
+        """
+        from treg_lightning.generation import SamplingSettings, TransformersBackend
+        from treg_lightning.predictions import PredictJob, PredictSettings, run_predict
+
+        sampling = SamplingSettings(max_new_tokens, temperature, top_p, seed)
+        settings = PredictSettings(
+            output, overwrite, generator, sampling, batch_size, shard_size, progress
+        )
+        backend = backend if backend is not None else TransformersBackend()
+        job = PredictJob(model, datamodule, ckpt_path, prompts, split, limit, settings, backend)
+        return run_predict(self, job)
+
+    # ---- evaluate: one table row per run (logic in treg_lightning.evaluation) --------------
+
+    def evaluate(
+        self,
+        model: LightningModule | None = None,
+        datamodule: LightningDataModule | None = None,
+        runs: list[EvalRun] | None = None,
+        reference: str | None = None,
+        reward_model: str | None = None,
+        reward_batch_size: int = 8,
+        reward_dtype: str = "float32",
+        max_new_tokens: int | None = None,
+        output_dir: str = "evaluation",
+        overwrite: bool = False,
+    ) -> list[dict]:
+        """Compare runs on held-out pairs and on their answers; write a Markdown + JSON table.
+
+        Args:
+            runs: the runs, each ``{name, predictions, ckpt_path | policy, log_dir}``: held-out
+                pair metrics need ``ckpt_path`` or ``policy``, answer metrics ``predictions``
+                (a ``treg predict`` file), training curves ``log_dir``.
+            reference: the reference policy's answers (``treg predict`` of the starting model)
+                for the win rates.
+            reward_model: a sequence-classification reward model (hub id or folder) scoring
+                (prompt, answer) with its chat template; None: no reward columns.
+            reward_batch_size: conversations per reward-model forward.
+            reward_dtype: dtype of the reward model.
+            max_new_tokens: the predict setting, for answers files without finish_reason.
+            output_dir: folder of evaluation.md, evaluation.json and the PNG plots.
+            overwrite: replace an earlier report in ``output_dir``.
+        """
+        from treg_lightning.evaluation import (
+            EvaluateSettings,
+            check_report_folder,
+            evaluate_runs,
+            markdown_table,
+            write_report,
+        )
+
+        settings = EvaluateSettings(
+            reference, reward_model, reward_batch_size, reward_dtype, max_new_tokens,
+            output_dir, overwrite,
+        )  # fmt: skip
+        check_report_folder(output_dir, overwrite)
+        results = evaluate_runs(self, model, datamodule, runs or [], settings)
+        paths = write_report(results, runs or [], output_dir, overwrite)
+        print(markdown_table(results), flush=True)
+        print("\n".join(f"{kind}: {path.resolve()}" for kind, path in paths.items()), flush=True)
+        return results
