@@ -282,28 +282,20 @@ class PreferenceModule(L.LightningModule):
         return self.device_mesh
 
     def _prepare(self, lm: nn.Module, activation_checkpointing: bool) -> nn.Module:
-        """Bind the token-logps forward and shard with FSDP2 when the strategy asks for it."""
-        from torch.distributed.fsdp import register_fsdp_forward_method
-
-        from treg_lightning.parallel import apply_fsdp2, decoder_layers
+        """Bind the token-logps forward; shard with FSDP2 when the strategy asks for it."""
+        from treg_lightning.parallel import prepare_for_training
 
         bind_token_logps(lm)
-        mesh = self._fsdp_mesh()
-        if mesh is not None:
-            param_dtype = parse_dtype(self.fsdp_param_dtype) if self.fsdp_param_dtype else None
-            apply_fsdp2(
-                lm,
-                mesh,
-                param_dtype=param_dtype,
-                activation_checkpointing=activation_checkpointing,
-                cpu_offload=self.fsdp_cpu_offload,
-            )
-            register_fsdp_forward_method(lm, "token_logps")
-        if self.compile:
-            options = {"dynamic": True, **(self.compile_options or {})}
-            for layer in decoder_layers(lm):
-                layer.compile(**options)
-        return lm
+        param_dtype = parse_dtype(self.fsdp_param_dtype) if self.fsdp_param_dtype else None
+        compile_options = {"dynamic": True, **(self.compile_options or {})}
+        return prepare_for_training(
+            lm,
+            self._fsdp_mesh(),
+            param_dtype=param_dtype,
+            activation_checkpointing=activation_checkpointing,
+            cpu_offload=self.fsdp_cpu_offload,
+            compile_options=compile_options if self.compile else None,
+        )
 
     def train(self, mode: bool = True):
         # Lightning switches the whole module to train mode each epoch; the reference stays

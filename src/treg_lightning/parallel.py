@@ -143,3 +143,31 @@ class DecoderLayerWrapPolicy:
     def __call__(self, module: nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
         # The legacy FSDP1 callable-policy protocol: always recurse, wrap matching layers.
         return True if recurse else type(module).__name__ in self.layer_class_names
+
+
+def prepare_for_training(
+    lm: nn.Module,
+    mesh=None,
+    param_dtype: torch.dtype | None = None,
+    activation_checkpointing: bool = False,
+    cpu_offload: bool = False,
+    compile_options: dict | None = None,
+) -> nn.Module:
+    """Shard ``lm`` with FSDP2 over ``mesh`` (None: one process, nothing to shard), keeping its
+    bound ``token_logps`` forward an FSDP forward; then ``torch.compile`` each decoder layer when
+    ``compile_options`` is given (after sharding, as FSDP2 expects)."""
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    if mesh is not None:
+        apply_fsdp2(
+            lm,
+            mesh,
+            param_dtype=param_dtype,
+            activation_checkpointing=activation_checkpointing,
+            cpu_offload=cpu_offload,
+        )
+        register_fsdp_forward_method(lm, "token_logps")
+    if compile_options is not None:
+        for layer in decoder_layers(lm):
+            layer.compile(**compile_options)
+    return lm
