@@ -7,8 +7,11 @@ Test files and conftest files import them (``from builders import tiny_llama``: 
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -144,6 +147,109 @@ def save_tiny_model(path, tokenizer=None, seed: int = 0):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def addition_pairs(n: int) -> list[tuple[str, str, str]]:
+    """``n`` (prompt, chosen, rejected) triples: "Add i and i.", the sum, "No" repeated i + 1
+    times (so every pair differs and the rejected side grows with i)."""
+    return [(f"Add {i} and {i}.", f"{2 * i}.", "No" * (i + 1)) for i in range(n)]
+
+
+def write_pairs(path: Path, n: int = 8, *, rows=None) -> Path:
+    """A JSON lines file of ``{"prompt", "chosen", "rejected"}`` rows; returns ``path``.
+
+    ``rows`` are (prompt, chosen, rejected) triples; by default ``addition_pairs(n)``.
+    """
+    rows = addition_pairs(n) if rows is None else rows
+    lines = (json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n" for p, c, r in rows)
+    path.write_text("".join(lines))
+    return path
+
+
+def tiny_fit_args(
+    model_dir,
+    data,
+    root,
+    *extra: str,
+    loss: str | None = "treg_lightning.losses.SimPOLoss",
+    alpha: float | None = 0,
+    optimizer: str = "torch.optim.AdamW",
+    lr: float | None = None,
+    rewards: str | None = "null",
+    max_length: int = 48,
+    max_prompt_length: int = 24,
+    batch_size: int = 2,
+    devices: int | None = 1,
+    max_steps: int | None = 1,
+    logger: str | None = "false",
+    seed: int | None = 0,
+) -> list[str]:
+    """`treg` arguments (without the subcommand) for a short CPU run of the model in
+    ``model_dir`` on the pairs file ``data``, with ``root`` as ``trainer.default_root_dir`` and
+    ``extra`` last (so they override). No progress bar or model summary.
+
+    The defaults are a plain loss: SimPO with ``regularizer.alpha=0`` and ``data.rewards=null``
+    (the data carries no token rewards), one step on one device, no logger, seed 0. A keyword
+    set to None leaves that setting to the config's default; ``optimizer`` is written only with
+    ``lr``; ``logger="csv"`` is a CSVLogger writing under ``root``.
+    """
+    model = [f"--model.model={model_dir}"]
+    if loss is not None:
+        model.append(f"--model.loss={loss}")
+    if alpha is not None:
+        model.append(f"--model.regularizer.alpha={alpha}")
+    if lr is not None:
+        model += [f"--model.optimizer={optimizer}", f"--model.optimizer.lr={lr}"]
+    data_args = [f"--data.source={data}"]
+    if rewards is not None:
+        data_args.append(f"--data.rewards={rewards}")
+    data_args += [
+        f"--data.max_length={max_length}",
+        f"--data.max_prompt_length={max_prompt_length}",
+        f"--data.batch_size={batch_size}",
+    ]
+    trainer = ["--trainer.accelerator=cpu"]
+    if devices is not None:
+        trainer.append(f"--trainer.devices={devices}")
+    if max_steps is not None:
+        trainer.append(f"--trainer.max_steps={max_steps}")
+    trainer += ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+    if logger == "csv":
+        trainer += [
+            "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+            f"--trainer.logger.save_dir={root}",
+        ]
+    elif logger is not None:
+        trainer.append(f"--trainer.logger={logger}")
+    trainer.append(f"--trainer.default_root_dir={root}")
+    seeded = [] if seed is None else [f"--seed_everything={seed}"]
+    return [*model, *data_args, *trainer, *seeded, *extra]
+
+
+def annotate_args(root: Path) -> tuple[str, ...]:
+    """Token rewards from the contrastive source, cached under ``root/cache``."""
+    return (
+        "--data.rewards=treg_lightning.rewards.ContrastiveRewards",
+        f"--data.rewards.cache_dir={root / 'cache'}",
+    )
+
+
+# Raised by the loaders that ``no_model_load`` patches.
+REACHED = AssertionError("reached a model load that the check should have preceded")
+MODEL_LOADERS = (
+    "treg_lightning.models.load_causal_lm",  # the policy and the reference
+    "treg_lightning.rewards.contrastive.load_causal_lm",  # the evaluator of ContrastiveRewards
+)
+
+
+@contextlib.contextmanager
+def no_model_load(*extra_patches: str):
+    """The model loaders, and the ``extra_patches`` targets (dotted paths), raise ``REACHED``:
+    a check meant to come first fails the test if it came after a load."""
+    with contextlib.ExitStack() as stack:
+        for target in (*MODEL_LOADERS, *extra_patches):
+            stack.enter_context(mock.patch(target, side_effect=REACHED))
+        yield
 
 
 def pair_batch(

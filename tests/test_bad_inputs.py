@@ -17,56 +17,11 @@ from unittest import mock
 
 import pytest
 
+from builders import annotate_args, no_model_load, tiny_fit_args, write_pairs
 from treg_lightning.cli import TRegCLI
 from treg_lightning.rewards.cache import CacheError
 
-REACHED = AssertionError("reached a model load / forward that the check should have preceded")
-
-
-def write_pairs(path: Path, n: int = 6) -> Path:
-    with path.open("w") as f:
-        for i in range(n):
-            row = {"prompt": f"Add {i} and {i}.", "chosen": f"{2 * i}.", "rejected": "No" * (i + 1)}
-            f.write(json.dumps(row) + "\n")
-    return path
-
-
-def args_for(model_dir: Path, data: Path, root: Path, *extra: str) -> list[str]:
-    return [
-        "fit",
-        f"--model.model={model_dir}",
-        "--model.loss=treg_lightning.losses.SimPOLoss",
-        "--model.regularizer.alpha=0",  # plain SimPO: the data carries no token rewards
-        f"--data.source={data}",
-        "--data.rewards=null",
-        "--data.max_length=48",
-        "--data.max_prompt_length=24",
-        "--data.batch_size=2",
-        "--trainer.accelerator=cpu",
-        "--trainer.max_steps=1",
-        "--trainer.logger=false",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
-        f"--trainer.default_root_dir={root}",
-        *extra,
-    ]
-
-
-def annotate_args(root: Path) -> tuple[str, ...]:
-    """Token rewards from the contrastive source, cached under ``root/cache``."""
-    return (
-        "--data.rewards=treg_lightning.rewards.ContrastiveRewards",
-        f"--data.rewards.cache_dir={root / 'cache'}",
-    )
-
-
-@contextlib.contextmanager
-def no_model_load():
-    with (
-        mock.patch("treg_lightning.models.load_causal_lm", side_effect=REACHED),
-        mock.patch("treg_lightning.rewards.contrastive.load_causal_lm", side_effect=REACHED),
-    ):
-        yield
+REACHED = AssertionError("reached a forward that the check should have preceded")
 
 
 @contextlib.contextmanager
@@ -94,10 +49,10 @@ def parse_error(args: list[str], capsys) -> str:
 
 @pytest.fixture
 def setup(tiny_model_dir, tmp_path):
-    data = write_pairs(tmp_path / "pairs.jsonl")
+    data = write_pairs(tmp_path / "pairs.jsonl", 6)
 
     def make(*extra: str, model_dir: Path = tiny_model_dir) -> list[str]:
-        return args_for(model_dir, data, tmp_path, *extra)
+        return ["fit", *tiny_fit_args(model_dir, data, tmp_path, *extra, devices=None, seed=None)]
 
     make.tmp = tmp_path
     make.data = data
@@ -339,8 +294,9 @@ def test_evaluator_with_another_tokenizer(setup, tiny_model_dir):
 def built_cache(tiny_model_dir, tmp_path_factory):
     """`treg annotate` once: the train cache folder, to copy and damage per test."""
     root = tmp_path_factory.mktemp("built-cache")
-    data = write_pairs(root / "pairs.jsonl")
-    cli(["annotate", *args_for(tiny_model_dir, data, root, *annotate_args(root))[1:]])
+    data = write_pairs(root / "pairs.jsonl", 6)
+    args = tiny_fit_args(tiny_model_dir, data, root, *annotate_args(root), devices=None, seed=None)
+    cli(["annotate", *args])
     (folder,) = (root / "cache").glob("train-*")
     return folder
 

@@ -3,8 +3,6 @@ message naming the file and what to do, never torch's advice to set `weights_onl
 
 from __future__ import annotations
 
-import contextlib
-import json
 import sys
 import warnings
 from pathlib import Path
@@ -13,40 +11,19 @@ from unittest import mock
 import pytest
 import torch
 
+from builders import no_model_load, tiny_fit_args, write_pairs
 from treg_lightning.checkpoints import check_checkpoint_file, check_checkpoint_fits, policy_shapes
 from treg_lightning.cli import TRegCLI, cli_main
-
-REACHED = AssertionError("reached a model load that the checkpoint check should have preceded")
 
 
 class NotATensor:
     """An object a pickle may hold but weights_only loading refuses."""
 
 
-def write_pairs(path: Path) -> Path:
-    rows = [
-        {"prompt": f"Add {i}.", "chosen": f"{i}.", "rejected": "No" * (i + 1)} for i in range(6)
-    ]
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
-
-
 def args_for(model_dir: Path, root: Path) -> list[str]:
-    return [
-        f"--model.model={model_dir}",
-        f"--data.source={write_pairs(root / 'pairs.jsonl')}",
-        "--data.rewards=null",
-        "--model.regularizer.alpha=0",  # plain loss: the data carries no token rewards
-        "--data.max_length=48",
-        "--data.max_prompt_length=24",
-        "--data.batch_size=2",
-        "--trainer.accelerator=cpu",
-        "--trainer.max_steps=1",
-        "--trainer.logger=false",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
-        f"--trainer.default_root_dir={root}",
-    ]
+    rows = [(f"Add {i}.", f"{i}.", "No" * (i + 1)) for i in range(6)]
+    data = write_pairs(root / "pairs.jsonl", rows=rows)
+    return tiny_fit_args(model_dir, data, root, loss=None, devices=None, seed=None)
 
 
 @pytest.fixture(scope="module")
@@ -58,23 +35,13 @@ def trained(tiny_model_dir, tmp_path_factory) -> Path:
     return Path(cli.trainer.checkpoint_callback.best_model_path)
 
 
-@contextlib.contextmanager
-def no_model_load():
-    with (
-        mock.patch("treg_lightning.models.load_causal_lm", side_effect=REACHED),
-        mock.patch("treg_lightning.rewards.contrastive.load_causal_lm", side_effect=REACHED),
-        mock.patch("treg_lightning.module.PreferenceModule.build_policy", side_effect=REACHED),
-    ):
-        yield
-
-
 def refused(subcommand: str, ckpt: Path, model_dir: Path, root: Path, capsys) -> str:
     """`treg SUBCOMMAND --ckpt_path CKPT`: exit 2, nothing loaded or written; the message."""
     out = root / "exported"
     extra = [f"--output_dir={out}"] if subcommand == "export" else []
     args = [subcommand, *args_for(model_dir, root), f"--ckpt_path={ckpt}", *extra]
     with (
-        no_model_load(),
+        no_model_load("treg_lightning.module.PreferenceModule.build_policy"),
         mock.patch.object(sys, "argv", ["treg"]),
         pytest.raises(SystemExit) as info,
     ):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ from unittest import mock
 import pytest
 import torch
 
+from builders import tiny_fit_args, write_pairs
 from treg_lightning.cli import TRegCLI
 from treg_lightning.cli import cli_main as _cli_main
 
@@ -35,43 +35,32 @@ PAIRS = [
 ]
 
 
-def write_pairs(path: Path) -> Path:
-    with path.open("w") as f:
-        for prompt, chosen, rejected in PAIRS:
-            f.write(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}) + "\n")
-    return path
-
-
 def common_args(model_dir: Path, data: Path, root: Path) -> list[str]:
-    return [
-        f"--model.model={model_dir}",
-        "--model.loss=treg_lightning.losses.DPOLoss",
+    """DPO with contrastive token rewards (the default source), 20% of the pairs held out."""
+    return tiny_fit_args(
+        model_dir,
+        data,
+        root,
         "--model.loss.beta=0.5",
         "--model.live_reference=false",  # DPO on cached reference logps
-        "--model.optimizer=torch.optim.AdamW",
-        "--model.optimizer.lr=0.01",
-        f"--data.source={data}",
-        "--data.max_length=64",
-        "--data.max_prompt_length=32",
-        "--data.batch_size=2",
         "--data.val_fraction=0.2",
         f"--data.rewards.cache_dir={root / 'cache'}",
-        "--trainer.accelerator=cpu",
-        "--trainer.devices=1",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
-        f"--trainer.default_root_dir={root}",
-        "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
-        f"--trainer.logger.save_dir={root}",
-        "--seed_everything=0",
-    ]
+        loss="treg_lightning.losses.DPOLoss",
+        alpha=None,
+        lr=0.01,
+        rewards=None,
+        max_length=64,
+        max_prompt_length=32,
+        max_steps=None,
+        logger="csv",
+    )
 
 
 @pytest.fixture(scope="module")
 def fitted(tiny_model_dir, tmp_path_factory):
     """`treg annotate`, then `treg fit` (4 steps) on the same config."""
     root = tmp_path_factory.mktemp("cli")
-    data = write_pairs(root / "pairs.jsonl")
+    data = write_pairs(root / "pairs.jsonl", rows=PAIRS)
     args = common_args(tiny_model_dir, data, root)
     annotate = cli_main(["annotate", *args])
     meta_files = sorted((root / "cache").glob("*/meta.json"))

@@ -5,7 +5,6 @@ the same metrics, with the same values, as `treg validate` on those pairs."""
 from __future__ import annotations
 
 import csv
-import json
 import math
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from unittest import mock
 
 import pytest
 
+from builders import tiny_fit_args, write_pairs
 from treg_lightning.cli import cli_main
 
 TRAIN = [
@@ -30,33 +30,24 @@ HELD_OUT = [
 ]
 
 
-def write_pairs(path: Path, pairs) -> Path:
-    path.write_text(
-        "".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n" for p, c, r in pairs)
-    )
-    return path
-
-
 def common_args(model_dir: Path, root: Path) -> list[str]:
-    return [
-        f"--model.model={model_dir}",
-        "--model.loss=treg_lightning.losses.DPOLoss",
+    """DPO with contrastive token rewards (the default source) at a constant lr of 0.01."""
+    return tiny_fit_args(
+        model_dir,
+        write_pairs(root / "train.jsonl", rows=TRAIN),
+        root,
         "--model.live_reference=false",  # reference log-probs from each split's cache
-        "--model.optimizer=torch.optim.AdamW",
-        "--model.optimizer.lr=0.01",
         "--model.scheduler=null",
-        f"--data.source={write_pairs(root / 'train.jsonl', TRAIN)}",
-        "--data.max_length=64",
-        "--data.max_prompt_length=32",
-        "--data.batch_size=2",
         f"--data.rewards.cache_dir={root / 'cache'}",
-        "--trainer.accelerator=cpu",
-        "--trainer.devices=1",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
-        f"--trainer.default_root_dir={root}",
-        "--seed_everything=0",
-    ]
+        loss="treg_lightning.losses.DPOLoss",
+        alpha=None,
+        lr=0.01,
+        rewards=None,
+        max_length=64,
+        max_prompt_length=32,
+        max_steps=None,
+        logger=None,
+    )
 
 
 def treg(args: list[str]) -> None:
@@ -85,7 +76,7 @@ def trained(tiny_model_dir, tmp_path_factory):
     args = common_args(tiny_model_dir, root)
     treg(["fit", *args, "--trainer.max_steps=3", "--trainer.logger=false"])
     (ckpt,) = (root / "checkpoints").glob("*.ckpt")
-    held_out = write_pairs(root / "held_out.jsonl", HELD_OUT)
+    held_out = write_pairs(root / "held_out.jsonl", rows=HELD_OUT)
     return {"root": root, "args": args, "ckpt": ckpt, "held_out": held_out}
 
 

@@ -7,7 +7,6 @@ last checkpoint, finished annotation chunks) is lost.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import math
@@ -23,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from builders import checkout_env, imported_from_checkout
+from builders import checkout_env, imported_from_checkout, no_model_load, tiny_fit_args, write_pairs
 from treg_lightning.cli import TRegCLI
 from treg_lightning.guards import NonFiniteError, NonFiniteGuard
 from treg_lightning.module import PreferenceModule
@@ -61,35 +60,11 @@ class PauseAt(L.Callback):
 '''
 
 
-def write_pairs(path: Path, n: int = PAIRS) -> Path:
-    with path.open("w") as f:
-        for i in range(n):
-            row = {"prompt": f"Add {i} and {i}.", "chosen": f"{2 * i}.", "rejected": "No" * (i + 1)}
-            f.write(json.dumps(row) + "\n")
-    return path
-
-
 def base_args(model_dir: Path, data: Path, root: Path) -> list[str]:
-    return [
-        f"--model.model={model_dir}",
-        "--model.loss=treg_lightning.losses.SimPOLoss",
-        "--model.regularizer.alpha=0",  # plain SimPO: the data carries no token rewards
-        "--model.optimizer=torch.optim.AdamW",
-        "--model.optimizer.lr=0.01",
-        f"--data.source={data}",
-        "--data.rewards=null",
-        "--data.max_length=48",
-        "--data.max_prompt_length=24",
-        "--data.batch_size=2",
-        "--trainer.accelerator=cpu",
-        "--trainer.devices=1",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
-        "--trainer.limit_val_batches=0",
-        "--trainer.logger=false",
-        f"--trainer.default_root_dir={root}",
-        "--seed_everything=0",
-    ]
+    """Plain SimPO at lr 0.01, no validation; each test sets its own trainer.max_steps."""
+    return tiny_fit_args(
+        model_dir, data, root, "--trainer.limit_val_batches=0", lr=0.01, max_steps=None
+    )
 
 
 def cli(args: list[str], **kwargs) -> TRegCLI:
@@ -151,7 +126,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tiny_model_dir, tmp_
     each once, with the losses of an uninterrupted run (within 1e-6). A resume that restarted
     from step 1, or from any other step, shows as other steps in that log."""
     (tmp_path / "faultkit.py").write_text(FAULTKIT)
-    data = write_pairs(tmp_path / "pairs.jsonl")
+    data = write_pairs(tmp_path / "pairs.jsonl", PAIRS)
     total, kill_after = 9, 4
     straight = _fit_subprocess(tmp_path, tiny_model_dir, data, "straight", total)
     marker = tmp_path / "paused"
@@ -202,7 +177,7 @@ class NaNAtStep(PreferenceModule):
 
 
 def test_guard_on_by_default_stops_at_nan_and_keeps_last_checkpoint(tiny_model_dir, tmp_path):
-    data = write_pairs(tmp_path / "pairs.jsonl")
+    data = write_pairs(tmp_path / "pairs.jsonl", PAIRS)
     ckpt_dir = tmp_path / "ckpt"
     args = [
         "fit",
@@ -237,7 +212,7 @@ def test_guard_on_by_default_stops_at_nan_and_keeps_last_checkpoint(tiny_model_d
 
 
 def test_guard_is_configurable_and_can_be_disabled(tiny_model_dir, tmp_path):
-    data = write_pairs(tmp_path / "pairs.jsonl")
+    data = write_pairs(tmp_path / "pairs.jsonl", PAIRS)
     common = [*base_args(tiny_model_dir, data, tmp_path), "--trainer.max_steps=1"]
     default = cli(common, run=False)
     skip = cli([*common, "--guard.action=skip", "--guard.max_skips=3"], run=False)
@@ -252,23 +227,12 @@ def test_guard_is_configurable_and_can_be_disabled(tiny_model_dir, tmp_path):
 # --- unwritable folders and full disks --------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _no_model_load():
-    """Patch the model loaders (policy and evaluator) to fail if called: checks come first."""
-    fail = AssertionError("a model was loaded before the check")
-    with (
-        mock.patch("treg_lightning.models.load_causal_lm", side_effect=fail),
-        mock.patch("treg_lightning.rewards.contrastive.load_causal_lm", side_effect=fail),
-    ):
-        yield
-
-
 @pytest.mark.parametrize(
     "setting",
     ["--trainer.default_root_dir", "--data.rewards.cache_dir"],
 )
 def test_unwritable_output_folder_fails_at_start_up(tiny_model_dir, tmp_path, setting):
-    data = write_pairs(tmp_path / "pairs.jsonl")
+    data = write_pairs(tmp_path / "pairs.jsonl", PAIRS)
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     bad = blocker / "out"  # cannot be created, whatever the user's rights (tests run as root)
@@ -279,7 +243,7 @@ def test_unwritable_output_folder_fails_at_start_up(tiny_model_dir, tmp_path, se
         "--data.rewards=treg_lightning.rewards.ContrastiveRewards",
         f"{setting}={bad}",
     ]
-    with _no_model_load(), pytest.raises(OutputFolderError) as info:  # noqa: PT012
+    with no_model_load(), pytest.raises(OutputFolderError) as info:  # noqa: PT012
         cli(args)
     message = str(info.value)
     assert f"cannot write to {bad} ({setting.removeprefix('--')})" in message
@@ -289,7 +253,7 @@ def test_unwritable_output_folder_fails_at_start_up(tiny_model_dir, tmp_path, se
 def test_export_to_unwritable_folder_fails_before_loading(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    data = write_pairs(tmp_path / "pairs.jsonl")
+    data = write_pairs(tmp_path / "pairs.jsonl", PAIRS)
     (tmp_path / "a-file").write_text("")
     bad = tmp_path / "a-file" / "policy"
     # A checkpoint that passes the start-up checkpoint checks, so the folder check is reached.
@@ -301,7 +265,7 @@ def test_export_to_unwritable_folder_fails_before_loading(tiny_model_dir, tmp_pa
         f"--ckpt_path={tmp_path / 'x.ckpt'}",
         f"--output_dir={bad}",
     ]
-    with _no_model_load(), pytest.raises(OutputFolderError, match=f"cannot write to {bad}"):
+    with no_model_load(), pytest.raises(OutputFolderError, match=f"cannot write to {bad}"):
         cli(args)
 
 
@@ -381,7 +345,7 @@ def test_disk_full_while_saving_the_arrow_cache(tiny_model_dir, tmp_path):
 def test_disk_full_while_writing_a_checkpoint(tiny_model_dir, tmp_path):
     from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-    data = write_pairs(tmp_path / "pairs.jsonl")
+    data = write_pairs(tmp_path / "pairs.jsonl", PAIRS)
     ckpt_dir = tmp_path / "ckpt"
     args = [
         "fit",

@@ -13,6 +13,7 @@ import torch
 
 peft = pytest.importorskip("peft", reason="LoRA tests need peft (the `lora`/`dev` extra)")
 
+from builders import annotate_args, no_model_load, tiny_fit_args, write_pairs  # noqa: E402
 from treg_lightning.cli import TRegCLI, cli_main  # noqa: E402
 
 LORA_ARGS = [
@@ -23,38 +24,21 @@ LORA_ARGS = [
 ]
 
 
-def write_pairs(path: Path, n: int = 8) -> Path:
-    with path.open("w") as f:
-        for i in range(n):
-            row = {"prompt": f"Add {i} and {i}.", "chosen": f"{2 * i}.", "rejected": "No" * (i + 1)}
-            f.write(json.dumps(row) + "\n")
-    return path
-
-
 def base_args(model_dir: Path, root: Path) -> list[str]:
-    return [
-        f"--model.model={model_dir}",
-        "--model.loss=treg_lightning.losses.DPOLoss",
+    """DPO and T-REG on contrastive token rewards, 2 steps at lr 0.02."""
+    return tiny_fit_args(
+        model_dir,
+        write_pairs(root / "pairs.jsonl"),
+        root / "run",
         "--model.loss.beta=0.5",
-        "--model.regularizer.alpha=0.5",
-        "--model.optimizer=torch.optim.AdamW",
-        "--model.optimizer.lr=0.02",
-        f"--data.source={write_pairs(root / 'pairs.jsonl')}",
-        "--data.max_length=48",
-        "--data.max_prompt_length=24",
-        "--data.batch_size=2",
-        "--data.rewards=treg_lightning.rewards.ContrastiveRewards",
-        f"--data.rewards.cache_dir={root / 'cache'}",
+        *annotate_args(root),
         "--data.rewards.progress=false",
-        "--trainer.accelerator=cpu",
-        "--trainer.devices=1",
-        "--trainer.max_steps=2",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
-        "--trainer.logger=false",
-        f"--trainer.default_root_dir={root / 'run'}",
-        "--seed_everything=0",
-    ]
+        loss="treg_lightning.losses.DPOLoss",
+        alpha=0.5,
+        lr=0.02,
+        rewards=None,
+        max_steps=2,
+    )
 
 
 def treg(args: list[str], capsys) -> tuple[int | None, str, str]:
@@ -115,9 +99,6 @@ def test_fit_and_export_merged_and_adapter_only(tiny_model_dir, tmp_path, capsys
         check_checkpoint_fits(ckpt, other_rank)
 
 
-REACHED = AssertionError("reached a model load that the refusal should have preceded")
-
-
 @pytest.mark.parametrize(
     ("extra", "expected"),
     [
@@ -135,11 +116,7 @@ REACHED = AssertionError("reached a model load that the refusal should have prec
     ],
 )
 def test_qlora_refused_before_loading(tiny_model_dir, tmp_path, capsys, extra, expected):
-    with (
-        mock.patch("treg_lightning.models.load_causal_lm", side_effect=REACHED),
-        mock.patch("treg_lightning.rewards.contrastive.load_causal_lm", side_effect=REACHED),
-        mock.patch("transformers.AutoModelForCausalLM.from_pretrained", side_effect=REACHED),
-    ):
+    with no_model_load("transformers.AutoModelForCausalLM.from_pretrained"):
         status, err, _ = treg(["fit", *base_args(tiny_model_dir, tmp_path), *extra], capsys)
     assert status == 2, err
     assert "Traceback" not in err

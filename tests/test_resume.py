@@ -10,6 +10,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from builders import tiny_fit_args, write_pairs
 from treg_lightning.data.datamodule import PreferenceDataModule
 from treg_lightning.losses import SimPOLoss, TokenRewardRegularizer
 from treg_lightning.module import PreferenceModule, WarmupCosineLR
@@ -156,34 +157,26 @@ def _cli_fit(model_dir, data, root, name, *extra):
     from treg_lightning.cli import TRegCLI
 
     run = root / name
-    args = [
-        "fit",
-        f"--model.model={model_dir}",
-        "--model.loss=treg_lightning.losses.SimPOLoss",
+    fit = tiny_fit_args(
+        model_dir,
+        data,
+        run,
         "--model.regularizer=null",
-        "--model.optimizer=torch.optim.SGD",
-        "--model.optimizer.lr=0.5",
         "--model.scheduler=null",
-        f"--data.source={data}",
-        "--data.rewards=null",
-        "--data.max_length=48",
-        "--data.max_prompt_length=24",
-        "--data.batch_size=2",
-        "--trainer.accelerator=cpu",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
         "--trainer.log_every_n_steps=1",
-        "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
-        f"--trainer.logger.save_dir={run}",
-        f"--trainer.default_root_dir={run}",
         "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
         f"--trainer.callbacks.dirpath={run / 'ckpt'}",
         "--trainer.callbacks.save_last=true",
-        "--seed_everything=0",
         *extra,
-    ]
+        alpha=None,
+        optimizer="torch.optim.SGD",
+        lr=0.5,
+        devices=None,
+        max_steps=None,
+        logger="csv",
+    )
     with mock.patch.object(sys, "argv", ["treg"]):
-        cli = TRegCLI(args=args)
+        cli = TRegCLI(args=["fit", *fit])
     rows = []
     for path in run.glob("lightning_logs/version_*/metrics.csv"):  # none if nothing was logged
         with open(path) as f:
@@ -220,11 +213,8 @@ def test_cli_continue_with_larger_max_steps_trains_the_rest(
     Lightning ends the cut epoch in the checkpoint (counted as processed); without
     `reopen_cut_epoch` the continued run trains nothing ("max_epochs=1 reached") or skips to
     the next epoch."""
-    data = tmp_path / "pairs.jsonl"
-    with data.open("w") as f:
-        for i in range(12):  # 6 batches per epoch; with validation 9 pairs: 5 batches
-            row = {"prompt": f"Add {i} and {i}.", "chosen": f"{2 * i}.", "rejected": "No" * (i + 1)}
-            f.write(json.dumps(row) + "\n")
+    # 6 batches per epoch; with validation 9 pairs: 5 batches
+    data = write_pairs(tmp_path / "pairs.jsonl", 12)
     val = ["--data.val_fraction=0.25"] if validation else ["--trainer.limit_val_batches=0"]
     first_limit = [a for a in limits if "max_epochs" in a] + ["--trainer.max_steps=2"]
     straight, straight_weights, _ = _cli_fit(

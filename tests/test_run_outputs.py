@@ -4,7 +4,6 @@ unless overwriting is asked for, and `treg export` refuses a non-empty folder.""
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from unittest import mock
@@ -12,44 +11,32 @@ from unittest import mock
 import pytest
 import torch
 
+from builders import annotate_args, no_model_load, tiny_fit_args, write_pairs
 from treg_lightning.cli import cli_main
-
-REACHED = AssertionError("reached a model load that the output check should have preceded")
-
-
-def write_pairs(path: Path) -> Path:
-    rows = [
-        {"prompt": f"Add {i}.", "chosen": f"{i}.", "rejected": "No" * (i + 1)} for i in range(6)
-    ]
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
 
 
 def fit_args(model_dir: Path, root: Path, *extra: str) -> list[str]:
-    return [
-        "fit",
-        f"--model.model={model_dir}",
-        "--model.optimizer=torch.optim.AdamW",
-        "--model.optimizer.lr=0.01",
+    """One step on contrastive token rewards, logged by CSVLogger, exported at the fit's end."""
+    rows = [(f"Add {i}.", f"{i}.", "No" * (i + 1)) for i in range(6)]
+    fit = tiny_fit_args(
+        model_dir,
+        write_pairs(root / "pairs.jsonl", rows=rows),
+        root,
         "--model.scheduler=null",  # a constant lr: one step changes the weights
-        f"--data.source={write_pairs(root / 'pairs.jsonl')}",
-        "--data.max_length=48",
-        "--data.max_prompt_length=24",
-        "--data.batch_size=2",
-        "--data.rewards=treg_lightning.rewards.ContrastiveRewards",
+        *annotate_args(root),
         "--data.rewards.batch_size=12",
-        f"--data.rewards.cache_dir={root / 'cache'}",
-        "--trainer.accelerator=cpu",
-        "--trainer.max_steps=1",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
-        f"--trainer.default_root_dir={root}",
-        "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
-        f"--trainer.logger.save_dir={root}",
         "--trainer.callbacks+=treg_lightning.callbacks.ExportOnFitEnd",
         "--trainer.callbacks.heatmap_pairs=2",
         *extra,
-    ]
+        loss=None,
+        alpha=None,
+        lr=0.01,
+        rewards=None,
+        devices=None,
+        logger="csv",
+        seed=None,
+    )
+    return ["fit", *fit]
 
 
 def treg(args: list[str]) -> None:
@@ -60,8 +47,7 @@ def treg(args: list[str]) -> None:
 def treg_refused(args: list[str], capsys) -> str:
     """Exit status 2 before any model loads; returns the message."""
     with (
-        mock.patch("treg_lightning.models.load_causal_lm", side_effect=REACHED),
-        mock.patch("treg_lightning.rewards.contrastive.load_causal_lm", side_effect=REACHED),
+        no_model_load(),
         mock.patch.object(sys, "argv", ["treg"]),
         pytest.raises(SystemExit) as info,
     ):

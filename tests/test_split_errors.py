@@ -14,7 +14,6 @@ loaders to fail if reached.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -24,46 +23,10 @@ from unittest import mock
 
 import pytest
 
+from builders import REACHED, addition_pairs, no_model_load, tiny_fit_args, write_pairs
 from treg_lightning.cli import cli_main
 
-REACHED = AssertionError("reached a model load that the check should have preceded")
-PAIRS = [(f"Add {i} and {i}.", f"{2 * i}.", "No" * (i + 1)) for i in range(8)]
-
-
-def write_pairs(path: Path, pairs=PAIRS) -> Path:
-    path.write_text(
-        "".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n" for p, c, r in pairs)
-    )
-    return path
-
-
-def base_args(model_dir: Path, data: Path, root: Path) -> list[str]:
-    return [
-        f"--model.model={model_dir}",
-        "--model.loss=treg_lightning.losses.SimPOLoss",
-        "--model.regularizer.alpha=0",  # plain loss: the data carries no token rewards
-        f"--data.source={data}",
-        "--data.rewards=null",
-        "--data.max_length=96",
-        "--data.max_prompt_length=64",
-        "--data.batch_size=2",
-        "--trainer.accelerator=cpu",
-        "--trainer.devices=1",
-        "--trainer.max_steps=1",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
-        "--trainer.logger=false",
-        f"--trainer.default_root_dir={root / 'run'}",
-    ]
-
-
-@contextlib.contextmanager
-def no_model_load():
-    with (
-        mock.patch("treg_lightning.models.load_causal_lm", side_effect=REACHED),
-        mock.patch("treg_lightning.rewards.contrastive.load_causal_lm", side_effect=REACHED),
-    ):
-        yield
+PAIRS = addition_pairs(8)
 
 
 def treg(args: list[str], capsys) -> tuple[int | None, str]:
@@ -94,7 +57,10 @@ def setup(tiny_model_dir, tmp_path):
     data = write_pairs(tmp_path / "pairs.jsonl")
 
     def make(*extra: str, subcommand: str = "fit") -> list[str]:
-        return [subcommand, *base_args(tiny_model_dir, data, tmp_path), *extra]
+        base = tiny_fit_args(
+            tiny_model_dir, data, tmp_path / "run", max_length=96, max_prompt_length=64, seed=None
+        )
+        return [subcommand, *base, *extra]
 
     make.tmp = tmp_path
     make.data = data
@@ -202,7 +168,7 @@ def test_empty_validation_file(setup, capsys):
 
 
 def test_val_fraction_that_leaves_no_training_pair(setup, capsys):
-    one = write_pairs(setup.tmp / "one.jsonl", PAIRS[:1])
+    one = write_pairs(setup.tmp / "one.jsonl", rows=PAIRS[:1])
     message = refused(setup(f"--data.source={one}", "--data.val_fraction=0.5"), capsys, setup.tmp)
     assert message == (
         "data.val_fraction 0.5 holds out 1 of the 1 rows of one.jsonl, which leaves no "
@@ -225,23 +191,27 @@ def test_validation_split_emptied_by_skipped_rows(setup, capsys):
 # --- validate / test with no data -------------------------------------------------------------
 
 
-def test_validate_without_validation_data(setup, capsys):
-    """Was exit 0 with nothing reported."""
-    message = refused(setup(subcommand="validate"), capsys, setup.tmp)
-    assert message == (
-        "treg validate needs validation pairs, but none are configured: set data.val_source "
-        "(a file, folder or hub id), data.val_split (another split of data.source) or "
-        "data.val_fraction (hold out part of data.source)."
-    )
-
-
-def test_test_without_test_data(setup, capsys):
-    """Was "`test_dataloader` must be implemented" after the annotate pass and the model load."""
-    message = refused(setup(subcommand="test"), capsys, setup.tmp)
-    assert message == (
-        "treg test needs test pairs, but none are configured: set data.test_source (a file, "
-        "folder or hub id) or data.test_split (another split of data.source, e.g. test)."
-    )
+@pytest.mark.parametrize(
+    ("subcommand", "expected"),
+    [
+        pytest.param(
+            "validate",
+            "treg validate needs validation pairs, but none are configured: set data.val_source "
+            "(a file, folder or hub id), data.val_split (another split of data.source) or "
+            "data.val_fraction (hold out part of data.source).",
+            id="validate",  # was exit 0 with nothing reported
+        ),
+        pytest.param(
+            "test",
+            "treg test needs test pairs, but none are configured: set data.test_source (a file, "
+            "folder or hub id) or data.test_split (another split of data.source, e.g. test).",
+            id="test",  # was "`test_dataloader` must be implemented" after annotate and load
+        ),
+    ],
+)
+def test_evaluation_without_its_data(setup, capsys, subcommand, expected):
+    message = refused(setup(subcommand=subcommand), capsys, setup.tmp)
+    assert message == expected
 
 
 # --- evaluation data that is training data ----------------------------------------------------
@@ -310,7 +280,7 @@ def test_test_split_of_a_single_file(setup, capsys):
 
 
 def test_test_data_that_is_validation_data(setup, capsys):
-    val = write_pairs(setup.tmp / "val.jsonl", [("Q?", "A.", "B."), ("R?", "C.", "D.")])
+    val = write_pairs(setup.tmp / "val.jsonl", rows=[("Q?", "A.", "B."), ("R?", "C.", "D.")])
     test = setup.tmp / "test.jsonl"
     shutil.copy(val, test)
     args = setup(f"--data.val_source={val}", f"--data.test_source={test}", subcommand="test")
@@ -348,8 +318,8 @@ def test_hub_ids_are_the_same_rows_only_for_the_same_split():
 def test_allowed_overlap_duplicates_and_a_large_limit_are_reported(setup, capsys, caplog):
     """Trained, with the counts: overlap allowed by the flag, duplicates within the training file
     (each copy trained on), a limit larger than the file."""
-    data = write_pairs(setup.tmp / "dups.jsonl", PAIRS + [PAIRS[1], PAIRS[1], PAIRS[4]])
-    val = write_pairs(setup.tmp / "val.jsonl", [PAIRS[0], ("Q?", "A.", "B.")])
+    data = write_pairs(setup.tmp / "dups.jsonl", rows=PAIRS + [PAIRS[1], PAIRS[1], PAIRS[4]])
+    val = write_pairs(setup.tmp / "val.jsonl", rows=[PAIRS[0], ("Q?", "A.", "B.")])
     args = setup(
         f"--data.source={data}",
         f"--data.val_source={val}",
@@ -378,7 +348,7 @@ def test_val_fraction_keeps_copies_of_a_pair_together(tiny_model_dir, tmp_path):
     from treg_lightning.data.datamodule import PreferenceDataModule
 
     pairs = [(f"Q{i}?", f"A{i}.", f"B{i}.") for i in range(20)]
-    data = write_pairs(tmp_path / "pairs.jsonl", pairs + pairs[:10])
+    data = write_pairs(tmp_path / "pairs.jsonl", rows=pairs + pairs[:10])
     module = PreferenceDataModule(
         str(data), tokenizer=str(tiny_model_dir), rewards=None, val_fraction=0.1, seed=3,
         max_length=64, max_prompt_length=32,

@@ -8,8 +8,6 @@ subprocess. "Nothing loaded" is checked by patching the model loaders to fail if
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -19,58 +17,10 @@ from unittest import mock
 
 import pytest
 
+from builders import annotate_args, no_model_load, tiny_fit_args, write_pairs
 from treg_lightning.cli import cli_main
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-REACHED = AssertionError("reached a model load that the check should have preceded")
-
-
-def write_pairs(path: Path, n: int = 8) -> Path:
-    with path.open("w") as f:
-        for i in range(n):
-            row = {"prompt": f"Add {i} and {i}.", "chosen": f"{2 * i}.", "rejected": "No" * (i + 1)}
-            f.write(json.dumps(row) + "\n")
-    return path
-
-
-def base_args(model_dir: Path, data: Path, root: Path) -> list[str]:
-    return [
-        f"--model.model={model_dir}",
-        "--model.loss=treg_lightning.losses.SimPOLoss",
-        "--model.optimizer=torch.optim.AdamW",
-        "--model.optimizer.lr=0.01",
-        f"--data.source={data}",
-        "--data.rewards=null",
-        "--model.regularizer.alpha=0",  # plain loss: the data carries no token rewards
-        "--data.max_length=48",
-        "--data.max_prompt_length=24",
-        "--data.batch_size=2",
-        "--trainer.accelerator=cpu",
-        "--trainer.devices=1",
-        "--trainer.max_steps=2",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
-        "--trainer.logger=false",
-        f"--trainer.default_root_dir={root / 'run'}",
-        "--seed_everything=0",
-    ]
-
-
-def annotate_args(root: Path) -> tuple[str, ...]:
-    """Token rewards from the contrastive source, cached under ``root/cache``."""
-    return (
-        "--data.rewards=treg_lightning.rewards.ContrastiveRewards",
-        f"--data.rewards.cache_dir={root / 'cache'}",
-    )
-
-
-@contextlib.contextmanager
-def no_model_load():
-    with (
-        mock.patch("treg_lightning.models.load_causal_lm", side_effect=REACHED),
-        mock.patch("treg_lightning.rewards.contrastive.load_causal_lm", side_effect=REACHED),
-    ):
-        yield
 
 
 def treg(args: list[str], capsys) -> tuple[int, str]:
@@ -93,7 +43,8 @@ def setup(tiny_model_dir, tmp_path):
     data = write_pairs(tmp_path / "pairs.jsonl")
 
     def make(*extra: str, subcommand: str = "fit") -> list[str]:
-        return [subcommand, *base_args(tiny_model_dir, data, tmp_path), *extra]
+        base = tiny_fit_args(tiny_model_dir, data, tmp_path / "run", lr=0.01, max_steps=2)
+        return [subcommand, *base, *extra]
 
     make.tmp = tmp_path
     make.model = tiny_model_dir
@@ -223,32 +174,38 @@ def test_truncated_jsonl(setup, capsys):
     )
 
 
-def test_prompt_column_under_another_name(setup, capsys):
-    data = setup.tmp / "qa.csv"
-    data.write_text("question,chosen,rejected\nWhat is 2+2?,4,5\nName a color.,Blue.,Nine.\n")
+# A pandas CSV of message lists whose cells were cut (no closing bracket in the prompt).
+CUT_CELL = "\"[{'role': 'user', 'content': 'Hi'}\""
+ANSWER_CELL = "\"[{'role': 'assistant', 'content': 'A'}]\""
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "expected"),
+    [
+        pytest.param(
+            "qa.csv",
+            "question,chosen,rejected\nWhat is 2+2?,4,5\nName a color.,Blue.,Nine.\n",
+            "qa.csv row 0, field 'prompt': no 'prompt' column; the file has columns ['question', "
+            "'chosen', 'rejected']. Rename 'question' to 'prompt'",
+            id="prompt_column_under_another_name",
+        ),
+        pytest.param(
+            "flat.csv",
+            ",prompt,chosen,rejected\n"
+            + "".join(f"{i},{CUT_CELL},{ANSWER_CELL},{ANSWER_CELL}\n" for i in range(3)),
+            "flat.csv: no usable pairs left: skipped 3 of 3 rows: 3 message list stored as "
+            "unreadable text (rows 0, 1, 2).",
+            id="flattened_message_lists_that_cannot_be_read_back",  # every row refused
+        ),
+    ],
+)
+def test_unusable_csv(setup, capsys, name, text, expected):
+    data = setup.tmp / name
+    data.write_text(text)
     with no_model_load():
         status, err = treg(setup(f"--data.source={data}"), capsys)
     assert status == 2
-    assert error_paragraph(err).startswith(
-        "qa.csv row 0, field 'prompt': no 'prompt' column; the file has columns ['question', "
-        "'chosen', 'rejected']. Rename 'question' to 'prompt'"
-    )
-
-
-def test_flattened_message_lists_that_cannot_be_read_back(setup, capsys):
-    """A pandas CSV whose cells were cut: every row refused with the reason, nothing trained."""
-    data = setup.tmp / "flat.csv"
-    cell = "\"[{'role': 'user', 'content': 'Hi'}\""  # cut off: no closing bracket
-    answer = "\"[{'role': 'assistant', 'content': 'A'}]\""
-    rows = [f"{i},{cell},{answer},{answer}" for i in range(3)]
-    data.write_text(",prompt,chosen,rejected\n" + "\n".join(rows) + "\n")
-    with no_model_load():
-        status, err = treg(setup(f"--data.source={data}"), capsys)
-    assert status == 2
-    assert error_paragraph(err).startswith(
-        "flat.csv: no usable pairs left: skipped 3 of 3 rows: 3 message list stored as "
-        "unreadable text (rows 0, 1, 2)."
-    )
+    assert error_paragraph(err).startswith(expected)
 
 
 def test_missing_model_path(setup, capsys):

@@ -145,9 +145,7 @@ def test_check_same_vocab(rw_tokenizer, rw_helpers):
 
 def test_world_size_without_process_group_is_refused(rw_model, rw_tokenizer, rw_rows, tmp_path):
     with pytest.raises(RuntimeError, match="needs torch.distributed initialized"):
-        Annotator()(
-            rw_model, rw_tokenizer, rw_rows, tmp_path, rank=0, world_size=2
-        )
+        Annotator()(rw_model, rw_tokenizer, rw_rows, tmp_path, rank=0, world_size=2)
 
 
 # Subprocess script: builds the same tiny model/tokenizer/rows as the fixtures (same seed).
@@ -294,9 +292,7 @@ def test_smollm2_rewards_on_hand_written_pairs(rw_helpers, tmp_path):
         )
         for i, (q, c, r) in enumerate(HAND_PAIRS)
     ]
-    ds = Annotator("instruct", batch_size=6)(
-        model, tokenizer, rows, tmp_path
-    )
+    ds = Annotator("instruct", batch_size=6)(model, tokenizer, rows, tmp_path)
     means = {k: [float(np.mean(v)) for v in ds[k]] for k in ds.column_names if "_ids" not in k}
     reward_wins = [
         c > r for c, r in zip(means["chosen_token_rewards"], means["rejected_token_rewards"])

@@ -127,9 +127,7 @@ def test_interrupted_build_resumes(rw_model, rw_tokenizer, rw_rows, tmp_path):
     assert not (tmp_path / "meta.json").exists()
     assert (tmp_path / "work" / "chunk-000000.safetensors").is_file()
     ds = build(rw_rows, tmp_path, fp, CountingScore(rw_model, rw_tokenizer))
-    uninterrupted = build(
-        rw_rows, tmp_path / "fresh", fp, CountingScore(rw_model, rw_tokenizer)
-    )
+    uninterrupted = build(rw_rows, tmp_path / "fresh", fp, CountingScore(rw_model, rw_tokenizer))
     assert ds.data.table.equals(uninterrupted.data.table)
     assert not (tmp_path / "work").exists()
 
