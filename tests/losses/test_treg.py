@@ -365,3 +365,23 @@ def test_cached_rewards_are_treated_as_constants():
     total, _, _, _ = run("simpo", TokenRewardRegularizer(alpha=ALPHA), batch)
     total.backward()
     assert rewards.grad is None
+
+
+def test_reprs_name_every_setting():
+    """What a model summary or a results file prints: the class and its settings."""
+    from treg_lightning.losses import DPOLoss, IPOLoss, SimPOLoss
+    from treg_lightning.losses.targets import ChosenSFT
+
+    assert repr(DPOLoss(beta=0.1)) == "DPOLoss(beta=0.1, label_smoothing=0.0)"
+    assert repr(IPOLoss(tau=0.2)) == "IPOLoss(tau=0.2)"
+    assert (
+        repr(SimPOLoss(beta=2.5, gamma_beta_ratio=0.3))
+        == "SimPOLoss(beta=2.5, gamma_beta_ratio=0.3)"
+    )
+    assert repr(TokenRewardRegularizer(alpha=0.25)) == (
+        "TokenRewardRegularizer(alpha=0.25, weighting='dynamic', targets=SelfGeneratedRewards())"
+    )
+    regularizer = TokenRewardRegularizer(alpha=0.5, weighting="static", targets=ChosenSFT())
+    assert repr(regularizer) == (
+        "TokenRewardRegularizer(alpha=0.5, weighting='static', targets=ChosenSFT())"
+    )

@@ -46,6 +46,9 @@ class DPOLoss(PreferenceLossModule):
         self.beta = beta
         self.label_smoothing = label_smoothing
 
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}, label_smoothing={self.label_smoothing}"
+
     def forward(self, pair: PairScores) -> LossOutput:
         require_reference("DPOLoss", pair)
         chosen, rejected = pair.chosen, pair.rejected

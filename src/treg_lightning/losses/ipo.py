@@ -37,6 +37,9 @@ class IPOLoss(PreferenceLossModule):
             raise ConfigError(f"IPOLoss: tau must be > 0, got {tau}.")
         self.tau = tau
 
+    def extra_repr(self) -> str:
+        return f"tau={self.tau}"
+
     def forward(self, pair: PairScores) -> LossOutput:
         require_reference("IPOLoss", pair)
         chosen, rejected = pair.chosen, pair.rejected

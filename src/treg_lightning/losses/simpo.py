@@ -47,6 +47,9 @@ class SimPOLoss(PreferenceLossModule):
         self.beta = beta
         self.gamma_beta_ratio = gamma_beta_ratio
 
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}, gamma_beta_ratio={self.gamma_beta_ratio}"
+
     @property
     def gamma(self) -> float:
         """The absolute target margin (TRL's ``simpo_gamma``)."""

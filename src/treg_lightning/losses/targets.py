@@ -36,7 +36,16 @@ class TokenTargets(Protocol):
     def __call__(self, pair: PairScores, out: LossOutput) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
-class SelfGeneratedRewards:
+class _Targets:
+    """Shared by the shipped targets: a readable ``repr`` (also of a ``lazy_instance``)."""
+
+    def __repr__(self) -> str:
+        lazy = ("LazyInstance_", "_LazyInit")
+        named = (c for c in type(self).__mro__ if not c.__name__.startswith(lazy))
+        return f"{next(named).__name__}()"
+
+
+class SelfGeneratedRewards(_Targets):
     """The data's token rewards ``r_hat`` (T-REG as in the paper)."""
 
     needs_token_rewards = True
@@ -53,7 +62,7 @@ class SelfGeneratedRewards:
         return pair.chosen.token_rewards.detach(), pair.rejected.token_rewards.detach()
 
 
-class ChosenSFT:
+class ChosenSFT(_Targets):
     """``r_hat = 1`` on every chosen token, 0 on rejected ones (ablation: SFT on ``y_w``)."""
 
     needs_token_rewards = False
@@ -62,7 +71,7 @@ class ChosenSFT:
         return torch.ones_like(pair.chosen.token_logps), torch.zeros_like(pair.rejected.token_logps)
 
 
-class ImplicitRewards:
+class ImplicitRewards(_Targets):
     """``sigmoid(implicit token reward) - 0.5`` of the loss itself (ablation)."""
 
     needs_token_rewards = False

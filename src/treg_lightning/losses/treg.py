@@ -105,6 +105,9 @@ class TokenRewardRegularizer(nn.Module):
         self.weighting = weighting
         self.targets = targets
 
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, weighting={self.weighting!r}, targets={self.targets!r}"
+
     def needs_token_rewards(self) -> bool:
         """Whether the batches must carry token rewards ``r_hat`` (the paper's own targets).
 
