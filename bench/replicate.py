@@ -14,7 +14,7 @@ margin, T-REG term, token-reward correlation per step), ``evaluation.png`` (bars
 (``answers/*.jsonl``), ``settings.json`` and ``timings.json``. Models, caches and logs go to
 ``--work-dir`` (default outputs/replicate/).
 
-    python bench/replicate.py --size cpu          # SmolLM2-135M-Instruct, ~1 hour on 2 CPU cores
+    python bench/replicate.py --size cpu          # SmolLM2-135M-Instruct, ~30 min on 2 CPU cores
     python bench/replicate.py --size gpu --model HuggingFaceTB/SmolLM2-1.7B-Instruct \\
         --reward-model Skywork/Skywork-Reward-Llama-3.1-8B-v0.2
     python bench/replicate.py --dry-run --out /tmp/replicate   # tiny model built here, seconds
@@ -57,8 +57,8 @@ class Size:
 
 
 SIZES = {
-    # 2 pairs of <= 256 tokens per step: <= 12 s per step on 2 cores; 64 steps = one epoch of
-    # the 128 training pairs; about an hour in all (bench/README.md, "replicate.py").
+    # 2 pairs of <= 256 tokens per step: ~3 s per step on 2 cores; 64 steps = one epoch of the
+    # 128 training pairs; 30 min in all, measured (bench/README.md, "replicate.py").
     "cpu": Size("smollm2", pairs=160, val_pairs=32, steps=64, batch_size=2, lr=5e-6,
                 max_length=256, max_prompt_length=128, answers=24, max_new_tokens=96,
                 val_every=32),
