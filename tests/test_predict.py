@@ -16,7 +16,8 @@ from unittest import mock
 import pytest
 import torch
 
-from test_cli import PAIRS, write_pairs
+from builders import write_pairs
+from test_cli import PAIRS
 from treg_lightning.cli import TRegCLI, TRegTrainer
 from treg_lightning.data.errors import DataFormatError
 from treg_lightning.generation import SamplingSettings, TransformersBackend, cut_at_stop
@@ -174,7 +175,7 @@ def setup(tiny_model_dir, tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     root = tmp_path_factory.mktemp("predict")
-    data = write_pairs(root / "pairs.jsonl")
+    data = write_pairs(root / "pairs.jsonl", rows=PAIRS)
     prompts = root / "prompts.jsonl"
     prompts.write_text(
         "\n".join(json.dumps(p) for p in ["Say hi.", {"prompt": "Count to 3."}, "Why?"]) + "\n"
