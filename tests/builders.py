@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
+import subprocess
 from pathlib import Path
 from unittest import mock
 
@@ -49,6 +51,31 @@ def checkout_env(*paths, **variables) -> dict[str, str]:
     inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     entries = [str(SRC), *map(str, paths), *inherited]
     return {**os.environ, "PYTHONPATH": os.pathsep.join(entries), **variables}
+
+
+def run_in_group(command: list[str], timeout: int, env: dict[str, str]) -> None:
+    """Run ``command`` in its own process group (no inherited rank variables) and assert it
+    exits 0; on timeout kill the group (launched ranks too) and fail with its stderr."""
+    import pytest
+
+    env = dict(env)
+    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_PORT"):
+        env.pop(key, None)
+    process = subprocess.Popen(
+        command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        _, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        _, stderr = process.communicate()
+        pytest.fail(f"{command[1:3]} hung for {timeout} s:\n{stderr[-4000:]}")
+    assert process.returncode == 0, stderr[-4000:]
 
 
 def imported_from_checkout(module_file: str) -> bool:

@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 peft = pytest.importorskip("peft", reason="LoRA tests need peft (the `lora`/`dev` extra)")
 
-from builders import pair_batch  # noqa: E402
+from builders import checkout_env, pair_batch, run_in_group  # noqa: E402
 from treg_lightning.callbacks import ExportOnFitEnd  # noqa: E402
 from treg_lightning.data.datamodule import PreferenceDataModule  # noqa: E402
 from treg_lightning.forward import bind_token_logps, padded_token_logps  # noqa: E402
@@ -32,7 +29,6 @@ from treg_lightning.rewards import ContrastiveRewards  # noqa: E402
 from treg_lightning.schedulers import WarmupCosineLR  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
-SRC = TESTS.parent / "src"
 STEPS_PER_EPOCH = 4  # 8 pairs, 2 per batch
 STEPS = 6  # the resume stops at step 3, mid-epoch 1
 
@@ -309,25 +305,8 @@ def test_guard_stops_on_a_non_finite_adapter_gradient(tiny_model_dir, tmp_path):
 
 
 def run(command: list[str], timeout: int = 240) -> None:
-    """Run ``command`` in its own process group; on timeout kill the group (launched ranks too)."""
-    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_PORT"):
-        env.pop(key, None)
-    process = subprocess.Popen(
-        command,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        _, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        _, stderr = process.communicate()
-        pytest.fail(f"{command[1:3]} hung for {timeout} s:\n{stderr[-4000:]}")
-    assert process.returncode == 0, stderr[-4000:]
+    """Run ``command`` in its own process group, importing this checkout."""
+    run_in_group(command, timeout, checkout_env())
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,6 @@ policy and the activation-checkpointing wrapper."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -17,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from builders import checkout_env, imported_from_checkout
+from builders import checkout_env, imported_from_checkout, run_in_group
 from treg_lightning.parallel import (
     DecoderLayerWrapPolicy,
     _wrap_with_activation_checkpointing,
@@ -162,25 +159,8 @@ RUN_ORDER = ("simpo", "dpo", "accum", "bf16", "packing", "resume")  # the script
 
 
 def run(command: list[str], timeout: int = 300, env: dict | None = None) -> None:
-    """Run ``command`` in its own process group; on timeout kill the group (launched ranks too)."""
-    env = dict(env if env is not None else checkout_env(OMP_NUM_THREADS="1"))
-    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_PORT"):
-        env.pop(key, None)
-    process = subprocess.Popen(
-        command,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        _, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        _, stderr = process.communicate()
-        pytest.fail(f"{command[1:3]} hung for {timeout} s:\n{stderr[-4000:]}")
-    assert process.returncode == 0, stderr[-4000:]
+    """Run ``command`` in its own process group (one thread per process unless ``env``)."""
+    run_in_group(command, timeout, env if env is not None else checkout_env(OMP_NUM_THREADS="1"))
 
 
 def needs(*runs: str):
