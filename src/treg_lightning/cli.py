@@ -263,7 +263,9 @@ class TRegCLI(LightningCLI):
             source = source / "meta.pt"
         if not source.is_file():
             return  # "last", a folder without hyperparameters: nothing to fill in
-        saved = torch.load(source, weights_only=True, map_location="cpu").get("hyper_parameters")
+        # mmap: only the hyperparameters are read, not the weights and optimizer states
+        saved = torch.load(source, weights_only=True, map_location="cpu", mmap=True)
+        saved = saved.get("hyper_parameters")
         hparams = upgrade_hparams(dict(saved or {}), source=str(source))
         hparams.pop("_instantiator", None)
         if not hparams:

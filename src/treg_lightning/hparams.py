@@ -19,6 +19,8 @@ from typing import Any
 import lightning as L
 from torch import nn
 
+from treg_lightning.errors import CheckpointError
+
 _PLAIN = (int, float, str, bool, type(None))
 
 
@@ -142,8 +144,6 @@ def upgrade_hparams(hparams: dict[str, Any], source: str = "the checkpoint") -> 
     ``regularizer.init_args.targets: {class_path: SelfGeneratedRewards | ChosenSFT |
     ImplicitRewards}``; anything else is returned as it is. ``source`` names the file in errors.
     """
-    from treg_lightning.errors import CheckpointError
-
     regularizer = hparams.get("regularizer")
     init_args = regularizer.get("init_args") if isinstance(regularizer, dict) else None
     if not isinstance(init_args, dict) or "token_rewards" not in init_args:
