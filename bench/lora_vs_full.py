@@ -16,7 +16,6 @@ load average before and after is recorded).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -85,17 +84,19 @@ def checkpoint_parameters(path: Path) -> float:
 
 
 def losses(metrics: Path) -> dict:
-    rows = list(csv.DictReader(metrics.open()))
-    train = [float(r["train/loss_step"]) for r in rows if r.get("train/loss_step")]
-    val = [r for r in rows if r.get("val/loss")]
-    if not train or not val:
+    from treg_lightning.plots import read_metrics
+
+    series = read_metrics(metrics)
+    train = [value for _, value in series.get("train/loss_step", [])]
+    val_loss, val_accuracy = series.get("val/loss"), series.get("val/reward_accuracy")
+    if not train or not val_loss or not val_accuracy:
         raise SystemExit(f"{metrics}: no train/loss_step or val/loss rows")
     return {
         "train_loss_first": round(train[0], 4),
         "train_loss_last": round(train[-1], 4),
         "train_steps": len(train),
-        "val_loss": round(float(val[-1]["val/loss"]), 4),
-        "val_reward_accuracy": round(float(val[-1]["val/reward_accuracy"]), 3),
+        "val_loss": round(val_loss[-1][1], 4),
+        "val_reward_accuracy": round(val_accuracy[-1][1], 3),
     }
 
 
