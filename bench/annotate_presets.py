@@ -34,7 +34,7 @@ from treg_lightning.data.errors import SkipReport
 from treg_lightning.data.formats import normalize_rows
 from treg_lightning.data.sources import load_source
 from treg_lightning.data.tokenize import PairTokenizer, tokenize_pairs
-from treg_lightning.models import cache_root, load_causal_lm, load_tokenizer
+from treg_lightning.models.loading import cache_root, load_causal_lm, load_tokenizer
 from treg_lightning.rewards.annotate import ContrastiveScorer
 from treg_lightning.rewards.cache import build_in_chunks
 from treg_lightning.rewards.prompts import PRESETS

@@ -51,7 +51,7 @@ ENVIRONMENT=$(cat <<'EOF'
 import json, os, platform, sys
 import datasets, docstring_parser, jsonargparse, lightning, pytest, torchmetrics, typeshed_client
 import accelerate, torch, transformers, trl
-from treg_lightning.models import flash_attn_available
+from treg_lightning.models.loading import flash_attn_available
 env = {
     "dry_run": sys.argv[2] == "1", "python": platform.python_version(), "torch": torch.__version__,
     "cuda": torch.version.cuda, "transformers": transformers.__version__, "trl": trl.__version__,

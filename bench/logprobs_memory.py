@@ -53,7 +53,7 @@ def _naive(hidden, weight, input_ids, mask, chunk_size):
 
 
 def _chunked(hidden, weight, input_ids, mask, chunk_size):
-    from treg_lightning.logprobs import token_logps_from_hidden
+    from treg_lightning.forward.logprobs import token_logps_from_hidden
 
     return token_logps_from_hidden(hidden, weight, input_ids, mask, chunk_size=chunk_size)
 

@@ -39,7 +39,7 @@ _PEAK = (
 
 
 def treg(*args: str) -> list[str]:
-    return [sys.executable, "-m", "treg_lightning.cli", *args]
+    return [sys.executable, "-m", "treg_lightning.cli.main", *args]
 
 
 def train(name: str, config: str, work: Path) -> dict:
@@ -84,7 +84,7 @@ def checkpoint_parameters(path: Path) -> float:
 
 
 def losses(metrics: Path) -> dict:
-    from treg_lightning.plots import read_metrics
+    from treg_lightning.answers.plots import read_metrics
 
     series = read_metrics(metrics)
     train = [value for _, value in series.get("train/loss_step", [])]

@@ -120,7 +120,7 @@ MUTATIONS = [
         "log-probs: token t scored from hidden state t (one-token shift lost)",
         ["tests/test_logprobs.py::test_hidden_state_t_minus_1_scores_token_t"],
         (
-            "src/treg_lightning/logprobs.py",
+            "src/treg_lightning/forward/logprobs.py",
             "selected_hidden = hidden[batch_idx, pos_idx - 1]",
             "selected_hidden = hidden[batch_idx, pos_idx]",
         ),
@@ -166,7 +166,7 @@ MUTATIONS = [
             "tests/data/test_packing.py::test_packed_equals_padded",
         ],
         (
-            "src/treg_lightning/data/packing.py",
+            "src/treg_lightning/forward/packing.py",
             "position_ids = torch.arange(seq_index.numel(), device=device) - starts[seq_index]",
             "position_ids = torch.arange(seq_index.numel(), device=device)",
         ),
@@ -251,7 +251,7 @@ MUTATIONS = [
             f"{RESUME}::test_cli_continue_with_larger_max_steps_trains_the_rest[across-epochs]",
         ],
         (
-            "src/treg_lightning/cli.py",
+            "src/treg_lightning/cli/main.py",
             'ckpt_path = self.config_init[self.subcommand].get("ckpt_path")',
             'ckpt_path = self.config_init[self.subcommand].pop("ckpt_path", None)',
         ),
@@ -262,7 +262,7 @@ MUTATIONS = [
         "FSDP2: decoder-layer gradients summed across ranks, not averaged",
         ["tests/test_parallel.py::test_fsdp2_two_processes_equal_single_process[simpo]"],
         (
-            "src/treg_lightning/parallel.py",
+            "src/treg_lightning/models/parallel.py",
             "        fully_shard(layer, reshard_after_forward=index < len(layers) - 1, **kwargs)\n",
             "        fully_shard(layer, reshard_after_forward=index < len(layers) - 1, **kwargs)\n"
             "        layer.set_force_sum_reduction_for_comms(True)\n"

@@ -173,8 +173,8 @@ def train(size: Size, name: str, loss, regularizer, data, work: Path, seed: int)
     import torch
     from lightning.pytorch.loggers import CSVLogger
 
-    from treg_lightning.callbacks import ExportOnFitEnd
     from treg_lightning.module import PreferenceModule
+    from treg_lightning.training.callbacks import ExportOnFitEnd
 
     L.seed_everything(seed, verbose=False)
     module = PreferenceModule(
@@ -197,10 +197,10 @@ def train(size: Size, name: str, loss, regularizer, data, work: Path, seed: int)
 
 def answer(size: Size, policy: str, data, out: Path, overwrite: bool) -> Path:
     """Greedy answers of ``policy`` to the first ``size.answers`` held-out prompts."""
-    from treg_lightning.cli import TRegTrainer
-    from treg_lightning.generation import SamplingSettings, TransformersBackend
+    from treg_lightning.answers.generation import SamplingSettings, TransformersBackend
+    from treg_lightning.answers.predictions import PredictJob, PredictSettings, run_predict
+    from treg_lightning.cli.main import TRegTrainer
     from treg_lightning.module import PreferenceModule
-    from treg_lightning.predictions import PredictJob, PredictSettings, run_predict
 
     module = PreferenceModule(policy, torch_dtype=size.torch_dtype)
     sampling = SamplingSettings(max_new_tokens=size.max_new_tokens, temperature=0.0)
@@ -214,9 +214,9 @@ def answer(size: Size, policy: str, data, out: Path, overwrite: bool) -> Path:
 
 def run(size: Size, out: Path, work: Path, source: str, reward_model: str | None, seed: int,
         overwrite: bool) -> list[dict]:  # fmt: skip
-    from treg_lightning import evaluation
-    from treg_lightning.cli import TRegTrainer
-    from treg_lightning.predictions import read_jsonl
+    from treg_lightning.answers import evaluation
+    from treg_lightning.answers.predictions import read_jsonl
+    from treg_lightning.cli.main import TRegTrainer
 
     evaluation.check_report_folder(out, overwrite)  # before an hour of work, not after
     clock = Clock()

@@ -41,12 +41,12 @@ from treg_lightning.data.collate import (  # noqa: E402
     PreferenceCollator,
     pair_lengths,
 )
-from treg_lightning.data.packing import pack_batch, packed_model_inputs, unpack_pairs  # noqa: E402
-from treg_lightning.forward import (
+from treg_lightning.forward.batch import (
     concat_pairs,  # noqa: E402
     shared_prompt_token_logps,  # noqa: E402
 )
-from treg_lightning.logprobs import token_logps_from_hidden  # noqa: E402
+from treg_lightning.forward.logprobs import token_logps_from_hidden  # noqa: E402
+from treg_lightning.forward.packing import pack_batch, packed_model_inputs, unpack_pairs  # noqa: E402
 
 
 def _token_logps(lm, model_inputs, score_mask, chunk_size, softcap):
@@ -100,7 +100,7 @@ def shared(packed: bool):
 
 def kv_cache(model, batch, chunk):
     """Prompt once with a cache, then the 2B responses on the cache repeated per side."""
-    from treg_lightning.data.shared_prompt import prompt_lengths
+    from treg_lightning.forward.shared_prompt import prompt_lengths
 
     lengths = prompt_lengths(batch)
     n, width = len(lengths), int(lengths.max())

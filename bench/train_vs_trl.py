@@ -16,8 +16,8 @@ own.
   Batches come from :class:`~treg_lightning.data.collate.PreferenceCollator` in the order of
   :class:`~treg_lightning.data.collate.LengthGroupedSampler`. With flash-attn installed (CUDA),
   the module packs chosen and rejected padding-free (``packing=True``,
-  :mod:`treg_lightning.data.packing`, varlen attention); otherwise each pair's prompt is
-  computed once (``shared_prompt`` auto, :mod:`treg_lightning.data.shared_prompt`: one padded
+  :mod:`treg_lightning.forward.packing`, varlen attention); otherwise each pair's prompt is
+  computed once (``shared_prompt`` auto, :mod:`treg_lightning.forward.shared_prompt`: one padded
   row ``[prompt, chosen, rejected]`` per pair, sdpa).
 - **ours-unshared**: the same with ``shared_prompt=False`` (chosen and rejected as two padded
   sequences, each with its own copy of the prompt): the shared prompt's gain.
@@ -329,7 +329,7 @@ def run_ours(spec: dict) -> dict:
     import torch
 
     from treg_lightning.data.collate import LengthGroupedSampler, PreferenceCollator, pair_lengths
-    from treg_lightning.forward import uses_shared_prompt
+    from treg_lightning.forward.batch import uses_shared_prompt
     from treg_lightning.losses import DPOLoss, TokenRewardRegularizer
     from treg_lightning.module import PreferenceModule
 
@@ -625,7 +625,7 @@ def ratios(results: dict) -> dict:
 def base_spec(args, model_dir: Path, max_length: int) -> dict:
     import torch
 
-    from treg_lightning.models import flash_attn_available
+    from treg_lightning.models.loading import flash_attn_available
 
     cuda_flash = torch.cuda.is_available() and flash_attn_available()
     packing = {"on": True, "off": False, "auto": cuda_flash}[args.ours_packing]

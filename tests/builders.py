@@ -264,7 +264,7 @@ def annotate_args(root: Path) -> tuple[str, ...]:
 # Raised by the loaders that ``no_model_load`` patches.
 REACHED = AssertionError("reached a model load that the check should have preceded")
 MODEL_LOADERS = (
-    "treg_lightning.models.load_causal_lm",  # the policy and the reference
+    "treg_lightning.models.loading.load_causal_lm",  # the policy and the reference
     "treg_lightning.rewards.contrastive.load_causal_lm",  # the evaluator of ContrastiveRewards
 )
 

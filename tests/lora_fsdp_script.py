@@ -14,11 +14,11 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from treg_lightning.callbacks import ExportOnFitEnd
 from treg_lightning.data.datamodule import PreferenceDataModule
 from treg_lightning.losses import DPOLoss, TokenRewardRegularizer
 from treg_lightning.module import PreferenceModule
 from treg_lightning.rewards import ContrastiveRewards
+from treg_lightning.training.callbacks import ExportOnFitEnd
 
 model_dir, data_file, out_dir = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 devices, strategy_names = int(sys.argv[4]), sys.argv[5:]

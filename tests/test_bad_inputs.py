@@ -18,7 +18,7 @@ from unittest import mock
 import pytest
 
 from builders import annotate_args, no_model_load, tiny_fit_args, write_pairs
-from treg_lightning.cli import TRegCLI
+from treg_lightning.cli.main import TRegCLI
 from treg_lightning.rewards.cache import CacheError
 
 REACHED = AssertionError("reached a forward that the check should have preceded")

@@ -12,8 +12,12 @@ import pytest
 import torch
 
 from builders import no_model_load, tiny_fit_args, write_pairs
-from treg_lightning.checkpoints import check_checkpoint_file, check_checkpoint_fits, policy_shapes
-from treg_lightning.cli import TRegCLI, cli_main
+from treg_lightning.cli.main import TRegCLI, cli_main
+from treg_lightning.models.checkpoints import (
+    check_checkpoint_file,
+    check_checkpoint_fits,
+    policy_shapes,
+)
 
 
 class NotATensor:

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from builders import tiny_fit_args, write_pairs
-from treg_lightning.cli import TRegCLI
-from treg_lightning.cli import cli_main as _cli_main
+from treg_lightning.cli.main import TRegCLI
+from treg_lightning.cli.main import cli_main as _cli_main
 
 
 def cli_main(args: list[str]) -> TRegCLI:

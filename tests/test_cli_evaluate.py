@@ -13,7 +13,7 @@ from unittest import mock
 import pytest
 
 from builders import tiny_fit_args, write_pairs
-from treg_lightning.cli import cli_main
+from treg_lightning.cli.main import cli_main
 
 TRAIN = [
     ("What is 2 + 2?", "2 + 2 = 4.", "2 + 2 = 5, surely."),

@@ -17,9 +17,9 @@ from unittest import mock
 import pytest
 import torch
 
-from treg_lightning.cli import TRegCLI, cli_main
+from treg_lightning.cli.main import TRegCLI, cli_main
+from treg_lightning.cli.noise import KNOWN_LOG_LINES, KNOWN_WARNINGS, known_noise_hidden
 from treg_lightning.losses.base import LossOutput, PreferenceLossModule
-from treg_lightning.noise import KNOWN_LOG_LINES, KNOWN_WARNINGS, known_noise_hidden
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

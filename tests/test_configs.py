@@ -12,7 +12,7 @@ from unittest import mock
 import pytest
 import yaml
 
-from treg_lightning.cli import cli_main
+from treg_lightning.cli.main import cli_main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RUN_CONFIGS = sorted(CONFIGS.glob("*.yaml"))
@@ -70,7 +70,7 @@ def test_fsdp1_wrap_policy_instantiates():
     from jsonargparse import ArgumentParser
     from lightning.pytorch.strategies import FSDPStrategy
 
-    from treg_lightning.parallel import DecoderLayerWrapPolicy
+    from treg_lightning.models.parallel import DecoderLayerWrapPolicy
 
     strategy = yaml.safe_load((CONFIGS / "strategy" / "fsdp1.yaml").read_text())["trainer"]
     parser = ArgumentParser()

@@ -16,8 +16,8 @@ import torch
 
 from builders import write_pairs
 from test_cli import PAIRS
-from treg_lightning.cli import TRegCLI
-from treg_lightning.evaluation import length_stats, win_rate
+from treg_lightning.answers.evaluation import length_stats, win_rate
+from treg_lightning.cli.main import TRegCLI
 from treg_lightning.outputs import OutputFolderError
 
 BETA = 0.5

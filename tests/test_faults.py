@@ -23,10 +23,10 @@ import pytest
 import torch
 
 from builders import checkout_env, imported_from_checkout, no_model_load, tiny_fit_args, write_pairs
-from treg_lightning.cli import TRegCLI
-from treg_lightning.guards import NonFiniteError, NonFiniteGuard
+from treg_lightning.cli.main import TRegCLI
 from treg_lightning.module import PreferenceModule
 from treg_lightning.outputs import OutputFolderError
+from treg_lightning.training.guards import NonFiniteError, NonFiniteGuard
 
 PAIRS = 12  # 6 batches of 2 per epoch
 
@@ -97,7 +97,7 @@ def _fit_subprocess(
     args = [
         sys.executable,
         "-m",
-        "treg_lightning.cli",
+        "treg_lightning.cli.main",
         "fit",
         f"--config={config}",
         *base_args(model_dir, data, run),
@@ -275,7 +275,7 @@ def _enospc(*args, **kwargs):
 
 def _tiny_rows(model_dir: Path, n: int):
     from treg_lightning.data.tokenize import PairTokenizer
-    from treg_lightning.models import load_causal_lm, load_tokenizer
+    from treg_lightning.models.loading import load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
     pairs = PairTokenizer(tokenizer, max_length=48, max_prompt_length=24)

@@ -25,9 +25,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from treg_lightning.data.packing import pack_batch, packed_model_inputs, unpack_pairs
-from treg_lightning.logprobs import token_logps_from_hidden
-from treg_lightning.models import flash_attn_available
+from treg_lightning.forward.logprobs import token_logps_from_hidden
+from treg_lightning.forward.packing import pack_batch, packed_model_inputs, unpack_pairs
+from treg_lightning.models.loading import flash_attn_available
 
 CUDA = torch.cuda.is_available()
 DRY_RUN = os.environ.get("TREG_GPU_DRY_RUN") == "1"
@@ -199,7 +199,7 @@ def _token_logps(lm, model_inputs, score_mask, chunk_size, softcap):
 
 def _shared(packed):
     def run(model, batch):
-        from treg_lightning.forward import shared_prompt_token_logps
+        from treg_lightning.forward.batch import shared_prompt_token_logps
 
         model.token_logps = MethodType(_token_logps, model)
         out = shared_prompt_token_logps(model, batch, 1024, None, packed=packed)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from treg_lightning.guards import NonFiniteError, NonFiniteGuard
+from treg_lightning.training.guards import NonFiniteError, NonFiniteGuard
 
 BAD_ROW = 13  # the row whose target is NaN; with batch size 4 it sits in batch 3
 

@@ -1,5 +1,6 @@
-"""LoRA / DoRA through PEFT (treg_lightning.lora): adapters-off equals the base model exactly,
-chunked log-probs through a PeftModel, merged and adapter-only export, QLoRA refusal on CPU."""
+"""LoRA / DoRA through PEFT (treg_lightning.models.lora): adapters-off equals the base model
+exactly, chunked log-probs through a PeftModel, merged and adapter-only export, QLoRA refusal
+on CPU."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import torch
 peft = pytest.importorskip("peft", reason="LoRA tests need peft (the `lora`/`dev` extra)")
 
 from builders import tiny_gemma2, tiny_llama  # noqa: E402
-from treg_lightning import lora  # noqa: E402
+from treg_lightning.forward.logprobs import causal_lm_token_logps  # noqa: E402
+from treg_lightning.models import lora  # noqa: E402
+from treg_lightning.models.save import save_merged  # noqa: E402
 
 VOCAB = 61
 
@@ -41,7 +44,7 @@ def batch(seed: int = 1, n: int = 3, length: int = 12):
 
 
 def logps_of(model, inputs, mask, softcap=None):
-    return lora.token_logps(model, inputs, mask, chunk_size=5, softcap=softcap)
+    return causal_lm_token_logps(model, inputs, mask, chunk_size=5, softcap=softcap)
 
 
 def softcap_of(model):
@@ -123,7 +126,7 @@ def test_merged_export_loads_without_peft_and_equals_base_plus_adapter(tmp_path,
     policy = lora.apply_lora(build_tiny_model(VOCAB), lora_config(use_dora=use_dora))
     train_one_step(policy)
     policy.eval()
-    folder = lora.save_merged(policy, tmp_path / "merged")
+    folder = save_merged(policy, tmp_path / "merged")
     assert not (folder / "adapter_config.json").exists()
     merged = AutoModelForCausalLM.from_pretrained(folder).eval()
     assert type(merged).__name__ == "LlamaForCausalLM"

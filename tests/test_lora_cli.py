@@ -14,7 +14,7 @@ import torch
 peft = pytest.importorskip("peft", reason="LoRA tests need peft (the `lora`/`dev` extra)")
 
 from builders import annotate_args, no_model_load, tiny_fit_args, write_pairs  # noqa: E402
-from treg_lightning.cli import TRegCLI, cli_main  # noqa: E402
+from treg_lightning.cli.main import TRegCLI, cli_main  # noqa: E402
 
 LORA_ARGS = [
     "--model.peft=peft.LoraConfig",
@@ -88,8 +88,8 @@ def test_fit_and_export_merged_and_adapter_only(tiny_model_dir, tmp_path, capsys
     assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 4
 
     # A plain (non-LoRA) module and this checkpoint: refused at start-up, naming the cause.
-    from treg_lightning.checkpoints import check_checkpoint_fits
     from treg_lightning.errors import CheckpointError
+    from treg_lightning.models.checkpoints import check_checkpoint_fits
     from treg_lightning.module import PreferenceModule
 
     with pytest.raises(CheckpointError, match="holds LoRA adapters but model.peft is not set"):
@@ -103,13 +103,13 @@ def test_fit_and_export_merged_and_adapter_only(tiny_model_dir, tmp_path, capsys
     ("extra", "expected"),
     [
         pytest.param(
-            [*LORA_ARGS, "--model.quantization=treg_lightning.adapters.QLoRA"],
+            [*LORA_ARGS, "--model.quantization=treg_lightning.models.adapters.QLoRA"],
             "QLoRA (a 4-bit base model through bitsandbytes) needs a CUDA device; this run is "
             "on 'cpu'. Train plain LoRA instead",
             id="qlora_on_cpu",
         ),
         pytest.param(
-            ["--model.quantization=treg_lightning.adapters.QLoRA"],
+            ["--model.quantization=treg_lightning.models.adapters.QLoRA"],
             "model.quantization loads the base model in 4 bits, which cannot be trained itself",
             id="qlora_without_adapters",
         ),

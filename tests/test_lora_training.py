@@ -18,15 +18,15 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 peft = pytest.importorskip("peft", reason="LoRA tests need peft (the `lora`/`dev` extra)")
 
 from builders import checkout_env, pair_batch, run_in_group  # noqa: E402
-from treg_lightning.callbacks import ExportOnFitEnd  # noqa: E402
 from treg_lightning.data.datamodule import PreferenceDataModule  # noqa: E402
-from treg_lightning.forward import bind_token_logps, padded_token_logps  # noqa: E402
-from treg_lightning.guards import NonFiniteError, NonFiniteGuard  # noqa: E402
+from treg_lightning.forward.batch import bind_token_logps, padded_token_logps  # noqa: E402
 from treg_lightning.losses import DPOLoss, TokenRewardRegularizer  # noqa: E402
 from treg_lightning.module import PreferenceModule  # noqa: E402
 from treg_lightning.pairs import SIDES, field  # noqa: E402
 from treg_lightning.rewards import ContrastiveRewards  # noqa: E402
-from treg_lightning.schedulers import WarmupCosineLR  # noqa: E402
+from treg_lightning.training.callbacks import ExportOnFitEnd  # noqa: E402
+from treg_lightning.training.guards import NonFiniteError, NonFiniteGuard  # noqa: E402
+from treg_lightning.training.schedulers import WarmupCosineLR  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 STEPS_PER_EPOCH = 4  # 8 pairs, 2 per batch
@@ -237,7 +237,7 @@ def test_merged_and_adapter_exports_equal_base_plus_adapter(straight, tiny_model
     adapter folder loads back exactly; ExportOnFitEnd wrote the same merged model."""
     from transformers import AutoModelForCausalLM
 
-    from treg_lightning.export import export_checkpoint
+    from treg_lightning.models.export import export_checkpoint
 
     root, _, module, _ = straight
     ckpt = next((root / "straight").glob(f"*step={STEPS}.ckpt"))
@@ -328,8 +328,8 @@ def test_fsdp2_and_ddp_lora_two_processes_equal_one(sharded_runs, tiny_model_dir
     sharded checkpoint holds the adapters alone; the merged exports agree."""
     from transformers import AutoModelForCausalLM
 
-    from treg_lightning.checkpoints import policy_shapes
-    from treg_lightning.export import export_checkpoint
+    from treg_lightning.models.checkpoints import policy_shapes
+    from treg_lightning.models.export import export_checkpoint
 
     single = torch.load(sharded_runs / "single" / "adapters.pt", weights_only=True)
     sharded = torch.load(sharded_runs / "fsdp2" / "adapters.pt", weights_only=True)
@@ -369,7 +369,7 @@ def test_qlora_module_trains_and_its_reference_is_the_4bit_base(tiny_model_dir):
     if not torch.cuda.is_available():
         pytest.skip("QLoRA needs a CUDA device")
     pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes (the `qlora` extra)")
-    from treg_lightning.adapters import QLoRA
+    from treg_lightning.models.adapters import QLoRA
 
     module = make_module(
         tiny_model_dir,

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from treg_lightning import models
-from treg_lightning.models import (
+from treg_lightning.models import loading as models
+from treg_lightning.models.loading import (
     ModelSource,
     choose_attn_implementation,
     ensure_smollm2,

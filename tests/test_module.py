@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from builders import pair_batch as make_batch
-from treg_lightning.forward import concat_pairs
+from treg_lightning.forward.batch import concat_pairs
 from treg_lightning.losses import DPOLoss, ImplicitRewards, SimPOLoss, TokenRewardRegularizer
 from treg_lightning.module import PreferenceModule
 
@@ -156,8 +156,8 @@ def test_reference_needed_but_disabled_fails_at_start_up(tiny_model_dir, tmp_pat
 def test_regularizer_without_token_rewards_fails_at_start_up(tiny_model_dir, monkeypatch):
     """data.rewards=None and alpha > 0: the T-REG term would silently vanish; refused before
     any model is loaded, naming both settings. alpha = 0 trains with the same data."""
-    from treg_lightning import models
     from treg_lightning.data.datamodule import PreferenceDataModule
+    from treg_lightning.models import loading as models
 
     def no_load(*args, **kwargs):
         raise AssertionError("a model was loaded")

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from test_checkpoint_checks import args_for
-from treg_lightning.cli import TRegCLI, cli_main
-from treg_lightning.hparams import upgrade_hparams
+from treg_lightning.cli.main import TRegCLI, cli_main
 from treg_lightning.losses.targets import ChosenSFT, ImplicitRewards, SelfGeneratedRewards
+from treg_lightning.models.checkpoints import upgrade_hparams
 
 OLD_REGULARIZER = {
     "class_path": "treg_lightning.losses.TokenRewardRegularizer",
@@ -86,7 +86,7 @@ def test_old_sharded_folder_meta_is_upgraded(old_checkpoint, tiny_model_dir, tmp
     folder.mkdir()
     torch.save({"hyper_parameters": {"regularizer": OLD_REGULARIZER}}, folder / "meta.pt")
     with (
-        mock.patch("treg_lightning.cli.check_checkpoint_file"),
+        mock.patch("treg_lightning.models.checkpoints.check_checkpoint_file"),
         mock.patch.object(TRegCLI, "_run_subcommand"),
         mock.patch.object(sys, "argv", ["treg"]),
     ):

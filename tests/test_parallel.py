@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from builders import checkout_env, imported_from_checkout, run_in_group
-from treg_lightning.parallel import (
+from treg_lightning.models.parallel import (
     DecoderLayerWrapPolicy,
     _wrap_with_activation_checkpointing,
     decoder_layer_classes,
@@ -37,7 +37,7 @@ SCRIPT = textwrap.dedent(
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     import treg_lightning
-    from treg_lightning.callbacks import ExportOnFitEnd
+    from treg_lightning.training.callbacks import ExportOnFitEnd
     from treg_lightning.data.datamodule import PreferenceDataModule
     from treg_lightning.losses import DPOLoss, SimPOLoss, TokenRewardRegularizer
     from treg_lightning.module import PreferenceModule
@@ -304,7 +304,7 @@ def test_fsdp2_resume_from_sharded_checkpoint_equals_uninterrupted(runs):
 def test_fsdp2_exports_and_sharded_checkpoint_consolidate(runs, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from treg_lightning.export import export_checkpoint
+    from treg_lightning.models.export import export_checkpoint
     from treg_lightning.module import PreferenceModule
 
     single = AutoModelForCausalLM.from_pretrained(runs / "simpo-1" / "export").state_dict()
@@ -358,7 +358,7 @@ def test_annotate_subcommand_on_two_processes(runs, tiny_model_dir):
     (probe / "annotate_probe.py").write_text(PROBE)
     run(
         [
-            sys.executable, "-m", "treg_lightning.cli", "annotate",
+            sys.executable, "-m", "treg_lightning.cli.main", "annotate",
             f"--model.model={tiny_model_dir}", f"--data.source={runs / 'pairs.jsonl'}",
             "--data.max_length=64", "--data.max_prompt_length=32",
             "--data.rewards=annotate_probe.ProbedRewards",

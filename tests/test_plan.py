@@ -389,7 +389,7 @@ def no_weights(monkeypatch, empty_hub_cache):
     """`treg plan` must not load weights nor convert the SmolLM2 GGUF."""
     import transformers
 
-    import treg_lightning.models as models
+    import treg_lightning.models.loading as models
 
     def refuse(*args, **kwargs):
         raise AssertionError("treg plan loaded model weights")
@@ -401,7 +401,7 @@ def no_weights(monkeypatch, empty_hub_cache):
 
 
 def run_cli(args: list[str]) -> None:
-    from treg_lightning.cli import cli_main
+    from treg_lightning.cli.main import cli_main
 
     with mock.patch.object(sys, "argv", ["treg"]):
         cli_main(args)
@@ -470,7 +470,7 @@ def test_treg_plan_unknown_model_exits_2(no_weights, capsys):
 def test_fit_logs_the_plan(tiny_model_dir, tmp_path, caplog):
     import logging
 
-    from treg_lightning.cli import TRegCLI
+    from treg_lightning.cli.main import TRegCLI
 
     data = tmp_path / "pairs.jsonl"
     data.write_text(

@@ -18,12 +18,12 @@ import torch
 
 from builders import write_pairs
 from test_cli import PAIRS
-from treg_lightning.cli import TRegCLI, TRegTrainer
+from treg_lightning.answers.generation import SamplingSettings, TransformersBackend, cut_at_stop
+from treg_lightning.answers.predictions import PredictJob, PredictSettings, run_predict
+from treg_lightning.answers.prompt_sets import read_prompts_file
+from treg_lightning.cli.main import TRegCLI, TRegTrainer
 from treg_lightning.data.errors import DataFormatError
-from treg_lightning.generation import SamplingSettings, TransformersBackend, cut_at_stop
 from treg_lightning.outputs import OutputFolderError
-from treg_lightning.predictions import PredictJob, PredictSettings, run_predict
-from treg_lightning.prompt_sets import read_prompts_file
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 PROMPTS = [
@@ -315,7 +315,7 @@ PAUSEKIT = '''
 import time
 from pathlib import Path
 from treg_lightning.outputs import OutputFolderError
-from treg_lightning.generation import TransformersBackend
+from treg_lightning.answers.generation import TransformersBackend
 
 class PauseAfter(TransformersBackend):
     """After `calls` generate calls, touch `marker` and wait to be killed."""
@@ -337,7 +337,7 @@ def start(args: list[str], tmp_path: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{tmp_path}", "OMP_NUM_THREADS": "1"}
     for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_PORT"):
         env.pop(key, None)
-    command = [sys.executable, "-m", "treg_lightning.cli", "predict", *args]
+    command = [sys.executable, "-m", "treg_lightning.cli.main", "predict", *args]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)  # fmt: skip
 
@@ -364,7 +364,7 @@ def test_sigkill_then_resume_gives_the_same_file(setup, tiny_model_dir, tmp_path
     shards = sorted(parts.glob("shard-*.jsonl"))
     assert [p.name for p in shards] == ["shard-000000.jsonl", "shard-000001.jsonl"]
     assert not list(parts.glob(".*tmp*"))  # no half-written file
-    cli_main(["predict", *args, "--backend=treg_lightning.generation.TransformersBackend"])
+    cli_main(["predict", *args, "--backend=treg_lightning.answers.generation.TransformersBackend"])
     assert (tmp_path / "out.jsonl").read_bytes() == single.read_bytes()
 
 

@@ -31,7 +31,7 @@ def dry_run(tmp_path_factory):
 
 
 def first_step(root: Path, variant: str) -> dict[str, float]:
-    from treg_lightning.plots import read_metrics
+    from treg_lightning.answers.plots import read_metrics
 
     series = read_metrics(root / "work" / "logs" / variant)
     return {name: values[0][1] for name, values in series.items() if values[0][0] == 0}

@@ -154,7 +154,7 @@ def _cli_fit(model_dir, data, root, name, *extra):
     import sys
     from unittest import mock
 
-    from treg_lightning.cli import TRegCLI
+    from treg_lightning.cli.main import TRegCLI
 
     run = root / name
     fit = tiny_fit_args(

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from builders import annotate_args, no_model_load, tiny_fit_args, write_pairs
-from treg_lightning.cli import cli_main
+from treg_lightning.cli.main import cli_main
 
 
 def fit_args(model_dir: Path, root: Path, *extra: str) -> list[str]:
@@ -25,7 +25,7 @@ def fit_args(model_dir: Path, root: Path, *extra: str) -> list[str]:
         "--model.scheduler=null",  # a constant lr: one step changes the weights
         *annotate_args(root),
         "--data.rewards.batch_size=12",
-        "--trainer.callbacks+=treg_lightning.callbacks.ExportOnFitEnd",
+        "--trainer.callbacks+=treg_lightning.training.callbacks.ExportOnFitEnd",
         "--trainer.callbacks.heatmap_pairs=2",
         *extra,
         loss=None,

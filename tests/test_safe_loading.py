@@ -106,7 +106,7 @@ class _RunsCode:
 def test_pickle_weights_are_refused_and_never_unpickled(tiny_model_dir, tmp_path):
     from transformers import AutoConfig
 
-    from treg_lightning.models import load_causal_lm
+    from treg_lightning.models.loading import load_causal_lm
 
     folder = tmp_path / "bin-only"
     AutoConfig.from_pretrained(tiny_model_dir).save_pretrained(folder)
@@ -123,7 +123,7 @@ def test_remote_code_in_a_model_folder_is_not_run(tiny_model_dir, tmp_path):
     its model_type (transformers 5 refuses remote code unless trusted); the code never runs."""
     import shutil
 
-    from treg_lightning.models import load_causal_lm, load_tokenizer
+    from treg_lightning.models.loading import load_causal_lm, load_tokenizer
 
     folder = tmp_path / "custom-code"
     shutil.copytree(tiny_model_dir, folder)

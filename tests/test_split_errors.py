@@ -24,7 +24,7 @@ from unittest import mock
 import pytest
 
 from builders import REACHED, addition_pairs, no_model_load, tiny_fit_args, write_pairs
-from treg_lightning.cli import cli_main
+from treg_lightning.cli.main import cli_main
 
 PAIRS = addition_pairs(8)
 

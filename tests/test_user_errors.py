@@ -2,7 +2,7 @@
 nothing loaded, trained or written), the traceback for a bug, 130/143 and what was kept for an
 interrupted run.
 
-Runs go through `cli_main` in-process (fast); one runs as a real `python -m treg_lightning.cli`
+Runs go through `cli_main` in-process (fast); one runs as a real `python -m treg_lightning.cli.main`
 subprocess. "Nothing loaded" is checked by patching the model loaders to fail if reached.
 """
 
@@ -18,7 +18,7 @@ from unittest import mock
 import pytest
 
 from builders import annotate_args, no_model_load, tiny_fit_args, write_pairs
-from treg_lightning.cli import cli_main
+from treg_lightning.cli.main import cli_main
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -145,7 +145,7 @@ def test_choice_error_of_an_optional_class_is_the_class_error(setup, capsys):
     # Not jsonargparse's dump of every Union subtype tried and the value's repr.
     assert err[err.index("error: ") :].strip() == (
         'error: Parser key "guard": Problem with given class_path '
-        "'treg_lightning.guards.NonFiniteGuard':\n"
+        "'treg_lightning.training.guards.NonFiniteGuard':\n"
         '    Parser key "action":\n'
         "      Expected a typing.Literal['stop', 'skip']. Got value: halt"
     )
@@ -238,7 +238,7 @@ def test_cache_error(setup, capsys):
 
 
 def test_non_finite_guard_stop(setup, capsys):
-    with mock.patch("treg_lightning.guards.grads_are_finite", return_value=False):
+    with mock.patch("treg_lightning.training.guards.grads_are_finite", return_value=False):
         status, err = treg(setup(), capsys)
     assert status == 2
     assert error_paragraph(err).startswith(
@@ -363,7 +363,7 @@ def test_subprocess_user_error_exits_2_without_traceback(setup):
     env.pop("TREG_DEBUG", None)
     args = setup("--model.regularizer.alpha=-0.5")
     result = subprocess.run(
-        [sys.executable, "-m", "treg_lightning.cli", *args],
+        [sys.executable, "-m", "treg_lightning.cli.main", *args],
         env=env,
         capture_output=True,
         text=True,

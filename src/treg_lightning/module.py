@@ -5,7 +5,7 @@ YAML); the models are built in an idempotent ``configure_model()``, sharded with
 strategy is ``ModelParallelStrategy``. One training step:
 
 1. ``forward_logps``: chosen and rejected go through the policy in ONE forward
-   (:mod:`treg_lightning.forward`); per-token log-probs come from the final hidden states in
+   (:mod:`treg_lightning.forward.batch`); per-token log-probs come from the final hidden states in
    chunks, never as full float32 logits;
 2. ``reference_logps``: for losses that use a reference, the reference token log-probs cached in
    the batch, or a frozen reference model's forward;
@@ -26,12 +26,10 @@ from jsonargparse import lazy_instance
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
-from treg_lightning.adapters import LoraConfig, QLoRA, check_adapter_settings
-from treg_lightning.checks import check_module_settings, check_pair_inputs
 from treg_lightning.data.datamodule import PreferenceDataModule
 from treg_lightning.data.resumable import reopen_cut_epoch
 from treg_lightning.errors import ConfigError
-from treg_lightning.forward import (
+from treg_lightning.forward.batch import (
     bind_token_logps,
     packed_token_logps,
     padded_token_logps,
@@ -39,18 +37,20 @@ from treg_lightning.forward import (
     uses_flash_attention,
     uses_shared_prompt,
 )
-from treg_lightning.hparams import portable_hparams
-from treg_lightning.logprobs import model_softcap
+from treg_lightning.forward.logprobs import model_softcap
 from treg_lightning.losses import SimPOLoss, TokenRewardRegularizer
 from treg_lightning.losses.base import LossOutput, PreferenceLossModule
 from treg_lightning.losses.treg import RegularizerOutput
 from treg_lightning.metrics import PreferenceMetrics
-from treg_lightning.models import check_attn_implementation, parse_dtype
+from treg_lightning.models.adapters import LoraConfig, QLoRA, check_adapter_settings
+from treg_lightning.models.loading import check_attn_implementation, parse_dtype
 from treg_lightning.pairs import SIDES, PairScores, field
 from treg_lightning.rewards.source import TokenRewardSource
-from treg_lightning.schedulers import WarmupCosineLR
-from treg_lightning.seeding import seed_step
-from treg_lightning.vocab import check_batch_fits, check_model_fits_data
+from treg_lightning.training.checks import check_module_settings, check_pair_inputs
+from treg_lightning.training.hparams import portable_hparams
+from treg_lightning.training.schedulers import WarmupCosineLR
+from treg_lightning.training.seeding import seed_step
+from treg_lightning.training.vocab import check_batch_fits, check_model_fits_data
 
 
 class PreferenceModule(L.LightningModule):
@@ -84,10 +84,10 @@ class PreferenceModule(L.LightningModule):
             batch; None (auto) packs when the model uses flash-attention (varlen kernels), where
             it saves the padding compute. With sdpa/eager it builds an ``[N, N]`` mask (tests).
         shared_prompt: compute each pair's prompt once, both responses attending to it in one
-            sequence (:mod:`treg_lightning.data.shared_prompt`); same log-probs, losses and
+            sequence (:mod:`treg_lightning.forward.shared_prompt`); same log-probs, losses and
             gradients. None (auto): on unless the model runs flash-attention (its varlen kernel
             cannot express the mask) or a batch's sides differ in their prompts; measured
-            faster on CPU at HH-RLHF lengths, see :mod:`treg_lightning.forward`.
+            faster on CPU at HH-RLHF lengths, see :mod:`treg_lightning.forward.batch`.
         fsdp_param_dtype: FSDP2 compute dtype of the all-gathered parameters (``"bfloat16"`` on
             GPU); None keeps the stored dtype. Only used under ``ModelParallelStrategy``.
         fsdp_cpu_offload: FSDP2 offloads parameters, gradients and optimizer states to CPU.
@@ -101,8 +101,8 @@ class PreferenceModule(L.LightningModule):
             only the adapters train, are checkpointed and reach the optimizer. None: full
             fine-tuning.
         quantization: load the frozen base in 4 bits under the adapters
-            (``class_path: treg_lightning.adapters.QLoRA``; CUDA and bitsandbytes only, refused
-            elsewhere at start-up). Needs ``peft``.
+            (``class_path: treg_lightning.models.adapters.QLoRA``; CUDA and bitsandbytes only,
+            refused elsewhere at start-up). Needs ``peft``.
     """
 
     def __init__(
@@ -183,7 +183,7 @@ class PreferenceModule(L.LightningModule):
     def check_inputs(self, datamodule=None) -> None:
         """Fail at start-up, before any model loads, when the loss or the regularizer needs what
         the data's reward source (or a live reference) cannot provide
-        (:func:`treg_lightning.checks.check_pair_inputs`). Called by ``prepare_data``,
+        (:func:`treg_lightning.training.checks.check_pair_inputs`). Called by ``prepare_data``,
         ``configure_model`` and the CLI."""
         known, rewards = self.reward_source(datamodule)
         if known:
@@ -212,7 +212,7 @@ class PreferenceModule(L.LightningModule):
 
     def load_model(self, name_or_path: str) -> nn.Module:
         """Load one causal LM (override to build models differently, e.g. with LoRA)."""
-        from treg_lightning.models import load_causal_lm
+        from treg_lightning.models.loading import load_causal_lm
 
         device = self._trainer.strategy.root_device.type if self._trainer is not None else None
         if self.quantization is not None:
@@ -252,8 +252,8 @@ class PreferenceModule(L.LightningModule):
         if self.gradient_checkpointing and self._fsdp_mesh() is None:
             policy.gradient_checkpointing_enable({"use_reentrant": False})
         if self.peft is not None:
-            from treg_lightning.adapters import keep_adapters_only
-            from treg_lightning.lora import apply_lora
+            from treg_lightning.models.adapters import keep_adapters_only
+            from treg_lightning.models.lora import apply_lora
 
             policy = apply_lora(policy, self.peft)
             keep_adapters_only(self)
@@ -283,7 +283,7 @@ class PreferenceModule(L.LightningModule):
 
     def _prepare(self, lm: nn.Module, activation_checkpointing: bool) -> nn.Module:
         """Bind the token-logps forward; shard with FSDP2 when the strategy asks for it."""
-        from treg_lightning.parallel import prepare_for_training
+        from treg_lightning.models.parallel import prepare_for_training
 
         bind_token_logps(lm)
         param_dtype = parse_dtype(self.fsdp_param_dtype) if self.fsdp_param_dtype else None
@@ -335,7 +335,7 @@ class PreferenceModule(L.LightningModule):
         if all(field(side, "ref_token_logps") in batch for side in SIDES):
             return {side: batch[field(side, "ref_token_logps")] for side in SIDES}
         if self.reference is None and self.adapters_are_reference:
-            from treg_lightning.lora import adapters_disabled
+            from treg_lightning.models.lora import adapters_disabled
 
             with torch.no_grad(), adapters_disabled(self.policy):
                 return self.model_token_logps(self.policy, batch)

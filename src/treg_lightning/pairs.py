@@ -40,8 +40,6 @@ from dataclasses import dataclass
 
 import torch
 
-from treg_lightning.logprobs import sequence_logps
-
 SIDES = ("chosen", "rejected")
 
 # Per-token batch fields of each side, in the order the collator writes them.
@@ -50,6 +48,15 @@ TOKEN_FIELDS = ("input_ids", "attention_mask", "response_mask", "token_rewards",
 VALUE_FIELDS = ("token_rewards", "ref_token_logps")
 # Token-id lists of a row.
 ID_FIELDS = ("prompt_ids", "chosen_ids", "rejected_ids")
+
+
+def sequence_logps(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum of ``[batch, seq]`` token log-probs over masked-in positions: ``[batch]``.
+
+    ``where`` rather than a product with the mask: a masked position never contributes, even
+    when its value is not finite.
+    """
+    return torch.where(mask.bool(), token_logps, 0.0).sum(-1)
 
 
 def field(side: str, name: str) -> str:

@@ -33,9 +33,9 @@ import pytest
 import torch
 
 from builders import tiny_llama, word_tokenizer
-from treg_lightning.logprobs import sequence_logps, token_logps_from_hidden
+from treg_lightning.forward.logprobs import token_logps_from_hidden
 from treg_lightning.losses import DPOLoss, IPOLoss, SimPOLoss
-from treg_lightning.pairs import PairScores
+from treg_lightning.pairs import PairScores, sequence_logps
 
 trl = pytest.importorskip("trl")
 CPOTrainer = pytest.importorskip("trl.experimental.cpo").CPOTrainer

@@ -22,7 +22,6 @@ import math
 import pytest
 import torch
 
-from treg_lightning.logprobs import sequence_logps
 from treg_lightning.losses import (
     ChosenSFT,
     DPOLoss,
@@ -32,7 +31,7 @@ from treg_lightning.losses import (
     SimPOLoss,
     TokenRewardRegularizer,
 )
-from treg_lightning.pairs import PairScores, ResponseScores
+from treg_lightning.pairs import PairScores, ResponseScores, sequence_logps
 
 EXACT = {"atol": 1e-12, "rtol": 1e-12}
 ALPHA = 0.25
@@ -171,7 +170,7 @@ def test_alpha_zero_is_the_plain_loss_bitwise(loss_name):
     batch = make_batch()
     batch["chosen_token_rewards"] = batch["rejected_token_rewards"] = None
     regularizer = TokenRewardRegularizer(alpha=0.0)
-    assert not regularizer.needs_token_rewards()
+    assert not regularizer.needs_token_rewards
     total, _, reg, leaves = run(loss_name, regularizer, batch)
     plain_only = _plain_loss(loss_name, batch)
     assert torch.equal(total, plain_only[0])
@@ -281,7 +280,7 @@ def test_sft_target(loss_name):
     The cached rewards are not needed (None) and, if present, ignored."""
     expected = EXPECTED[loss_name]
     regularizer = TokenRewardRegularizer(alpha=ALPHA, targets=ChosenSFT())
-    assert not regularizer.needs_token_rewards()
+    assert not regularizer.needs_token_rewards
     batch = make_batch()
     batch["chosen_token_rewards"] = batch["rejected_token_rewards"] = None
     total, out, reg, leaves = run(loss_name, regularizer, batch)
@@ -325,7 +324,7 @@ def test_implicit_target(loss_name, with_reference):
             f64([[0, -0.5, -1.0, -3.0], [0, -1.0, 0, 0]]),
         )
     regularizer = TokenRewardRegularizer(alpha=ALPHA, targets=ImplicitRewards())
-    assert not regularizer.needs_token_rewards()
+    assert not regularizer.needs_token_rewards
     batch["chosen_token_rewards"] = batch["rejected_token_rewards"] = None
     if with_reference is False and loss_name != "simpo":
         with pytest.raises(ValueError, match="relative to the reference"):
@@ -351,7 +350,7 @@ def test_implicit_target(loss_name, with_reference):
 
 def test_self_target_without_cached_rewards_raises():
     regularizer = TokenRewardRegularizer(alpha=ALPHA)
-    assert regularizer.needs_token_rewards()
+    assert regularizer.needs_token_rewards
     batch = make_batch()
     batch["chosen_token_rewards"] = None
     with pytest.raises(ValueError, match="needs token rewards in the batch"):

@@ -283,7 +283,7 @@ def test_smollm2_rewards_on_hand_written_pairs(rw_helpers, tmp_path):
     """SmolLM2-135M's contrastive signal is weak: with the instruct preset chosen beats rejected
     on 2 of these 3 pairs (the gibberish one by the widest margin), so that is what is asserted,
     next to the plain-prompt reference logps, which separate every pair by > 1 nat/token."""
-    from treg_lightning.models import load_causal_lm, load_tokenizer
+    from treg_lightning.models.loading import load_causal_lm, load_tokenizer
 
     tokenizer, model = load_tokenizer("smollm2"), load_causal_lm("smollm2")
     rows = [

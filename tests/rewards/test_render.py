@@ -148,8 +148,8 @@ def test_export_on_fit_end_writes_html_png_and_logs_the_image(rw_tokenizer, rw_r
     from lightning.pytorch.loggers import TensorBoardLogger
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from treg_lightning.callbacks import ExportOnFitEnd
     from treg_lightning.data.datamodule import PreferenceDataModule
+    from treg_lightning.training.callbacks import ExportOnFitEnd
 
     rows = rows_with_rewards(rw_rows)
     cache = datasets.Dataset.from_list([{k: r[k] for k in (

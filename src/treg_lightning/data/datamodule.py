@@ -42,7 +42,7 @@ from treg_lightning.data.splits import (
 )
 from treg_lightning.data.tokenize import PairTokenizer, tokenize_pairs
 from treg_lightning.errors import ConfigError
-from treg_lightning.models import load_tokenizer
+from treg_lightning.models.loading import load_tokenizer
 from treg_lightning.rewards.cache import distributed
 from treg_lightning.rewards.contrastive import ContrastiveRewards
 from treg_lightning.rewards.source import AnnotationContext, TokenRewardSource

@@ -37,12 +37,10 @@ class TokenTargets(Protocol):
 
 
 class _Targets:
-    """Shared by the shipped targets: a readable ``repr`` (also of a ``lazy_instance``)."""
+    """Shared by the shipped targets: a readable ``repr``."""
 
     def __repr__(self) -> str:
-        lazy = ("LazyInstance_", "_LazyInit")
-        named = (c for c in type(self).__mro__ if not c.__name__.startswith(lazy))
-        return f"{next(named).__name__}()"
+        return f"{type(self).__name__}()"
 
 
 class SelfGeneratedRewards(_Targets):

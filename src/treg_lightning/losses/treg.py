@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from jsonargparse import lazy_instance
 from torch import nn
 
 from treg_lightning.errors import ConfigError
@@ -81,21 +80,23 @@ class TokenRewardRegularizer(nn.Module):
         weighting: ``"dynamic"`` uses the loss's sequence weight ``w`` (paper); ``"static"``
             uses ``w = 1`` (ablation).
         targets: the token rewards ``r_hat`` to regularize towards:
-            ``SelfGeneratedRewards`` (the data's token rewards; paper), ``ChosenSFT`` or
-            ``ImplicitRewards`` (ablations); see :mod:`treg_lightning.losses.targets`.
+            ``SelfGeneratedRewards`` (the data's token rewards; paper; also what None means),
+            ``ChosenSFT`` or ``ImplicitRewards`` (ablations); see
+            :mod:`treg_lightning.losses.targets`.
     """
 
     def __init__(
         self,
         alpha: float = 0.25,
         weighting: Literal["dynamic", "static"] = "dynamic",
-        targets: TokenTargets = lazy_instance(SelfGeneratedRewards),
+        targets: TokenTargets | None = None,
     ) -> None:
         super().__init__()
         if not alpha >= 0:  # also refuses NaN
             raise ConfigError(f"TokenRewardRegularizer: alpha must be >= 0, got {alpha}.")
         if weighting not in ("dynamic", "static"):
             raise ConfigError(f"weighting must be 'dynamic' or 'static', got {weighting!r}.")
+        targets = SelfGeneratedRewards() if targets is None else targets
         if not isinstance(targets, TokenTargets):
             raise ConfigError(
                 f"targets must be a TokenTargets object (SelfGeneratedRewards, ChosenSFT, "
@@ -108,10 +109,9 @@ class TokenRewardRegularizer(nn.Module):
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, weighting={self.weighting!r}, targets={self.targets!r}"
 
+    @property
     def needs_token_rewards(self) -> bool:
-        """Whether the batches must carry token rewards ``r_hat`` (the paper's own targets).
-
-        A method, not a property: calling it initializes a ``lazy_instance`` default."""
+        """Whether the batches must carry token rewards ``r_hat`` (the paper's own targets)."""
         return self.alpha > 0 and self.targets.needs_token_rewards
 
     def forward(self, pair: PairScores, out: LossOutput) -> RegularizerOutput:

@@ -14,8 +14,8 @@ gradient accumulation the gradients of the previous micro-batches are already th
 - activations (:mod:`treg_lightning.plan.activations`) of ``2 * micro_batch`` sequences of
   ``max_length`` tokens (a pair is chosen + rejected in one forward, both at full length in
   the worst case), with or without activation checkpointing;
-- the chunked log-prob block (:mod:`treg_lightning.logprobs`): the gathered hidden states of the
-  scored tokens, one ``[chunk, vocab]`` float32 block (and its temporaries), the float32
+- the chunked log-prob block (:mod:`treg_lightning.forward.logprobs`): the gathered hidden states
+  of the scored tokens, one ``[chunk, vocab]`` float32 block (and its temporaries), the float32
   accumulator of the output projection's gradient, the hidden states' gradient;
 - the reference: a live model holds its own weights (sharded like the policy); under LoRA the
   reference is the policy with adapters off (no weights); cached log-probs cost ``[B, T]``;

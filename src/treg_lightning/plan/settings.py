@@ -107,7 +107,7 @@ def _class_and_args(value: Any) -> tuple[type | None, dict]:
 
 
 def _dtype_name(value: Any) -> str:
-    from treg_lightning.models import parse_dtype
+    from treg_lightning.models.loading import parse_dtype
 
     return str(parse_dtype(value)).removeprefix("torch.")
 
@@ -256,7 +256,7 @@ def settings_from_config(
         devices: devices per node, overriding ``trainer.devices``.
         num_nodes: nodes, overriding ``trainer.num_nodes``.
     """
-    from treg_lightning.models import choose_attn_implementation
+    from treg_lightning.models.loading import choose_attn_implementation
 
     trainer, model, data = config["trainer"], config["model"], config["data"]
     notes: list[str] = []

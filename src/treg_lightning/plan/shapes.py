@@ -229,7 +229,7 @@ def resolve_shape(
     name = str(name_or_path)
     path = Path(name).expanduser()
     if name == SMOLLM2_ALIAS:
-        from treg_lightning.models import SMOLLM2_FOLDER, cache_root
+        from treg_lightning.models.loading import SMOLLM2_FOLDER, cache_root
 
         folder = cache_root() / "models" / SMOLLM2_FOLDER
         if (folder / "config.json").is_file():

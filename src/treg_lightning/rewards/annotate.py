@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from treg_lightning.errors import ConfigError
-from treg_lightning.logprobs import causal_lm_token_logps, check_plain_logits, model_softcap
+from treg_lightning.forward.logprobs import causal_lm_token_logps, check_plain_logits, model_softcap
 from treg_lightning.pairs import SIDES, field
 from treg_lightning.rewards.prompts import ContrastiveTemplate, get_template
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from treg_lightning.errors import ConfigError
-from treg_lightning.models import (
+from treg_lightning.models.loading import (
     cache_root,
     check_vocab_fits,
     load_causal_lm,

@@ -3,11 +3,11 @@
 
 Subcommands: Lightning's ``fit``, ``validate`` and ``test``, plus ``annotate``, ``export``,
 ``plan``, ``predict`` and ``evaluate``, each a method of
-:class:`~treg_lightning.trainer.TRegTrainer` (LightningCLI builds their parsers from the
+:class:`~treg_lightning.training.trainer.TRegTrainer` (LightningCLI builds their parsers from the
 signatures). ``plan`` runs here without building the trainer, the model or the data. This module
 holds the parsing: short usage and "did you mean" on errors, start-up checks before any weights
 load, ``--ckpt_path`` checks (and hyperparameters of older checkpoints upgraded,
-:func:`treg_lightning.hparams.upgrade_hparams`), exit statuses.
+:func:`treg_lightning.models.checkpoints.upgrade_hparams`), exit statuses.
 
 Usage::
 
@@ -22,33 +22,31 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
 from jsonargparse import lazy_instance
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
-from treg_lightning import startup
-from treg_lightning.checkpoints import check_checkpoint_file, check_checkpoint_fits, is_file_path
-from treg_lightning.cli_help import (
-    did_you_mean,
-    option_keys,
-    short_usage,
-    show_linked_target,
-    without_union_dump,
-)
-from treg_lightning.data.datamodule import PreferenceDataModule
-from treg_lightning.exits import (
+from treg_lightning.cli import startup
+from treg_lightning.cli.exits import (
     DEBUG_FLAG,
     RunInterrupted,
     debug_requested,
     exit_statuses,
     interrupted_message,
 )
-from treg_lightning.guards import NonFiniteGuard
-from treg_lightning.hparams import upgrade_hparams
+from treg_lightning.cli.help import (
+    did_you_mean,
+    option_keys,
+    short_usage,
+    show_linked_target,
+    without_union_dump,
+)
+from treg_lightning.cli.noise import known_noise_hidden
+from treg_lightning.data.datamodule import PreferenceDataModule
+from treg_lightning.models.checkpoints import check_checkpoint_fits, is_file_path, read_hparams
 from treg_lightning.module import PreferenceModule
-from treg_lightning.noise import known_noise_hidden
 from treg_lightning.outputs import check_not_overwriting, check_writable
-from treg_lightning.trainer import TRegTrainer
+from treg_lightning.training.guards import NonFiniteGuard
+from treg_lightning.training.trainer import TRegTrainer
 
 
 class TRegArgumentParser(LightningArgumentParser):
@@ -201,7 +199,8 @@ class TRegCLI(LightningCLI):
 
     def check_inputs(self) -> None:
         """The start-up check of what the loss and regularizer need against the data's reward
-        source (:func:`treg_lightning.checks.check_pair_inputs`), before any model loads."""
+        source (:func:`~treg_lightning.training.checks.check_pair_inputs`), before any model
+        loads."""
         if isinstance(self.model, PreferenceModule):
             self.model.check_inputs(self.datamodule)
             self.model.check_device(self.trainer.strategy.root_device.type)
@@ -220,7 +219,7 @@ class TRegCLI(LightningCLI):
 
     def output_folders(self) -> list[tuple[str, object]]:
         """``(setting, folder)`` of every folder the run will write, for the start-up check."""
-        from treg_lightning.callbacks import ExportOnFitEnd
+        from treg_lightning.training.callbacks import ExportOnFitEnd
 
         trainer = self.trainer
         folders = [("trainer.default_root_dir", trainer.default_root_dir)]
@@ -256,18 +255,10 @@ class TRegCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not ckpt_path:
             return
+        if not is_file_path(ckpt_path):
+            return  # "last", "registry:...": Lightning resolves them, nothing to fill in
         source = Path(ckpt_path)
-        if is_file_path(ckpt_path):
-            check_checkpoint_file(ckpt_path)
-        if source.is_dir():
-            source = source / "meta.pt"
-        if not source.is_file():
-            return  # "last", a folder without hyperparameters: nothing to fill in
-        # mmap: only the hyperparameters are read, not the weights and optimizer states
-        saved = torch.load(source, weights_only=True, map_location="cpu", mmap=True)
-        saved = saved.get("hyper_parameters")
-        hparams = upgrade_hparams(dict(saved or {}), source=str(source))
-        hparams.pop("_instantiator", None)
+        hparams = read_hparams(source)  # checks the file first; mmap: the weights are not read
         if not hparams:
             return
         if "_class_path" in hparams:  # a module saved outside the CLI
@@ -292,7 +283,8 @@ def cli_main(args: ArgsType = None) -> None:
 
     Returns None, so the console script exits with status 0. A user error prints one paragraph
     and exits with status 2, Ctrl-C says what was kept and exits with 130 (see
-    :mod:`treg_lightning.exits`); known third-party noise is hidden (:mod:`treg_lightning.noise`).
+    :mod:`treg_lightning.cli.exits`); known third-party noise is hidden
+    (:mod:`treg_lightning.cli.noise`).
     Use ``TRegCLI(args=...)`` to keep the trainer, model and datamodule at hand (it raises).
     """
     # Parse errors are the parser's own messages and exit as they are (JSONARGPARSE_DEBUG=true

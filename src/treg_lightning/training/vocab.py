@@ -22,7 +22,7 @@ from treg_lightning.errors import ConfigError
 def check_model_fits_data(module, lm: nn.Module, name: str) -> None:
     """Refuse ``lm`` when the trainer's ``PreferenceDataModule`` tokenizer does not fit it."""
     from treg_lightning.data.datamodule import PreferenceDataModule
-    from treg_lightning.models import check_vocab_fits
+    from treg_lightning.models.loading import check_vocab_fits
 
     trainer = module._trainer
     datamodule = trainer.datamodule if trainer is not None else None

@@ -12,8 +12,8 @@ from __future__ import annotations
 from torch import nn
 
 from treg_lightning.errors import ConfigError
-from treg_lightning.hparams import real_class
 from treg_lightning.rewards.source import TokenRewardSource
+from treg_lightning.training.hparams import real_class
 
 
 def _source_name(rewards: TokenRewardSource | None) -> str:
@@ -34,7 +34,7 @@ def check_pair_inputs(
         live_reference: the module's setting: False never loads a reference model.
         rewards: the data's token-reward source, or None.
     """
-    if regularizer is not None and regularizer.needs_token_rewards():
+    if regularizer is not None and regularizer.needs_token_rewards:
         if rewards is None or not rewards.provides_token_rewards:
             targets = real_class(regularizer.targets).__name__
             raise ConfigError(

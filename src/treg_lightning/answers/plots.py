@@ -3,8 +3,8 @@ extra).
 
 Training curves read Lightning's ``CSVLogger`` ``metrics.csv`` or TensorBoard event files::
 
-    python -m treg_lightning.plots outputs/demo/logs --out curves.png
-    python -m treg_lightning.plots dpo=runs/dpo/logs treg=runs/treg/logs --out compare.png
+    python -m treg_lightning.answers.plots outputs/demo/logs --out curves.png
+    python -m treg_lightning.answers.plots dpo=runs/dpo/logs treg=runs/treg/logs --out compare.png
 """
 
 from __future__ import annotations
@@ -192,9 +192,9 @@ def _save(fig, path: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    """``python -m treg_lightning.plots LOG [NAME=LOG ...] --out curves.png``."""
+    """``python -m treg_lightning.answers.plots LOG [NAME=LOG ...] --out curves.png``."""
     parser = argparse.ArgumentParser(
-        prog="python -m treg_lightning.plots",
+        prog="python -m treg_lightning.answers.plots",
         description="Draw training curves (loss, reward accuracy, margin, T-REG term) from "
         "CSVLogger / TensorBoard logs into a PNG.",
     )

@@ -74,7 +74,7 @@ class ExportOnFitEnd(Callback):
             )
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from treg_lightning.export import export_module
+        from treg_lightning.models.export import export_module
 
         tokenizer = self._tokenizer(trainer, pl_module)
         log_dir = trainer.log_dir  # a collective under multi-process strategies: every rank
@@ -101,7 +101,7 @@ class ExportOnFitEnd(Callback):
         data = trainer.datamodule
         tokenizer = data.tokenizer if isinstance(data, PreferenceDataModule) else None
         if tokenizer is None:
-            from treg_lightning.models import load_tokenizer
+            from treg_lightning.models.loading import load_tokenizer
 
             tokenizer = load_tokenizer(pl_module.model_name)
         return tokenizer

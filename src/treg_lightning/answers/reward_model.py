@@ -41,7 +41,7 @@ class RewardModelScorer:
     ) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from treg_lightning.models import parse_dtype
+        from treg_lightning.models.loading import parse_dtype
 
         self.name = str(name_or_path)
         self.tokenizer = AutoTokenizer.from_pretrained(

@@ -12,7 +12,8 @@ import torch
 from transformers import AttentionInterface
 
 from builders import tiny_llama
-from treg_lightning.data.packing import (
+from treg_lightning.forward.logprobs import token_logps_from_hidden
+from treg_lightning.forward.packing import (
     block_diagonal_mask,
     pack_batch,
     packed_model_inputs,
@@ -20,9 +21,8 @@ from treg_lightning.data.packing import (
     unpack_pairs,
     unpack_tokens,
 )
-from treg_lightning.logprobs import sequence_logps, token_logps_from_hidden
 from treg_lightning.losses import DPOLoss, SimPOLoss, TokenRewardRegularizer
-from treg_lightning.pairs import PairScores, ResponseScores
+from treg_lightning.pairs import PairScores, ResponseScores, sequence_logps
 
 VOCAB = 64
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}

@@ -5,11 +5,11 @@ Three layouts of the same pairs, equal in values and gradients; each returns per
 
 - shared prompt (default with sdpa / eager / flex_attention): each pair is one sequence
   ``[prompt | chosen | rejected]`` whose rejected block attends to the prompt but not to the
-  chosen one (:mod:`treg_lightning.data.shared_prompt`), so each prompt is computed once;
+  chosen one (:mod:`treg_lightning.forward.shared_prompt`), so each prompt is computed once;
 - padded: chosen stacked over rejected, ``[2B, T]``, right-padded to the longer side
   (:func:`concat_pairs`);
 - packed (default with flash-attention): all ``2B`` sequences' real tokens in one row ``[1, N]``
-  (:mod:`treg_lightning.data.packing`), no padding computed.
+  (:mod:`treg_lightning.forward.packing`), no padding computed.
 
 Why the shared prompt is the default where it is (``PreferenceModule(shared_prompt=None)``):
 measured on the 2-core CPU machine with pair lengths from HH-RLHF (bench/README.md,
@@ -41,18 +41,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from treg_lightning.data.shared_prompt import (
+from treg_lightning.forward.logprobs import causal_lm_token_logps
+from treg_lightning.forward.shared_prompt import (
     prompt_lengths,
     shared_prompt_layout,
     shared_prompt_model_inputs,
     unpack_shared,
 )
-from treg_lightning.logprobs import causal_lm_token_logps
 from treg_lightning.pairs import SIDES, field
 
 
 def bind_token_logps(lm: nn.Module) -> nn.Module:
-    """Bind :func:`~treg_lightning.logprobs.causal_lm_token_logps` as ``lm.token_logps``, so
+    """Bind :func:`~treg_lightning.forward.logprobs.causal_lm_token_logps` as ``lm.token_logps``, so
     FSDP2 can register it as a forward method (its root unit, which owns ``lm_head``, is then
     unsharded while the head's weight is read)."""
     lm.token_logps = MethodType(causal_lm_token_logps, lm)
@@ -94,7 +94,7 @@ def packed_token_logps(
     lm: nn.Module, batch: dict, chunk_size: int, softcap: float | None
 ) -> dict[str, torch.Tensor]:
     """As :func:`padded_token_logps`, with all ``2B`` sequences packed into one ``[1, N]`` row."""
-    from treg_lightning.data.packing import pack_batch, packed_model_inputs, unpack_pairs
+    from treg_lightning.forward.packing import pack_batch, packed_model_inputs, unpack_pairs
 
     packed = pack_batch(batch)
     model_inputs = packed_model_inputs(

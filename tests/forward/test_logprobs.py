@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from treg_lightning.logprobs import sequence_logps, token_logps_from_hidden
+from treg_lightning.forward.logprobs import token_logps_from_hidden
+from treg_lightning.pairs import sequence_logps
 
 BATCH, SEQ, HIDDEN, VOCAB = 3, 9, 8, 37
 

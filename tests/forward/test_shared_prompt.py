@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from builders import tiny_llama
-from treg_lightning.data.shared_prompt import (
+from treg_lightning.forward.batch import uses_shared_prompt
+from treg_lightning.forward.shared_prompt import (
     CHOSEN,
     PAD,
     REJECTED,
@@ -32,7 +33,6 @@ from treg_lightning.data.shared_prompt import (
     shared_prompt_model_inputs,
     unpack_shared,
 )
-from treg_lightning.forward import uses_shared_prompt
 from treg_lightning.losses import DPOLoss, TokenRewardRegularizer
 from treg_lightning.module import PreferenceModule
 
@@ -213,7 +213,7 @@ def test_block_mask_attends_like_the_dense_mask():
     compiled flex kernel fails to build (the CUDA test in tests/test_gpu.py trains through it)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    from treg_lightning.data.shared_prompt import shared_prompt_block_mask
+    from treg_lightning.forward.shared_prompt import shared_prompt_block_mask
 
     layout = shared_prompt_layout(_batch(), packed=True)
     rows, width = layout["input_ids"].shape

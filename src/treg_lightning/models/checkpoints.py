@@ -1,5 +1,12 @@
-"""Check a ``--ckpt_path`` at start-up, before any model or evaluator loads.
+"""The one checkpoint reader, and the checks of a ``--ckpt_path`` at start-up.
 
+Every verb reads checkpoints here: :func:`load_checkpoint` (the only ``torch.load`` of the
+package: tensors only, memory-mapped, friendly errors), :func:`read_state` (the module state of a
+``.ckpt`` file or a sharded folder), :func:`read_hparams` (the module hyperparameters, upgraded
+from older versions' names by :func:`upgrade_hparams`), :func:`policy_state` (the policy's own
+weights) and :func:`load_policy_weights` (into a built policy, full or LoRA).
+
+The checks:
 Lightning finds out that a checkpoint is empty, truncated, a text file or another model's only
 after the annotate pass and the model load, and then says so with a bare ``EOFError``, a pickle
 error or torch's advice to load with ``weights_only=False`` (which would run the file's code).
@@ -18,14 +25,13 @@ from typing import Any
 import torch
 
 from treg_lightning.errors import CheckpointError, MissingFileError
+from treg_lightning.models.state_names import POLICY_PREFIX, WRAPPER_PREFIX
 
 # --ckpt_path values that Lightning resolves itself (not files).
 SPECIAL_PATHS = ("last", "best", "hpc", "registry")
-POLICY_PREFIX = "policy."
 # What torch raises when weights_only loading meets other objects (pickle's error class; taken
 # from torch so this package imports no pickle-family module itself).
 _UNPICKLING_ERROR = torch.serialization.pickle.UnpicklingError
-_WRAPPER = "_checkpoint_wrapped_module."
 _RESUME = (
     "Use another checkpoint (ModelCheckpoint keeps the earlier ones beside it, e.g. "
     "epoch=0-step=100.ckpt), or drop --ckpt_path to start a new run."
@@ -67,7 +73,7 @@ def policy_shapes(path: Path, setting: str = "--ckpt_path") -> dict[str, tuple[i
     # A sharded folder names its weights "state_dict.policy.*" beside "optimizer_0.state.policy.*"
     # (the optimizer's moments), which are not weights.
     policy = {
-        name.removeprefix("state_dict.")[len(POLICY_PREFIX) :].replace(_WRAPPER, ""): shape
+        name.removeprefix("state_dict.")[len(POLICY_PREFIX) :].replace(WRAPPER_PREFIX, ""): shape
         for name, shape in entries.items()
         if name.removeprefix("state_dict.").startswith(POLICY_PREFIX)
     }
@@ -98,8 +104,28 @@ def _file_entries(path: Path, setting: str) -> dict[str, tuple[int, ...]]:
         else:
             what = "is not a PyTorch checkpoint (torch.save writes a zip archive)"
         raise CheckpointError(f"{setting} {path} {what}. {_RESUME}")
+    checkpoint = load_checkpoint(path, setting)
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict):
+        keys = sorted(checkpoint)[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise CheckpointError(
+            f"{setting} {path} is not a Lightning checkpoint: it has no 'state_dict' (it holds "
+            f"{keys}). Pass a checkpoint of a `treg fit` run; a Hugging Face model folder goes "
+            "to --model.model instead."
+        )
+    return {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def load_checkpoint(path: str | Path, setting: str = "--ckpt_path") -> dict[str, Any]:
+    """``torch.load`` of a checkpoint file: tensors and plain values only (``weights_only``),
+    memory-mapped (only what is used is read), on CPU.
+
+    Raises:
+        CheckpointError: it holds Python objects (refused: unpickling them could run code), or
+            it is damaged.
+    """
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(Path(path), map_location="cpu", weights_only=True, mmap=True)
     except _UNPICKLING_ERROR:
         raise CheckpointError(
             f"{setting} {path} holds Python objects other than tensors and plain values, so it "
@@ -111,15 +137,6 @@ def _file_entries(path: Path, setting: str) -> dict[str, tuple[int, ...]]:
         raise CheckpointError(
             f"{setting} {path} is damaged and cannot be read ({first}). {_RESUME}"
         ) from None
-    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict):
-        keys = sorted(checkpoint)[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise CheckpointError(
-            f"{setting} {path} is not a Lightning checkpoint: it has no 'state_dict' (it holds "
-            f"{keys}). Pass a checkpoint of a `treg fit` run; a Hugging Face model folder goes "
-            "to --model.model instead."
-        )
-    return {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
 def _folder_entries(path: Path, setting: str) -> dict[str, tuple[int, ...]]:
@@ -199,14 +216,14 @@ def check_checkpoint_fits(ckpt_path: str | Path, module, setting: str = "--ckpt_
 def _expected_shapes(module) -> dict[str, tuple[int, ...]] | None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from treg_lightning.models import resolve_model_source
+    from treg_lightning.models.loading import resolve_model_source
 
     source = resolve_model_source(module.model_name)
     if source.gguf_file is not None:
         return None
     if getattr(module, "peft", None) is not None:
-        # A LoRA run's checkpoints hold its adapters only (treg_lightning.adapters).
-        from treg_lightning.adapters import adapter_shapes
+        # A LoRA run's checkpoints hold its adapters only (treg_lightning.models.adapters).
+        from treg_lightning.models.adapters import adapter_shapes
 
         return adapter_shapes(module)
     trust = bool(getattr(module, "trust_remote_code", False))
@@ -214,3 +231,123 @@ def _expected_shapes(module) -> dict[str, tuple[int, ...]] | None:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def read_state(ckpt_path: str | Path, setting: str = "--ckpt_path") -> dict[str, Any]:
+    """The LightningModule ``state_dict`` of a ``.ckpt`` file or a sharded checkpoint folder
+    (``torch.distributed.checkpoint``, consolidated here on one process), checked first."""
+    path = Path(ckpt_path).expanduser()
+    check_checkpoint_file(path, setting)
+    if path.is_dir():
+        from lightning.fabric.utilities.load import _load_distributed_checkpoint
+
+        return _load_distributed_checkpoint(path)["state_dict"]
+    return load_checkpoint(path, setting)["state_dict"]
+
+
+def read_hparams(ckpt_path: str | Path, setting: str = "--ckpt_path") -> dict[str, Any]:
+    """The module hyperparameters a checkpoint was written with, in today's names; ``{}`` when
+    it holds none (a sharded folder keeps them in ``meta.pt``)."""
+    path = Path(ckpt_path).expanduser()
+    check_checkpoint_file(path, setting)
+    source = path / "meta.pt" if path.is_dir() else path
+    if not source.is_file():
+        return {}
+    saved = load_checkpoint(source, setting).get("hyper_parameters")
+    hparams = upgrade_hparams(dict(saved or {}), source=str(source))
+    hparams.pop("_instantiator", None)
+    return hparams
+
+
+def policy_state(state: dict[str, Any], source: str = "the checkpoint") -> dict[str, Any]:
+    """The policy's own weights of a module state (``policy.model.layers...`` ->
+    ``model.layers...``), without activation checkpointing's wrapper prefix."""
+    policy = {
+        k[len(POLICY_PREFIX) :].replace(WRAPPER_PREFIX, ""): v
+        for k, v in state.items()
+        if k.startswith(POLICY_PREFIX)
+    }
+    if not policy:
+        raise CheckpointError(
+            f"{source} holds no policy weights: it was not written by treg-lightning's "
+            f"PreferenceModule (its keys start with {sorted({k.split('.')[0] for k in state})[:8]}"
+            ")."
+            " Pass a checkpoint of a `treg fit` run; a Hugging Face model folder goes to "
+            "--model.model instead."
+        )
+    return policy
+
+
+def load_policy_weights(policy, state: dict[str, Any], lora: bool, source: str) -> None:
+    """Load a checkpoint's policy weights (:func:`policy_state`) into a built ``policy``: every
+    weight for a full fine-tune, the adapters onto a PEFT-wrapped policy for a LoRA run (its
+    checkpoints hold the adapters only)."""
+    if lora:
+        from treg_lightning.models.adapters import load_adapters
+
+        load_adapters(policy, state, assign=False, where=source)
+        return
+    own = policy.state_dict()
+    missing = sorted(set(own) - set(state))
+    if missing:
+        hint = (
+            " It holds LoRA adapters: set model.peft as in the run that wrote it."
+            if any(".lora_" in k for k in state)
+            else ""
+        )
+        raise CheckpointError(
+            f"{source} lacks {len(missing)} weights of the policy (e.g. {missing[:3]}): it was "
+            f"trained with another model.{hint} Use the config of the run that wrote it."
+        )
+    policy.load_state_dict({k: state[k].to(v.dtype) for k, v in own.items()}, strict=True)
+
+
+# The regularizer's ``token_rewards`` string of checkpoints written before targets became objects
+# (treg_lightning.losses.targets), and the class each string meant.
+_TARGETS_OF_OLD_NAMES = {
+    "self": "treg_lightning.losses.targets.SelfGeneratedRewards",
+    "sft": "treg_lightning.losses.targets.ChosenSFT",
+    "implicit": "treg_lightning.losses.targets.ImplicitRewards",
+}
+
+
+def upgrade_hparams(hparams: dict[str, Any], source: str = "the checkpoint") -> dict[str, Any]:
+    """The module hyperparameters of an older checkpoint in today's names (a new dict).
+
+    ``regularizer.init_args.token_rewards: self | sft | implicit`` becomes
+    ``regularizer.init_args.targets: {class_path: SelfGeneratedRewards | ChosenSFT |
+    ImplicitRewards}``, and class paths through modules that have moved since
+    (``treg_lightning.schedulers.WarmupCosineLR``) name today's module; anything else is returned
+    as it is. ``source`` names the file in errors.
+    """
+    hparams = _current_class_paths(hparams)
+    regularizer = hparams.get("regularizer")
+    init_args = regularizer.get("init_args") if isinstance(regularizer, dict) else None
+    if not isinstance(init_args, dict) or "token_rewards" not in init_args:
+        return dict(hparams)
+    init_args = dict(init_args)
+    old = init_args.pop("token_rewards")
+    if old not in _TARGETS_OF_OLD_NAMES:
+        raise CheckpointError(
+            f"{source}: its hyperparameters say regularizer.token_rewards={old!r}, which no "
+            f"version of treg-lightning wrote (known: {', '.join(_TARGETS_OF_OLD_NAMES)}). Pass "
+            "the model settings in the config and load the weights with a new run instead."
+        )
+    init_args["targets"] = {"class_path": _TARGETS_OF_OLD_NAMES[old]}
+    return {**hparams, "regularizer": {**regularizer, "init_args": init_args}}
+
+
+def _current_class_paths(value: Any) -> Any:
+    """``value`` with every ``class_path`` string in today's module names (a copy)."""
+    from treg_lightning import current_path
+
+    if isinstance(value, dict):
+        return {
+            k: current_path(v)
+            if k == "class_path" and isinstance(v, str)
+            else _current_class_paths(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_current_class_paths(v) for v in value]
+    return value

@@ -1,6 +1,6 @@
 """LoRA in a training run: what a :class:`~treg_lightning.module.PreferenceModule` with
 ``model.peft`` holds, checkpoints and exports (the adapters themselves:
-:mod:`treg_lightning.lora`).
+:mod:`treg_lightning.models.lora`).
 
 - :class:`QLoRA`: the ``model.quantization`` setting, a 4-bit base under the adapters (CUDA and
   bitsandbytes only; refused elsewhere at start-up, before any weights load);
@@ -23,19 +23,18 @@ import torch
 from torch import nn
 
 from treg_lightning.errors import CheckpointError, ConfigError
-from treg_lightning.lora import (
+from treg_lightning.models.loading import parse_dtype
+from treg_lightning.models.lora import (
     apply_lora,
     check_qlora_available,
     load_quantized_causal_lm,
+    merge_adapters,
     qlora_config,
     require_peft,
     save_adapter,
-    save_merged,
 )
-from treg_lightning.models import parse_dtype
-
-POLICY_PREFIX = "policy."
-_WRAPPER = "_checkpoint_wrapped_module."
+from treg_lightning.models.save import save_pretrained
+from treg_lightning.models.state_names import POLICY_PREFIX, WRAPPER_PREFIX
 
 if importlib.util.find_spec("peft") is not None:
     from peft import LoraConfig
@@ -66,7 +65,8 @@ class QLoRA:
         self.double_quant = double_quant
 
     def check(self, device_type: str | None) -> None:
-        """Refuse a device QLoRA cannot run on (:class:`~treg_lightning.lora.QLoRAUnavailable`)."""
+        """Refuse a device QLoRA cannot run on
+        (:class:`~treg_lightning.models.lora.QLoRAUnavailable`)."""
         check_qlora_available(device_type)
 
     def load(
@@ -106,7 +106,7 @@ def check_adapter_settings(peft: Any, quantization: QLoRA | None) -> None:
 
 def clean_name(name: str) -> str:
     """A parameter name as state dicts write it (no activation-checkpointing wrapper)."""
-    return name.replace(_WRAPPER, "")
+    return name.replace(WRAPPER_PREFIX, "")
 
 
 def adapter_names(policy: nn.Module) -> set[str]:
@@ -157,7 +157,7 @@ def peft_skeleton(module) -> nn.Module:
     """The PEFT-wrapped model of ``module``'s settings on the meta device (no weights read)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from treg_lightning.models import resolve_model_source
+    from treg_lightning.models.loading import resolve_model_source
 
     source = resolve_model_source(module.model_name)
     trust = bool(module.trust_remote_code)
@@ -183,7 +183,7 @@ def live_adapter_state(policy: nn.Module) -> dict[str, torch.Tensor]:
 
     Only the adapters are gathered (``ignore_frozen_params``), never the sharded base.
     """
-    from treg_lightning.parallel import is_sharded
+    from treg_lightning.models.parallel import is_sharded
 
     if is_sharded(policy):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -196,7 +196,7 @@ def live_adapter_state(policy: nn.Module) -> dict[str, torch.Tensor]:
     return {clean_name(n): p.detach() for n, p in policy.named_parameters() if p.requires_grad}
 
 
-def _load_adapters(model: nn.Module, state: dict[str, Any], assign: bool, where: str) -> None:
+def load_adapters(model: nn.Module, state: dict[str, Any], assign: bool, where: str) -> None:
     names = adapter_names(model)
     missing = sorted(names - set(state))
     if missing:
@@ -244,13 +244,22 @@ def export_adapters(
     """
     if adapter_only:
         skeleton = peft_skeleton(module)
-        _load_adapters(skeleton, adapter_state, assign=True, where=where)
+        load_adapters(skeleton, adapter_state, assign=True, where=where)
         return save_adapter(skeleton, output_dir, tokenizer)
-    from treg_lightning.models import load_causal_lm
+    return save_pretrained(merged_lora_policy(module, adapter_state, where), output_dir, tokenizer)
+
+
+def merged_lora_policy(
+    module, adapter_state: dict[str, Any], where: str = "the policy"
+) -> nn.Module:
+    """The base of ``module.model_name`` (in ``model.torch_dtype``, never 4-bit) with the
+    adapters of ``adapter_state`` merged into its weights: a plain transformers model, in eval
+    mode."""
+    from treg_lightning.models.loading import load_causal_lm
 
     base = load_causal_lm(
         module.model_name, module.torch_dtype, trust_remote_code=module.trust_remote_code
     )
     model = apply_lora(base, module.peft)
-    _load_adapters(model, adapter_state, assign=False, where=where)
-    return save_merged(model.eval(), output_dir, tokenizer, in_place=True)
+    load_adapters(model, adapter_state, assign=False, where=where)
+    return merge_adapters(model.eval(), in_place=True).eval()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from treg_lightning.lora import base_causal_lm, decoder_and_head
+from treg_lightning.models.unwrap import base_causal_lm, decoder_and_head
 
 
 def _logit_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -124,15 +124,6 @@ def token_logps_from_hidden(
     return token_logps.index_put((batch_idx, pos_idx), selected_logps)
 
 
-def sequence_logps(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sum of ``[batch, seq]`` token log-probs over masked-in positions: ``[batch]``.
-
-    ``where`` rather than a product with the mask: a masked position never contributes, even
-    when its value is not finite.
-    """
-    return torch.where(mask.bool(), token_logps, 0.0).sum(-1)
-
-
 def check_plain_logits(lm: torch.nn.Module) -> None:
     """Logits must be ``lm_head(hidden)`` (+ Gemma-2 soft-capping, which is handled)."""
     lm = base_causal_lm(lm)
@@ -163,12 +154,13 @@ def causal_lm_token_logps(
     reference and the annotate pass all call it. ``model_inputs`` go to the base model
     (``input_ids`` and either ``attention_mask`` or packed-row arguments); ``score_mask`` marks
     the tokens to score (see :func:`token_logps_from_hidden`). Under FSDP2 it is bound to the
-    model and registered as a forward method (``treg_lightning.forward.bind_token_logps``), so
+    model and registered as a forward method (``treg_lightning.forward.batch.bind_token_logps``), so
     the root unit that owns ``lm_head`` is unsharded while its weight is read here.
 
-    ``lm`` may be wrapped by PEFT (:func:`treg_lightning.lora.apply_lora`): the decoder is then
-    found through the wrapped causal LM (:func:`treg_lightning.lora.decoder_and_head`), and its
-    forward runs the adapters unless they are disabled.
+    ``lm`` may be wrapped by PEFT (:func:`~treg_lightning.models.lora.apply_lora`): the decoder
+    is then found through the wrapped causal LM
+    (:func:`~treg_lightning.models.unwrap.decoder_and_head`), and its forward runs the adapters
+    unless they are disabled.
     """
     check_plain_logits(lm)
     decoder, head = decoder_and_head(lm)

@@ -3,7 +3,7 @@
 A backend turns prompt token ids into answer token ids. :class:`TransformersBackend` (the
 default, tested path) runs ``model.generate`` on left-padded batches; :class:`VLLMBackend` runs
 vLLM (``pip install treg-lightning[vllm]``, GPU) and is only imported when chosen
-(``--backend treg_lightning.generation.VLLMBackend``). Both stop at the chat template's
+(``--backend treg_lightning.answers.generation.VLLMBackend``). Both stop at the chat template's
 end-of-turn token (:func:`stop_token_ids`) and return one :class:`Generation` per prompt.
 
 Greedy decoding (``temperature: 0``) is deterministic; sampled decoding seeds every batch from
@@ -234,7 +234,7 @@ class VLLMBackend(GenerationBackend):
         except ImportError as err:
             raise ImportError(
                 "the VLLMBackend needs vLLM: `pip install treg-lightning[vllm]` on a CUDA "
-                "machine, or use the default backend (treg_lightning.generation."
+                "machine, or use the default backend (treg_lightning.answers.generation."
                 "TransformersBackend)."
             ) from err
         if device.type == "cuda":

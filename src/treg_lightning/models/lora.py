@@ -7,14 +7,15 @@ IPO is the policy itself with the adapters disabled: no second copy of the weigh
   (rank ``r``, ``lora_alpha``, ``lora_dropout``, ``target_modules``; DoRA with ``use_dora``);
 - :func:`adapters_disabled`: context in which the wrapped model computes the base model's
   outputs (eval mode inside, the previous modes restored after);
-- :func:`decoder_and_head` / :func:`token_logps`: what the one per-token forward
-  (:func:`treg_lightning.logprobs.causal_lm_token_logps`) uses to run a plain or a PEFT-wrapped
-  model; on a ``PeftModel``, ``getattr(model, model.base_model_prefix)`` is the whole causal LM
-  (PEFT forwards attribute lookups to it), not its decoder, so the decoder is reached through
+- :func:`~treg_lightning.models.unwrap.decoder_and_head`: what the one per-token forward
+  (:func:`~treg_lightning.forward.logprobs.causal_lm_token_logps`) uses to run a plain or a
+  PEFT-wrapped model; on a ``PeftModel``, ``getattr(model, model.base_model_prefix)`` is the
+  whole causal LM (PEFT forwards attribute lookups to it), not its decoder, so the decoder is
+  reached through
   ``get_base_model()``;
 - :func:`save_adapter` (adapter alone, ``PeftModel.from_pretrained`` loads it back) and
-  :func:`save_merged` (a plain Hugging Face folder with the adapters merged into the weights;
-  loads in transformers without PEFT);
+  :func:`~treg_lightning.models.save.save_merged` (a plain Hugging Face folder with the adapters
+  merged into the weights; loads in transformers without PEFT);
 - QLoRA (4-bit base weights through bitsandbytes): :func:`load_quantized_causal_lm`, CUDA only;
   :func:`check_qlora_available` refuses it elsewhere with what to do instead.
 
@@ -35,6 +36,7 @@ import torch
 from torch import nn
 
 from treg_lightning.errors import UserError
+from treg_lightning.models.unwrap import is_peft_model
 
 
 class QLoRAUnavailable(UserError, RuntimeError):
@@ -51,15 +53,6 @@ def require_peft():
     import peft
 
     return peft
-
-
-def is_peft_model(model: nn.Module) -> bool:
-    """Whether ``model`` is wrapped by PEFT (a ``PeftModel``)."""
-    if importlib.util.find_spec("peft") is None:
-        return False
-    from peft import PeftModel
-
-    return isinstance(model, PeftModel)
 
 
 def apply_lora(model: nn.Module, config: Any, autocast_adapter_dtype: bool = True) -> nn.Module:
@@ -167,43 +160,9 @@ def _adapter_layers(model: nn.Module) -> list[nn.Module]:
         if not hasattr(layer, "_disable_adapters"):  # a PEFT release that renamed the flag
             raise RuntimeError(
                 f"{type(layer).__name__} of this peft version has no `_disable_adapters` flag; "
-                "treg_lightning.lora.adapters_disabled switches it (tested with peft 0.21)."
+                "treg_lightning.models.lora.adapters_disabled switches it (tested with peft 0.21)."
             )
     return layers
-
-
-def base_causal_lm(model: nn.Module) -> nn.Module:
-    """The transformers causal LM (``LlamaForCausalLM``, ...) of a plain or PEFT-wrapped model.
-
-    Under PEFT the adapters are injected into its modules, so its forward runs them (unless
-    disabled).
-    """
-    return model.get_base_model() if is_peft_model(model) else model
-
-
-def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """``(decoder, lm_head)``: the module returning the final hidden states, and the output
-    projection, of a plain or a PEFT-wrapped causal LM."""
-    lm = base_causal_lm(model)
-    return getattr(lm, lm.base_model_prefix), lm.get_output_embeddings()
-
-
-def token_logps(
-    model: nn.Module,
-    model_inputs: dict[str, Any],
-    score_mask: torch.Tensor,
-    chunk_size: int,
-    softcap: float | None,
-) -> torch.Tensor:
-    """``[batch, seq]`` token log-probs of a plain or PEFT-wrapped causal LM, chunked.
-
-    The module's per-token forward itself
-    (:func:`treg_lightning.logprobs.causal_lm_token_logps`): ``model_inputs`` go to the
-    decoder; only the scored positions go through ``lm_head``, never as full float32 logits.
-    """
-    from treg_lightning.logprobs import causal_lm_token_logps
-
-    return causal_lm_token_logps(model, model_inputs, score_mask, chunk_size, softcap)
 
 
 def save_adapter(model: nn.Module, output_dir: str | Path, tokenizer=None) -> Path:
@@ -235,16 +194,6 @@ def merge_adapters(model: nn.Module, in_place: bool = False) -> nn.Module:
     return target.merge_and_unload(safe_merge=True)
 
 
-def save_merged(
-    model: nn.Module, output_dir: str | Path, tokenizer=None, in_place: bool = False
-) -> Path:
-    """Write the merged model as a Hugging Face folder (safetensors; loads without PEFT)."""
-    from treg_lightning.export import save_pretrained
-
-    merged = merge_adapters(model, in_place=in_place)
-    return save_pretrained(merged, output_dir, tokenizer)
-
-
 def check_qlora_available(device_type: str | None = None) -> None:
     """Refuse QLoRA where it cannot run: it needs bitsandbytes and a CUDA device.
 
@@ -270,7 +219,7 @@ def qlora_config(compute_dtype: str = "bfloat16", double_quant: bool = True):
     of the scales (a ``transformers.BitsAndBytesConfig``)."""
     from transformers import BitsAndBytesConfig
 
-    from treg_lightning.models import parse_dtype
+    from treg_lightning.models.loading import parse_dtype
 
     return BitsAndBytesConfig(
         load_in_4bit=True,
@@ -296,14 +245,14 @@ def load_quantized_causal_lm(
         name_or_path: hub id or local folder (``"smollm2"`` resolves to its folder).
         quantization_config: a ``transformers.BitsAndBytesConfig``; None = :func:`qlora_config`.
         torch_dtype: dtype of the weights that stay unquantized (norms, embeddings).
-        attn_implementation: as :func:`treg_lightning.models.load_causal_lm`.
+        attn_implementation: as :func:`treg_lightning.models.loading.load_causal_lm`.
         trust_remote_code: allow model code from the hub.
         device_type: the device the model trains on (default: CUDA when available).
     """
     check_qlora_available(device_type)
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from treg_lightning.models import (
+    from treg_lightning.models.loading import (
         choose_attn_implementation,
         parse_dtype,
         resolve_model_source,

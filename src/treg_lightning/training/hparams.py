@@ -19,8 +19,6 @@ from typing import Any
 import lightning as L
 from torch import nn
 
-from treg_lightning.errors import CheckpointError
-
 _PLAIN = (int, float, str, bool, type(None))
 
 
@@ -126,35 +124,3 @@ def real_class(value: Any) -> type:
 
 def _class_path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
-
-
-# The regularizer's ``token_rewards`` string of checkpoints written before targets became objects
-# (treg_lightning.losses.targets), and the class each string meant.
-_TARGETS_OF_OLD_NAMES = {
-    "self": "treg_lightning.losses.targets.SelfGeneratedRewards",
-    "sft": "treg_lightning.losses.targets.ChosenSFT",
-    "implicit": "treg_lightning.losses.targets.ImplicitRewards",
-}
-
-
-def upgrade_hparams(hparams: dict[str, Any], source: str = "the checkpoint") -> dict[str, Any]:
-    """The module hyperparameters of an older checkpoint in today's names (a new dict).
-
-    ``regularizer.init_args.token_rewards: self | sft | implicit`` becomes
-    ``regularizer.init_args.targets: {class_path: SelfGeneratedRewards | ChosenSFT |
-    ImplicitRewards}``; anything else is returned as it is. ``source`` names the file in errors.
-    """
-    regularizer = hparams.get("regularizer")
-    init_args = regularizer.get("init_args") if isinstance(regularizer, dict) else None
-    if not isinstance(init_args, dict) or "token_rewards" not in init_args:
-        return dict(hparams)
-    init_args = dict(init_args)
-    old = init_args.pop("token_rewards")
-    if old not in _TARGETS_OF_OLD_NAMES:
-        raise CheckpointError(
-            f"{source}: its hyperparameters say regularizer.token_rewards={old!r}, which no "
-            f"version of treg-lightning wrote (known: {', '.join(_TARGETS_OF_OLD_NAMES)}). Pass "
-            "the model settings in the config and load the weights with a new run instead."
-        )
-    init_args["targets"] = {"class_path": _TARGETS_OF_OLD_NAMES[old]}
-    return {**hparams, "regularizer": {**regularizer, "init_args": init_args}}

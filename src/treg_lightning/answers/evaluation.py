@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from treg_lightning.predictions import read_jsonl
+from treg_lightning.answers.predictions import read_jsonl
 
 PAIR_METRICS = (
     "reward_accuracy",
@@ -177,7 +177,7 @@ def matched(rows: list[dict], reference: list[dict], name: str) -> list[int]:
 def run_module(base_module, run: EvalRun, datamodule):
     """The :class:`PreferenceModule` of a run, with its policy weights loaded when they come
     from a checkpoint (its own hyperparameters when the checkpoint has them)."""
-    from treg_lightning.export import load_checkpoint_state, policy_state_dict
+    from treg_lightning.models.checkpoints import load_policy_weights, policy_state, read_state
 
     if run.policy is not None:
         module = copy.deepcopy(base_module)
@@ -187,9 +187,9 @@ def run_module(base_module, run: EvalRun, datamodule):
     module = _module_from_hparams(base_module, run.ckpt_path)
     module.live_reference = None
     module.build_policy()
-    state = policy_state_dict(load_checkpoint_state(run.ckpt_path))
-    own = module.policy.state_dict()
-    module.policy.load_state_dict({k: state[k].to(v.dtype) for k, v in own.items()})
+    state = policy_state(read_state(run.ckpt_path), str(run.ckpt_path))
+    lora = getattr(module, "peft", None) is not None
+    load_policy_weights(module.policy, state, lora=lora, source=str(run.ckpt_path))
     known, rewards = module.reward_source(datamodule)
     cached = known and rewards is not None and rewards.provides_reference_logps
     if module.needs_reference and not cached:
@@ -198,16 +198,11 @@ def run_module(base_module, run: EvalRun, datamodule):
 
 
 def _module_from_hparams(base_module, ckpt_path: str):
-    import torch
     from lightning.pytorch.cli import instantiate_module
 
-    path = Path(ckpt_path)
-    meta = path / "meta.pt" if path.is_dir() else path
-    hparams = {}
-    if meta.is_file():
-        hparams = dict(torch.load(meta, map_location="cpu", weights_only=True).get(
-            "hyper_parameters") or {})  # fmt: skip
-    hparams.pop("_instantiator", None)
+    from treg_lightning.models.checkpoints import read_hparams
+
+    hparams = read_hparams(ckpt_path)
     hparams.pop("_class_path", None)
     if not hparams:
         return copy.deepcopy(base_module)
@@ -267,7 +262,7 @@ def evaluate_runs(trainer, base_module, datamodule, runs: list[EvalRun],
 
 def score_answers(results, answers, reference, settings: EvaluateSettings) -> None:
     """Mean reward of every run's answers; win rate against the reference answers."""
-    from treg_lightning.reward_model import RewardModelScorer
+    from treg_lightning.answers.reward_model import RewardModelScorer
 
     scorer = RewardModelScorer(
         settings.reward_model, settings.reward_dtype, settings.reward_batch_size
@@ -338,7 +333,7 @@ def write_report(results: list[dict[str, Any]], runs: list[EvalRun], output_dir:
     paths["markdown"].write_text(markdown_table(results), encoding="utf-8")
     paths["json"].write_text(json.dumps(results, indent=1), encoding="utf-8")
     try:
-        from treg_lightning import plots
+        from treg_lightning.answers import plots
     except ImportError:  # matplotlib is the `plots` extra
         return paths
     paths["bars"] = plots.plot_evaluation(results, folder / "evaluation.png")

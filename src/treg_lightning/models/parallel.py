@@ -61,7 +61,7 @@ def apply_fsdp2(
     Units: each decoder layer, the input embedding (when it is not tied to the output
     projection), then the root. The output projection (``lm_head``) stays in the root unit on
     purpose: PreferenceModule reads ``lm_head.weight`` directly for the chunked log-probs
-    (:func:`treg_lightning.logprobs.token_logps_from_hidden`), which is only valid while its
+    (:func:`treg_lightning.forward.logprobs.token_logps_from_hidden`), which is only valid while its
     owning unit is unsharded, and the root is unsharded for the whole root forward. A tied
     embedding stays in the root for the same reason.
 

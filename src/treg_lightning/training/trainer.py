@@ -8,8 +8,9 @@ parser from the signature and docstring and runs it like ``fit``:
 - ``export``: write the policy of a checkpoint as a Hugging Face folder;
 - ``plan``: only declares its arguments (``treg plan`` runs without a trainer, see
   :mod:`treg_lightning.plan`);
-- ``predict``: answers of the policy (:mod:`treg_lightning.predictions`), replacing Lightning's;
-- ``evaluate``: one table row per run (:mod:`treg_lightning.evaluation`).
+- ``predict``: answers of the policy (:mod:`treg_lightning.answers.predictions`), replacing
+  Lightning's;
+- ``evaluate``: one table row per run (:mod:`treg_lightning.answers.evaluation`).
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from pathlib import Path
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
+from treg_lightning.answers.evaluation import EvalRun
+from treg_lightning.answers.generation import GenerationBackend
 from treg_lightning.data.datamodule import PreferenceDataModule
 from treg_lightning.errors import ConfigError
-from treg_lightning.evaluation import EvalRun
-from treg_lightning.generation import GenerationBackend
 from treg_lightning.outputs import disk_full_hint
 
 
@@ -99,7 +100,7 @@ class TRegTrainer(Trainer):
             adapter_only: write the LoRA adapter alone (``adapter_config.json`` + safetensors;
                 ``PeftModel.from_pretrained(base, output_dir)`` loads it).
         """
-        from treg_lightning.export import export_checkpoint, remove_stale_weights
+        from treg_lightning.models.export import export_checkpoint, remove_stale_weights
 
         if ckpt_path is None:
             raise ConfigError("export needs --ckpt_path (a .ckpt file or a checkpoint folder).")
@@ -139,7 +140,7 @@ class TRegTrainer(Trainer):
             "treg_lightning.plan.plan_from_config(config) instead."
         )
 
-    # ---- predict: answers of the policy (logic in treg_lightning.predictions) ---------------
+    # ---- predict: answers of the policy (logic in treg_lightning.answers.predictions) ----------
 
     def predict(
         self,
@@ -181,11 +182,11 @@ class TRegTrainer(Trainer):
             batch_size: prompts per generate call (left-padded).
             shard_size: prompts per resumable shard file; shard k goes to rank k % world_size.
             backend: the generation engine; None: TransformersBackend (``generate``), or
-                ``treg_lightning.generation.VLLMBackend`` (vLLM installed, GPU).
+                ``treg_lightning.answers.generation.VLLMBackend`` (vLLM installed, GPU).
             progress: show a progress bar (rank 0).
         """
-        from treg_lightning.generation import SamplingSettings, TransformersBackend
-        from treg_lightning.predictions import PredictJob, PredictSettings, run_predict
+        from treg_lightning.answers.generation import SamplingSettings, TransformersBackend
+        from treg_lightning.answers.predictions import PredictJob, PredictSettings, run_predict
 
         sampling = SamplingSettings(max_new_tokens, temperature, top_p, seed)
         settings = PredictSettings(
@@ -195,7 +196,7 @@ class TRegTrainer(Trainer):
         job = PredictJob(model, datamodule, ckpt_path, prompts, split, limit, settings, backend)
         return run_predict(self, job)
 
-    # ---- evaluate: one table row per run (logic in treg_lightning.evaluation) --------------
+    # ---- evaluate: one table row per run (logic in treg_lightning.answers.evaluation) ---------
 
     def evaluate(
         self,
@@ -226,7 +227,7 @@ class TRegTrainer(Trainer):
             output_dir: folder of evaluation.md, evaluation.json and the PNG plots.
             overwrite: replace an earlier report in ``output_dir``.
         """
-        from treg_lightning.evaluation import (
+        from treg_lightning.answers.evaluation import (
             EvaluateSettings,
             check_report_folder,
             evaluate_runs,

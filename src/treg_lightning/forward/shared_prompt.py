@@ -13,12 +13,13 @@ response tokens) is computed twice. Here each pair becomes ONE sequence of three
   view, hence the same hidden state as ``x_P``). Recomputing that one token gives the rejected
   response a predecessor of its own, so every scored token ``t`` is still predicted by the
   hidden state at ``t - 1``: the contract's alignment, which
-  :func:`treg_lightning.logprobs.token_logps_from_hidden` and the model's forward keep unchanged.
+  :func:`~treg_lightning.forward.logprobs.token_logps_from_hidden` and the model's forward keep
+  unchanged.
   Cost: one token per pair;
 - position ids continue from the prompt's on both sides: shared ``0 .. P-2``, chosen block
   ``P-1 .. P+C-1``, rejected block ``P-1 .. P+R-1``. A token's position id is also its column in
   its side's ``[B, T]`` tensors, which is how :func:`unpack_shared` maps values back (through
-  :func:`treg_lightning.data.packing.unpack_pairs`).
+  :func:`treg_lightning.forward.packing.unpack_pairs`).
 
 Two layouts: ``rows`` (one pair per row, ``[B, W]``, right-padded; a ``[B, 1, W, W]`` mask) and
 ``packed`` (all pairs in one row ``[1, N]``, no padding; a ``[1, 1, N, N]`` mask, or a sparse
@@ -26,7 +27,7 @@ flex-attention :class:`BlockMask`). Masks: :func:`shared_prompt_mask` (sdpa: boo
 additive), :func:`shared_prompt_block_mask` (``flex_attention``). Flash-attention's varlen kernel
 takes only contiguous causal segments and cannot express "rejected skips chosen" in one call; on
 such GPUs use ``flex_attention`` (one call with this mask) or two varlen calls per layer (see
-:mod:`treg_lightning.forward`).
+:mod:`treg_lightning.forward.batch`).
 
 The prompt length ``P`` of a pair is the ``prompt_lengths`` batch field when present, else the
 first response-mask position; both sides must carry the same ``P`` prompt ids (the tokenizer
@@ -37,7 +38,7 @@ from __future__ import annotations
 
 import torch
 
-from treg_lightning.data.packing import unpack_pairs
+from treg_lightning.forward.packing import unpack_pairs
 
 SIDES = ("chosen", "rejected")
 # Block of each token: the shared prompt, the chosen block (last prompt token + chosen response),
