@@ -20,9 +20,9 @@ import sys
 
 __version__ = "0.2.0"
 
-# Old module name (under treg_lightning.) -> where it lives now.
+# Old module name (under treg_lightning.) -> where it lives now. ``models``, ``forward`` and ``cli``
+# were modules and are packages now, under the same names.
 MOVED_MODULES = {
-    "forward": "forward.batch",
     "logprobs": "forward.logprobs",
     "data.packing": "forward.packing",
     "data.shared_prompt": "forward.shared_prompt",

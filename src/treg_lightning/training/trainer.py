@@ -100,7 +100,8 @@ class TRegTrainer(Trainer):
             adapter_only: write the LoRA adapter alone (``adapter_config.json`` + safetensors;
                 ``PeftModel.from_pretrained(base, output_dir)`` loads it).
         """
-        from treg_lightning.models.export import export_checkpoint, remove_stale_weights
+        from treg_lightning.models.export import export_checkpoint
+        from treg_lightning.models.save import remove_stale_weights
 
         if ckpt_path is None:
             raise ConfigError("export needs --ckpt_path (a .ckpt file or a checkpoint folder).")
