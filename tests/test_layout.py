@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -206,3 +207,33 @@ def test_old_class_paths_resolve_and_upgrade(old, new):
     assert upgraded["scheduler"]["class_path"] == new
     assert upgraded["scheduler"]["init_args"]["x"][0]["class_path"] == new
     assert hparams["scheduler"]["class_path"] == old  # the input is not changed
+
+
+def test_verbs_keep_lightnings_signatures():
+    """``TRegTrainer.predict`` takes Lightning's arguments in Lightning's order (its own settings
+    are keyword-only), and ``plan`` is no Trainer method."""
+    from lightning.pytorch import Trainer
+
+    from treg_lightning.training.trainer import TRegTrainer
+
+    ours = inspect.signature(TRegTrainer.predict).parameters
+    theirs = list(inspect.signature(Trainer.predict).parameters)
+    positional = [n for n, p in ours.items() if p.kind is p.POSITIONAL_OR_KEYWORD]
+    assert positional == theirs
+    assert not hasattr(TRegTrainer, "plan")
+
+
+def test_predict_with_dataloaders_runs_lightnings_loop():
+    import torch
+    from lightning.pytorch import LightningModule
+
+    from treg_lightning.training.trainer import TRegTrainer
+
+    class Doubler(LightningModule):
+        def predict_step(self, batch):
+            return batch * 2
+
+    loader = torch.utils.data.DataLoader(torch.arange(4.0), batch_size=2)
+    trainer = TRegTrainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    got = trainer.predict(Doubler(), loader)  # by position, as Lightning's
+    assert [t.tolist() for t in got] == [[0.0, 2.0], [4.0, 6.0]]

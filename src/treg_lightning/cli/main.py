@@ -2,9 +2,10 @@
 :class:`PreferenceDataModule`.
 
 Subcommands: Lightning's ``fit``, ``validate`` and ``test``, plus ``annotate``, ``export``,
-``plan``, ``predict`` and ``evaluate``, each a method of
+``predict`` and ``evaluate``, each a method of
 :class:`~treg_lightning.training.trainer.TRegTrainer` (LightningCLI builds their parsers from the
-signatures). ``plan`` runs here without building the trainer, the model or the data. This module
+signatures); ``plan`` is a plain function with its own parser (:mod:`treg_lightning.cli.plan`),
+building no trainer, model or data. This module
 holds the parsing: short usage and "did you mean" on errors, start-up checks before any weights
 load, ``--ckpt_path`` checks (and hyperparameters of older checkpoints upgraded,
 :func:`treg_lightning.models.checkpoints.upgrade_hparams`), exit statuses.
@@ -22,53 +23,23 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from jsonargparse import lazy_instance
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from treg_lightning.cli import startup
 from treg_lightning.cli.exits import (
-    DEBUG_FLAG,
     RunInterrupted,
     debug_requested,
     exit_statuses,
     interrupted_message,
 )
-from treg_lightning.cli.help import (
-    did_you_mean,
-    option_keys,
-    short_usage,
-    show_linked_target,
-    without_union_dump,
-)
 from treg_lightning.cli.noise import known_noise_hidden
+from treg_lightning.cli.parser import TRegArgumentParser, add_treg_arguments
+from treg_lightning.cli.plan import plan_main
 from treg_lightning.data.datamodule import PreferenceDataModule
 from treg_lightning.models.checkpoints import check_checkpoint_fits, is_file_path, read_hparams
 from treg_lightning.module import PreferenceModule
 from treg_lightning.outputs import check_not_overwriting, check_writable
-from treg_lightning.training.guards import NonFiniteGuard
 from treg_lightning.training.trainer import TRegTrainer
-
-
-class TRegArgumentParser(LightningArgumentParser):
-    """``LightningArgumentParser`` whose errors are short (the error and the ``--help`` tip, not
-    the usage of every option) and suggest the close key for a misspelled one (a typo in a YAML
-    key or flag, ``max_lenght``)."""
-
-    def error(self, message: str, *args, **kwargs):
-        message = did_you_mean(without_union_dump(str(message)), option_keys(self._all_usages()))
-        return super().error(message, *args, **kwargs)
-
-    def print_usage(self, file=None) -> None:
-        usage = short_usage(self.format_usage())
-        if usage:
-            self._print_message(usage, file)
-
-    def _all_usages(self) -> str:
-        texts = [self.format_usage()]
-        action = getattr(self, "_subcommands_action", None)
-        for parser in getattr(action, "_name_parser_map", {}).values():
-            texts.append(parser.format_usage())
-        return "\n".join(texts)
 
 
 class TRegCLI(LightningCLI):
@@ -104,56 +75,12 @@ class TRegCLI(LightningCLI):
             **LightningCLI.subcommands(),
             "annotate": {"model", "datamodule"},
             "export": {"model", "datamodule"},
-            "plan": {"model", "datamodule"},
-            "predict": {"model", "datamodule"},
+            "predict": {"model", "dataloaders", "datamodule", "return_predictions", "weights_only"},
             "evaluate": {"model", "datamodule"},
         }
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        show_linked_target(parser, "model.model", "data.tokenizer")
-        parser.add_argument(
-            "--guard",
-            type=NonFiniteGuard | None,
-            default=lazy_instance(NonFiniteGuard),
-            help="Stop (or skip the step) on a non-finite loss or gradient, naming the step and "
-            "dataset rows, before the optimizer writes NaN into the weights; null disables it. "
-            "E.g. --guard.action=skip --guard.max_skips=5.",
-        )
-        parser.callback_keys.append("guard")  # the instance joins the trainer's callbacks
-        parser.add_argument(
-            DEBUG_FLAG,
-            action="store_true",
-            help="Show the traceback of user errors and interrupts too (or set TREG_DEBUG=1).",
-        )
-
-    # ---- plan: parse the config, build nothing ------------------------------------------------
-
-    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
-        # --gpu-memory as well as --gpu_memory (jsonargparse only knows the latter).
-        if args is None and sys.argv[1:2] == ["plan"]:
-            sys.argv[1:] = [_plan_option(arg) for arg in sys.argv[1:]]
-        elif isinstance(args, (list, tuple)) and args[:1] == ["plan"]:
-            args = [_plan_option(arg) for arg in args]
-        super().parse_arguments(parser, args)
-
-    def instantiate_classes(self) -> None:
-        if self.subcommand == "plan":  # the trainer would need the configured accelerator
-            self.config_init = self.config
-            self.model = self.datamodule = self.trainer = None
-            return
-        super().instantiate_classes()
-
-    def _run_plan(self) -> None:
-        from treg_lightning.plan.report import run_plan
-
-        config = self.config["plan"].as_dict()
-        run_plan(
-            config,
-            devices=config.get("devices"),
-            num_nodes=config.get("num_nodes"),
-            gpu_memory=config.get("gpu_memory"),
-            reserve=config.get("reserve") or "1GiB",
-        )
+        add_treg_arguments(parser)
 
     def _instantiate_trainer(self, config, callbacks):
         trainer = super()._instantiate_trainer(config, [c for c in callbacks if c is not None])
@@ -161,8 +88,6 @@ class TRegCLI(LightningCLI):
         return trainer
 
     def _run_subcommand(self, subcommand: str) -> None:
-        if subcommand == "plan":
-            return self._run_plan()
         try:
             super()._run_subcommand(subcommand)
         except (KeyboardInterrupt, SystemExit) as stop:
@@ -270,14 +195,6 @@ class TRegCLI(LightningCLI):
             raise
 
 
-def _plan_option(arg: str) -> str:
-    """``--gpu-memory=80GB`` -> ``--gpu_memory=80GB`` (top-level options of ``plan`` only)."""
-    key, sep, value = arg.partition("=")
-    if key.startswith("--") and "." not in key:
-        key = "--" + key[2:].replace("-", "_")
-    return key + sep + value
-
-
 def cli_main(args: ArgsType = None) -> None:
     """Entry point of the ``treg`` command; ``args`` replaces ``sys.argv[1:]`` (for tests).
 
@@ -289,8 +206,12 @@ def cli_main(args: ArgsType = None) -> None:
     """
     # Parse errors are the parser's own messages and exit as they are (JSONARGPARSE_DEBUG=true
     # shows the parser's internals).
+    argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
     with exit_statuses(debug_requested(args)), known_noise_hidden():
-        TRegCLI(args=args)
+        if argv[:1] == ["plan"]:  # builds nothing: its own parser, no trainer
+            plan_main(argv[1:])
+        else:
+            TRegCLI(args=args)
 
 
 if __name__ == "__main__":

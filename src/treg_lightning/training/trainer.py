@@ -6,10 +6,9 @@ parser from the signature and docstring and runs it like ``fit``:
 - ``annotate``: build the token-reward cache of the ``data`` section on its own, on every device
   of the configured strategy (each process annotates its shard; rank 0 merges);
 - ``export``: write the policy of a checkpoint as a Hugging Face folder;
-- ``plan``: only declares its arguments (``treg plan`` runs without a trainer, see
-  :mod:`treg_lightning.plan`);
-- ``predict``: answers of the policy (:mod:`treg_lightning.answers.predictions`), replacing
-  Lightning's;
+- ``predict``: answers of the policy (:mod:`treg_lightning.answers.predictions`) for a
+  :class:`PreferenceDataModule`; Lightning's prediction loop, as always, when given dataloaders
+  or another datamodule (the signature is Lightning's, extended by keyword-only settings);
 - ``evaluate``: one table row per run (:mod:`treg_lightning.answers.evaluation`).
 """
 
@@ -112,42 +111,17 @@ class TRegTrainer(Trainer):
         print(f"{what} written to {folder.resolve()}", flush=True)
         return folder
 
-    # ---- plan --------------------------------------------------------------------------------
-
-    def plan(
-        self,
-        model: LightningModule | None = None,
-        datamodule: LightningDataModule | None = None,
-        devices: int | None = None,
-        num_nodes: int | None = None,
-        gpu_memory: str | None = None,
-        reserve: str = "1GiB",
-    ) -> None:
-        """Print the per-device memory of the run, from the model's config.json (no weights).
-
-        ``treg plan`` reads the parsed config without building the trainer, the model or the
-        data (TRegCLI), so this method only declares its arguments; in Python use
-        ``treg_lightning.plan.plan_from_config(config)``.
-
-        Args:
-            devices: devices per node (default: trainer.devices).
-            num_nodes: nodes (default: trainer.num_nodes).
-            gpu_memory: memory of one device, e.g. 80GB (10^9 bytes) or 79.6GiB (2^30);
-                default 80GB, or this machine's RAM when trainer.accelerator is cpu.
-            reserve: memory kept aside per device (CUDA context, NCCL and cuBLAS workspaces).
-        """
-        raise RuntimeError(
-            "Trainer.plan only declares the arguments of `treg plan`; call "
-            "treg_lightning.plan.plan_from_config(config) instead."
-        )
-
     # ---- predict: answers of the policy (logic in treg_lightning.answers.predictions) ----------
 
     def predict(
         self,
         model: LightningModule | None = None,
+        dataloaders=None,
         datamodule: LightningDataModule | None = None,
+        return_predictions: bool | None = None,
         ckpt_path: str | None = None,
+        weights_only: bool | None = None,
+        *,
         prompts: str | None = None,
         split: str = "val",
         limit: int | None = None,
@@ -162,10 +136,16 @@ class TRegTrainer(Trainer):
         shard_size: int = 64,
         backend: GenerationBackend | None = None,
         progress: bool = True,
-    ) -> Path | None:
+    ):
         """Generate the policy's answers for a prompt set, as AlpacaEval-format JSONL.
 
+        With ``dataloaders``, or a datamodule that is not a :class:`PreferenceDataModule`, this is
+        Lightning's ``Trainer.predict`` (the prediction loop over ``predict_step``).
+
         Args:
+            dataloaders: Lightning's prediction loop over these instead (not a ``treg`` flag).
+            return_predictions: passed to Lightning's prediction loop.
+            weights_only: passed to Lightning's prediction loop.
             ckpt_path: weights to generate with: a ``.ckpt`` file or a sharded checkpoint
                 folder; None: model.model as it is (e.g. an exported policy folder).
             prompts: a prompts file (.jsonl/.json: strings, message lists or objects with a
@@ -186,6 +166,10 @@ class TRegTrainer(Trainer):
                 ``treg_lightning.answers.generation.VLLMBackend`` (vLLM installed, GPU).
             progress: show a progress bar (rank 0).
         """
+        if dataloaders is not None or not isinstance(datamodule, PreferenceDataModule):
+            return super().predict(
+                model, dataloaders, datamodule, return_predictions, ckpt_path, weights_only
+            )
         from treg_lightning.answers.generation import SamplingSettings, TransformersBackend
         from treg_lightning.answers.predictions import PredictJob, PredictSettings, run_predict
 
