@@ -118,7 +118,7 @@ MUTATIONS = [
     # --- log-probs, masks, packing, collation -------------------------------------------------
     mutation(
         "log-probs: token t scored from hidden state t (one-token shift lost)",
-        ["tests/test_logprobs.py::test_hidden_state_t_minus_1_scores_token_t"],
+        ["tests/forward/test_logprobs.py::test_hidden_state_t_minus_1_scores_token_t"],
         (
             "src/treg_lightning/forward/logprobs.py",
             "selected_hidden = hidden[batch_idx, pos_idx - 1]",
@@ -162,8 +162,8 @@ MUTATIONS = [
     mutation(
         "packing: position_ids do not restart per sequence",
         [
-            "tests/data/test_packing.py::test_pack_batch_layout_by_hand",
-            "tests/data/test_packing.py::test_packed_equals_padded",
+            "tests/forward/test_packing.py::test_pack_batch_layout_by_hand",
+            "tests/forward/test_packing.py::test_packed_equals_padded",
         ],
         (
             "src/treg_lightning/forward/packing.py",
