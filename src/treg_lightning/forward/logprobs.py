@@ -4,7 +4,7 @@ Only the positions whose token is scored (response tokens) go through the ``lm_h
 of ``chunk_size`` rows. A custom autograd function keeps just the hidden states and one
 log-sum-exp per row for the backward pass and recomputes each chunk's logits there, so peak
 memory holds one ``[chunk_size, vocab]`` float32 block instead of all of them. Values and
-gradients equal ``log_softmax(logits).gather(...)`` (see tests/test_logprobs.py).
+gradients equal ``log_softmax(logits).gather(...)`` (see tests/forward/test_logprobs.py).
 
 Gemma-2 applies final-logit soft-capping, ``z = cap * tanh(logits / cap)``, before the softmax:
 pass ``softcap=cap``.
