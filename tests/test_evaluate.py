@@ -147,6 +147,33 @@ def test_mean_reward_and_win_rate_against_one_by_one_scores(evaluated):
     assert "reward" not in got["folder"]  # no predictions for that run
 
 
+def test_identical_answers_tie_exactly_whatever_their_batch(evaluated):
+    """The same conversation in another call, another batch and among other lengths gets the
+    very same reward (it is scored once), so it ties with itself in a win rate."""
+    from treg_lightning.answers.reward_model import RewardModelScorer
+
+    scorer = RewardModelScorer(str(evaluated["root"] / "rm"), batch_size=3, device="cpu")
+    scored: list[int] = []
+    score_batch = scorer._score_batch
+
+    def counting(batch):
+        scored.extend(len(ids) for ids in batch)
+        return score_batch(batch)
+
+    scorer._score_batch = counting
+
+    def conv(prompt, answer):
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+
+    first = scorer.score([conv(p, a) for p, a in zip(PROMPTS, RUN, strict=True)])
+    twice = [conv(PROMPTS[2], "x " * 30), conv(PROMPTS[1], RUN[1]), conv(PROMPTS[0], RUN[0])]
+    second = scorer.score(twice + [conv(PROMPTS[1], RUN[1])])
+    assert second[1] == first[1] and second[3] == first[1] and second[2] == first[0]
+    assert len(scored) == 5  # 4 + the one new conversation: identical texts are scored once
+    outcomes = win_rate(second[1:3], [first[1], first[0]])
+    assert outcomes["ties"] == 2 and outcomes["win_rate"] == 0.5
+
+
 def test_held_out_pair_metrics_equal_the_dpo_implicit_reward_by_hand(evaluated):
     """reward = beta * (sum log p_policy - sum log p_ref) over response tokens, from plain
     full-softmax forwards of the policy and the untrained model on the held-out pairs."""

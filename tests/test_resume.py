@@ -237,3 +237,38 @@ def test_cli_continue_with_larger_max_steps_trains_the_rest(
         assert loss == pytest.approx(straight[step], rel=1e-5, abs=1e-6), step
     for key, value in straight_weights.items():
         torch.testing.assert_close(weights[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_cli_resume_mid_epoch_under_the_default_scheduler(tiny_model_dir, tmp_path):
+    """`treg fit` with the default WarmupCosineLR (its length from
+    `trainer.estimated_stepping_batches`) and a checkpoint every 2 steps; resumed from the
+    step-2 checkpoint, the run trains batches 3-6 of the epoch (not batches 1-4 again): the
+    per-step losses and final weights of the run that never stopped.
+
+    Estimating the stepping batches loads the train DataLoader before Lightning restores the
+    fit loop; the module drops that loader so the fit loop loads one with the checkpoint's
+    DataLoader state (epoch, batches consumed)."""
+    data = write_pairs(tmp_path / "pairs.jsonl", 12)  # 6 batches
+    args = (
+        "--model.scheduler=treg_lightning.training.schedulers.WarmupCosineLR",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_val_batches=0",
+        "--trainer.callbacks.every_n_train_steps=2",
+        "--trainer.callbacks.save_top_k=-1",
+    )
+    straight, straight_weights, last = _cli_fit(tiny_model_dir, data, tmp_path, "straight", *args)
+    assert sorted(straight) == list(range(1, 7))
+    assert len(set(straight.values())) == 6  # the loss moved every step
+    at_two = last.parent / "epoch=0-step=2.ckpt"
+    state = torch.load(at_two, weights_only=True)
+    assert state["global_step"] == 2
+    assert state["lr_schedulers"][0]["num_training_steps"] == 6
+    resumed, weights, _ = _cli_fit(
+        tiny_model_dir, data, tmp_path, "resumed", *args, f"--ckpt_path={at_two}"
+    )
+    assert sorted(resumed) == list(range(3, 7))
+    tolerance = {"rtol": 8 * torch.finfo(torch.float32).eps, "atol": 1e-6}
+    for step, loss in resumed.items():
+        torch.testing.assert_close(loss, straight[step], **tolerance, msg=f"step {step}")
+    for key, value in straight_weights.items():
+        torch.testing.assert_close(weights[key], value, **tolerance)

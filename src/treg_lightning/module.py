@@ -48,7 +48,7 @@ from treg_lightning.pairs import SIDES, PairScores, field
 from treg_lightning.rewards.source import TokenRewardSource
 from treg_lightning.training.checks import check_module_settings, check_pair_inputs
 from treg_lightning.training.hparams import portable_hparams
-from treg_lightning.training.schedulers import WarmupCosineLR
+from treg_lightning.training.schedulers import WarmupCosineLR, estimated_training_steps
 from treg_lightning.training.seeding import seed_step
 from treg_lightning.training.vocab import check_batch_fits, check_model_fits_data
 
@@ -431,7 +431,7 @@ class PreferenceModule(L.LightningModule):
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
         if isinstance(scheduler, WarmupCosineLR) and scheduler.num_training_steps is None:
-            scheduler.num_training_steps = int(self.trainer.estimated_stepping_batches)
+            scheduler.num_training_steps = estimated_training_steps(self.trainer)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},

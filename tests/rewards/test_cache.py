@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -215,3 +217,99 @@ def test_model_identity_handles_tensors_past_float32_counting():
     with torch.no_grad():
         module.weight[-1] = 1.0
     assert model_identity(module) != before
+
+
+def test_values_changed_in_place_are_refused(rw_model, rw_tokenizer, rw_rows, tmp_path):
+    """One stored reward overwritten in the Arrow file (same length, footer intact): the
+    checksum in meta.json no longer matches and the load is refused, naming the folder."""
+    ds = build(rw_rows, tmp_path, "d", CountingScore(rw_model, rw_tokenizer))
+    assert len(read_meta(tmp_path)["data_sha256"]) == 64
+    value = np.float32(ds["chosen_token_rewards"][1][2])
+    (arrow,) = (tmp_path / "data").glob("*.arrow")
+    data = arrow.read_bytes()
+    assert data.count(value.tobytes()) >= 1
+    arrow.write_bytes(data.replace(value.tobytes(), np.float32(value + 1).tobytes(), 1))
+    assert len(arrow.read_bytes()) == len(data)
+    with pytest.raises(CacheError) as info:
+        build(rw_rows, tmp_path, "d", CountingScore(rw_model, rw_tokenizer))
+    message = str(info.value)
+    assert f"Token-reward cache at {tmp_path} is damaged" in message
+    assert "do not match the checksum" in message and "Delete the folder" in message
+
+
+CONCURRENT_BUILD = """
+import json, os, sys, time
+import numpy as np
+from treg_lightning.rewards.cache import load_or_build
+cache, log, go = sys.argv[1], sys.argv[2], sys.argv[3]
+rows = [{"index": i, "prompt_ids": [1, i], "chosen_ids": [2, i, 3], "rejected_ids": [4] * (i + 1)}
+        for i in range(4)]
+def score(chunk):
+    with open(log, "a") as f:
+        f.write(f"{chunk[0]['index']}\\n")
+    while not os.path.exists(go):  # the test says when to go on
+        time.sleep(0.05)
+    return {f"{side}_token_rewards": [np.asarray(r[f"{side}_ids"], np.float32) / 7 for r in chunk]
+            for side in ("chosen", "rejected")}
+ds = load_or_build(rows, cache, "digest", score, chunk_pairs=1)
+print(json.dumps(ds.to_dict()))
+"""
+
+
+def test_two_processes_building_one_folder(tmp_path):
+    """A second process started while the first builds the same folder waits for it (folder
+    lock), scores nothing and loads the first's cache: it equals a single run's."""
+    import contextlib
+    import io
+    import runpy
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+    from unittest import mock
+
+    script = tmp_path / "build.py"
+    script.write_text(CONCURRENT_BUILD)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+
+    def start(name, go):
+        return subprocess.Popen(
+            [sys.executable, str(script), str(tmp_path / "cache"), str(tmp_path / "scored"),
+             str(go)],
+            env=env, stdout=open(tmp_path / f"{name}.out", "w"),
+            stderr=open(tmp_path / f"{name}.err", "w"),
+        )  # fmt: skip
+
+    def wait_for(condition, what):
+        deadline = time.monotonic() + 60
+        while not condition():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.05)
+
+    go = tmp_path / "go"
+    first = start("first", go)
+    second = None
+    try:
+        wait_for((tmp_path / "scored").exists, "the first never started scoring")
+        second = start("second", go)
+        waiting = "is being built or read by another process; waiting"
+        wait_for(
+            lambda: waiting in (tmp_path / "second.err").read_text(), "the second never waited"
+        )
+        go.touch()
+        for process in (first, second):
+            assert process.wait(timeout=120) == 0, (tmp_path / "second.err").read_text()
+    finally:
+        go.touch()  # a failed check leaves no process waiting
+        for process in (first, second):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait()
+    assert sorted((tmp_path / "scored").read_text().split()) == ["0", "1", "2", "3"]  # once each
+    (tmp_path / "scored").rename(tmp_path / "scored-before")
+    argv = [str(script), str(tmp_path / "single"), str(tmp_path / "s"), str(go)]
+    with mock.patch.object(sys, "argv", argv), contextlib.redirect_stdout(io.StringIO()) as out:
+        runpy.run_path(str(script), run_name="__main__")  # a single run, in this process
+    single = out.getvalue()
+    first_out, second_out = ((tmp_path / f"{n}.out").read_text() for n in ("first", "second"))
+    assert json.loads(first_out) == json.loads(second_out) == json.loads(single)

@@ -4,7 +4,10 @@ Any ``AutoModelForSequenceClassification`` with one output (the reward models th
 were labelled with, Skywork-Reward, ...) scores a conversation ``prompt + answer`` rendered with
 the reward model's own chat template. Conversations are scored in left-padded batches with
 position ids from the attention mask, and read at their last token, so a batched score equals
-the score of the conversation alone.
+the score of the conversation alone up to float rounding. Identical conversations (the same
+token ids) are scored once per scorer, in whichever call meets them first: the same answer
+always gets the same reward, so it ties exactly with itself in a win rate whatever batches
+its copies fall in.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ class RewardModelScorer:
         self.max_length = max_length or positions
         self.batch_size = batch_size
         self.truncated = 0
+        self._scores: dict[tuple[int, ...], float] = {}
 
     def conversation_ids(self, messages: Sequence[dict]) -> list[int]:
         """Token ids of a conversation in the reward model's chat template (one BOS)."""
@@ -83,15 +87,18 @@ class RewardModelScorer:
 
     @torch.no_grad()
     def score(self, conversations: Sequence[Sequence[dict]]) -> list[float]:
-        """One reward per conversation (prompt messages + the assistant's answer)."""
-        all_ids = [self.conversation_ids(c) for c in conversations]
-        order = sorted(range(len(all_ids)), key=lambda i: len(all_ids[i]))  # less padding
-        scores: dict[int, float] = {}
-        for start in range(0, len(order), self.batch_size):
-            chosen = order[start : start + self.batch_size]
-            values = self._score_batch([all_ids[i] for i in chosen])
-            scores.update(zip(chosen, values, strict=True))
-        return [scores[i] for i in range(len(all_ids))]
+        """One reward per conversation (prompt messages + the assistant's answer).
+
+        Conversations already scored by this scorer (same token ids) reuse their reward.
+        """
+        all_ids = [tuple(self.conversation_ids(c)) for c in conversations]
+        new = {ids for ids in all_ids if ids not in self._scores}
+        new = sorted(new, key=lambda ids: (len(ids), ids))  # by length: less padding
+        for start in range(0, len(new), self.batch_size):
+            chosen = new[start : start + self.batch_size]
+            values = self._score_batch([list(ids) for ids in chosen])
+            self._scores.update(zip(chosen, values, strict=True))
+        return [self._scores[ids] for ids in all_ids]
 
     def _score_batch(self, batch: list[list[int]]) -> list[float]:
         # The pad id must occur in no sequence: sequence-classification heads read the last

@@ -13,7 +13,7 @@ class WarmupCosineLR(torch.optim.lr_scheduler.LRScheduler):
     """Linear warmup from 0, then cosine decay to ``min_lr_ratio * lr`` (SimPO's schedule).
 
     Stepped once per optimizer step. ``num_training_steps`` is filled in by
-    :class:`PreferenceModule` from ``trainer.estimated_stepping_batches`` when left as None.
+    :class:`PreferenceModule` from :func:`estimated_training_steps` when left as None.
 
     Args:
         optimizer: the optimizer whose learning rates are scheduled.
@@ -50,6 +50,27 @@ class WarmupCosineLR(torch.optim.lr_scheduler.LRScheduler):
     def get_lr(self) -> list[float]:
         factor = self.lr_factor(self.last_epoch)
         return [base_lr * factor for base_lr in self.base_lrs]
+
+
+def estimated_training_steps(trainer) -> int:
+    """``trainer.estimated_stepping_batches``, leaving the fit loop's data as it was.
+
+    Lightning loads the train DataLoader for the estimate when it has none yet, which happens in
+    ``configure_optimizers``: before a resumed fit restores its loops. The fit loop then keeps
+    that loader and never gives it the checkpoint's DataLoader state (the resumable sampler's
+    epoch and batches consumed), so a run resumed mid-epoch would train the epoch's first
+    batches again. A loader loaded here is dropped: the fit loop loads its own when it starts,
+    after the restore, and hands it the checkpoint's state.
+    """
+    loaded_here = trainer.train_dataloader is None
+    steps = trainer.estimated_stepping_batches
+    if loaded_here:
+        fit_loop = trainer.fit_loop
+        if fit_loop._data_fetcher is not None:  # its iterator (and workers) on that loader
+            fit_loop._data_fetcher.teardown()
+            fit_loop._data_fetcher = None
+        fit_loop._combined_loader = None
+    return int(steps)
 
 
 def cosine_with_warmup(

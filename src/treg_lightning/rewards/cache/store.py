@@ -3,7 +3,10 @@ refusal with the reason when it does not, atomic saving. See docs/cache-format.m
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -16,12 +19,42 @@ import datasets
 from treg_lightning.errors import UserError
 from treg_lightning.outputs import disk_full_hint
 from treg_lightning.pairs import ID_FIELDS
+from treg_lightning.rewards.cache.checksum import table_checksum
 from treg_lightning.rewards.cache.chunks import Columns, build_in_chunks, distributed
 from treg_lightning.rewards.cache.fingerprint import FORMAT, FORMAT_VERSION, Fingerprint
+
+log = logging.getLogger(__name__)
 
 
 class CacheError(UserError, RuntimeError):
     """A token-reward cache exists but cannot be used (the message says why and what to do)."""
+
+
+@contextlib.contextmanager
+def build_lock(cache_dir: Path, hold: bool = True):
+    """An exclusive ``flock`` on the folder ``cache_dir`` (created if missing) while the block
+    runs: a second process building or loading the same cache waits until the first is done,
+    then finds the finished cache. The lock is on the folder itself, so no file is added to it;
+    the kernel releases it when the process ends, however it ends. ``hold=False``: no lock
+    (the other ranks of one job, which rank 0 holds it for)."""
+    if not hold:
+        yield
+        return
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(cache_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning(
+                "token-reward cache %s is being built or read by another process; waiting for "
+                "it to finish",
+                cache_dir,
+            )
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def read_meta(cache_dir: str | Path) -> dict[str, Any]:
@@ -76,6 +109,17 @@ def load_or_build(
     """
     fp = fingerprint if isinstance(fingerprint, Fingerprint) else Fingerprint(str(fingerprint))
     cache_dir = Path(cache_dir)
+    rank, _, barrier = distributed()
+    with build_lock(cache_dir, hold=rank == 0):
+        barrier()  # rank 0 holds the folder's lock before any rank looks at the folder
+        return _load_or_build_locked(
+            rows, cache_dir, fp, score_chunk, chunk_pairs, check_rows, on_start, on_chunk_done
+        )
+
+
+def _load_or_build_locked(
+    rows, cache_dir, fp, score_chunk, chunk_pairs, check_rows, on_start, on_chunk_done
+) -> datasets.Dataset:
     rank, _, barrier = distributed()
     if not (cache_dir / "meta.json").exists():
         work_dir = cache_dir / "work"
@@ -162,6 +206,7 @@ def _save(dataset: datasets.Dataset | None, cache_dir: Path, fp: Fingerprint) ->
         **_fp_record(fp),
         "num_rows": len(dataset),
         "columns": dataset.column_names,
+        "data_sha256": table_checksum(dataset.data.table),
     }
     _write_json(cache_dir / "meta.json", meta)
     shutil.rmtree(cache_dir / "work", ignore_errors=True)
@@ -190,6 +235,14 @@ def _load_checked(rows, cache_dir: Path, fp: Fingerprint, check_rows: int | None
             f"{meta.get('num_rows')} and the data has {len(rows)} pairs: delete it and rerun."
         )
     _check_ids(rows, dataset, cache_dir, check_rows)
+    stored = meta.get("data_sha256")  # absent in caches written before checksums
+    if stored is not None and table_checksum(dataset.data.table) != stored:
+        raise CacheError(
+            f"Token-reward cache at {cache_dir} is damaged: the values in {cache_dir / 'data'} "
+            "do not match the checksum its meta.json recorded when it was built (the files "
+            "were changed or corrupted after the build). Delete the folder and rerun the "
+            "annotation."
+        )
     return dataset
 
 
