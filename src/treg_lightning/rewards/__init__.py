@@ -1,5 +1,6 @@
 """Token rewards: the reward-source protocol, contrastive self-generated rewards (templates,
-scoring, the fingerprinted cache) and a heat-map view (docs/method.md, section 1)."""
+scoring, the fingerprinted cache), span rewards read from the data and a heat-map view
+(docs/method.md, section 1)."""
 
 from treg_lightning.rewards.annotate import ContrastiveScorer, check_same_vocab, token_rewards
 from treg_lightning.rewards.cache import (
@@ -19,6 +20,7 @@ from treg_lightning.rewards.prompts import (
 )
 from treg_lightning.rewards.render import render_heatmap
 from treg_lightning.rewards.source import AnnotationContext, TokenRewardSource
+from treg_lightning.rewards.spans import SpanAnnotationError, SpanRewards
 
 __all__ = [
     "PRESETS",
@@ -28,6 +30,8 @@ __all__ = [
     "ContrastiveScorer",
     "ContrastiveTemplate",
     "Fingerprint",
+    "SpanAnnotationError",
+    "SpanRewards",
     "TokenRewardSource",
     "check_same_vocab",
     "compute_fingerprint",
