@@ -1,6 +1,6 @@
 """Token rewards: the reward-source protocol, contrastive self-generated rewards (templates,
-scoring, the fingerprinted cache), span rewards read from the data and a heat-map view
-(docs/method.md, section 1)."""
+scoring, the fingerprinted cache), span rewards read from the data, rewards from the contrast of
+two models, and a heat-map view (docs/method.md, section 1)."""
 
 from treg_lightning.rewards.annotate import ContrastiveScorer, check_same_vocab, token_rewards
 from treg_lightning.rewards.cache import (
@@ -11,6 +11,7 @@ from treg_lightning.rewards.cache import (
     read_meta,
 )
 from treg_lightning.rewards.contrastive import ContrastiveRewards
+from treg_lightning.rewards.model_contrast import ModelContrastRewards
 from treg_lightning.rewards.prompts import (
     PRESETS,
     ContrastiveTemplate,
@@ -30,6 +31,7 @@ __all__ = [
     "ContrastiveScorer",
     "ContrastiveTemplate",
     "Fingerprint",
+    "ModelContrastRewards",
     "SpanAnnotationError",
     "SpanRewards",
     "TokenRewardSource",
