@@ -190,14 +190,22 @@ class SpanRewards(TokenRewardSource):
 
     def response_values(self, row: Mapping[str, Any], side: str, tokenizer) -> np.ndarray:
         """Per-token values of one response (one per id in ``row[f"{side}_ids"]``)."""
+        return self._mapped(row, side, tokenizer, self.default, scaled=True)
+
+    def response_marks(self, row: Mapping[str, Any], side: str, tokenizer) -> np.ndarray:
+        """The span values of one response's tokens as annotated (not rescaled, no range
+        check), NaN where no span covers a token: the ground truth of ``treg audit``."""
+        return self._mapped(row, side, tokenizer, np.nan, scaled=False)
+
+    def _mapped(self, row, side: str, tokenizer, default: float, scaled: bool) -> np.ndarray:
         ids = list(row[field(side, "ids")])
-        out = np.full(len(ids), self.default, np.float32)
+        out = np.full(len(ids), default, np.float32)
         spans = row.get(field(side, "spans"))
         if not spans:
             return out
         where = _Where(row, side)
         text = row[side]
-        spans = self._checked_spans(spans, text, where)
+        spans = self._checked_spans(spans, text, where, scaled)
         offsets = response_offsets(tokenizer, text, ids, where)
         starts = np.array([s[0] for s in spans])
         ends = np.array([s[1] for s in spans])
@@ -211,7 +219,9 @@ class SpanRewards(TokenRewardSource):
                 out[j] = values[best]
         return out
 
-    def _checked_spans(self, spans, text: str, where: _Where) -> list[tuple[int, int, float]]:
+    def _checked_spans(
+        self, spans, text: str, where: _Where, scaled: bool = True
+    ) -> list[tuple[int, int, float]]:
         if not isinstance(spans, list):
             raise where.error(f"expected a list of {{start, end, reward}}, got {spans!r}")
         checked = []
@@ -234,7 +244,7 @@ class SpanRewards(TokenRewardSource):
                     "count the response with its surrounding whitespace stripped)",
                     k,
                 )
-            checked.append((start, end, self._scaled(value, where, k)))
+            checked.append((start, end, self._scaled(value, where, k, scaled)))
         order = sorted(range(len(checked)), key=lambda k: checked[k][:2])
         for before, after in zip(order, order[1:]):
             (s0, e0, v0), (s1, e1, v1) = checked[before], checked[after]
@@ -246,9 +256,11 @@ class SpanRewards(TokenRewardSource):
                 )
         return checked
 
-    def _scaled(self, value, where: _Where, k: int) -> float:
+    def _scaled(self, value, where: _Where, k: int, scaled: bool = True) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise where.error(f"reward must be a number, got {value!r}", k)
+        if not scaled:
+            return float(value)
         lo, hi = self.value_range if self.value_range is not None else (-0.5, 0.5)
         if not lo <= value <= hi:  # also refuses NaN
             declared = "the declared value_range" if self.value_range else "the (-0.5, 0.5) scale"
