@@ -124,6 +124,8 @@ def test_treg_audit_end_to_end(tmp_path, tiny_model_dir, capsys):
          "rejected_spans": [{"start": 0, "end": 2, "reward": -1.0}]}
         for i in range(5)
     ]  # fmt: skip
+    rows[0]["chosen_spans"] = [{"start": 0, "end": 1, "reward": -1.0}]
+    rows[0].pop("rejected_spans")  # pair 0: the rewards prefer the rejected response
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     args = tiny_fit_args(
         tiny_model_dir, data, tmp_path / "run", alpha=0.1,
@@ -144,9 +146,10 @@ def test_treg_audit_end_to_end(tmp_path, tiny_model_dir, capsys):
     # SpanRewards audited against its own spans: marked tokens -0.5, unmarked 0
     assert result["metrics"]["auroc_negative"]["value"] == 1.0
     assert result["metrics"]["precision_at_k"]["value"] == 1.0
-    assert result["metrics"]["pair_agreement"]["value"] == 1.0  # chosen 0 > rejected < 0
+    assert result["metrics"]["pair_agreement"]["value"] == 0.8  # chosen 0 > rejected < 0
+    assert result["disagreeing"] == [0]
     assert "AUROC of -r_hat" in (out / "audit.md").read_text()
-    assert (out / "audit_histogram.png").is_file()
+    assert (out / "audit_histogram.png").is_file() and (out / "audit_disagreeing.png").is_file()
     assert not list((tmp_path / "run").rglob("*.ckpt"))
     before = (out / "audit.json").read_text()
     with mock.patch.object(sys, "argv", ["treg"]), pytest.raises(SystemExit) as info:

@@ -212,7 +212,7 @@ def audit_rows(
     rng = np.random.default_rng(seed)
     for _ in range(bootstrap):
         picks = rng.integers(0, len(rows), len(rows))
-        resampled = pairs.metrics(picks, top_k, near_zero_below)
+        resampled = pairs.metrics(picks, k, near_zero_below)  # k=None: R-precision each time
         for name in samples:
             samples[name].append(resampled.get(name, math.nan))
     metrics = {}
@@ -285,7 +285,7 @@ LABELS = {
     "precision_at_k": "precision at the k most negative tokens",
     "negative_share": "share of negatively marked tokens (precision of a random ranking)",
     "pair_agreement": "pairs whose mean r_hat prefers the chosen response",
-    "near_zero": "share of tokens with |r_hat| below the near-zero threshold",
+    "near_zero": "share of tokens with abs(r_hat) below the near-zero threshold",
     "spearman": "Spearman rank correlation with the second source, per token",
 }
 
