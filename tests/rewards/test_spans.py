@@ -140,6 +140,25 @@ def test_changed_response_ids_are_refused():
         SpanRewards().response_values(row, "chosen", tok)
 
 
+def test_values_per_piece_of_text():
+    tok = sentencepiece_tokenizer()
+    pieces = [
+        {"text": " Hello", "reward": 0.5},  # a leading space the response lost when stripped
+        {"text": " world,", "reward": -0.25},
+        {"text": " it is  nice.", "reward": None},  # unannotated
+    ]
+    row = {**row_of(tok, TEXT, None), "chosen_pieces": pieces}
+    got = SpanRewards().response_values(row, "chosen", tok).tolist()
+    # ▁Hello ▁wor ld , ▁it ▁is ▁ ▁nice . <end_of_turn>
+    assert got == [0.5, -0.25, -0.25, -0.25, 0, 0, 0, 0, 0, 0]
+    row["chosen_pieces"] = [{"text": "Hello word, it is  nice.", "reward": 0.1}]
+    with pytest.raises(SpanAnnotationError, match="chosen_pieces.*first difference at character 9"):
+        SpanRewards().response_values(row, "chosen", tok)
+    row["chosen_spans"] = [span(0, 1, 0.1)]
+    with pytest.raises(SpanAnnotationError, match="either spans or chosen_pieces"):
+        SpanRewards().response_values(row, "chosen", tok)
+
+
 def test_config_errors():
     with pytest.raises(ConfigError, match="default must be in"):
         SpanRewards(default=0.7)

@@ -25,7 +25,7 @@ to text by another tool (a pandas CSV's Python repr, or JSON text) is read back 
 is refused (see textlists.py). An empty prompt (empty text, empty list, a user turn with no text)
 is refused, never trained.
 
-Token-reward annotations of a row (``chosen_spans`` / ``rejected_spans``, see
+Token-reward annotations of a row (``{chosen,rejected}_spans`` / ``_pieces``, see
 :mod:`treg_lightning.rewards.spans`) are kept as they are, for the reward source to read; every
 other extra column is dropped.
 
@@ -47,7 +47,7 @@ ROLES = ("system", "user", "assistant")
 REQUIRED_COLUMNS = ("chosen", "rejected")
 MESSAGE_COLUMNS = ("prompt", "chosen", "rejected")
 # Columns kept beside the normalized fields, for token-reward sources (rewards/spans.py).
-ANNOTATION_COLUMNS = ("chosen_spans", "rejected_spans")
+ANNOTATION_COLUMNS = ("chosen_spans", "rejected_spans", "chosen_pieces", "rejected_pieces")
 # Column names other data sets give the prompt, reported as "rename 'question' to 'prompt'".
 PROMPT_ALIASES = (
     "question", "instruction", "query", "input", "context", "prompts", "questions",

@@ -267,7 +267,7 @@ def audit_split(
     truth = SpanRewards()
     for row, out in zip(rows, served, strict=True):
         for side in SIDES:
-            if row.get(field(side, "spans")):
+            if row.get(field(side, "spans")) or row.get(field(side, "pieces")):
                 marks = truth.response_marks(row, side, datamodule.tokenizer)
                 out[field(side, "marks")] = marks.tolist()
     other = None

@@ -33,6 +33,14 @@ token ids cannot be rebuilt from its text) raise :class:`SpanAnnotationError` na
 field, or with ``skip_bad_annotations`` are counted and dropped (that response's tokens get
 ``default``) with a warning. The values are cached like every source's, fingerprinted with the
 annotations.
+
+Values computed per word, or per token of another tokenizer, come as ``{side}_pieces``: the
+pieces with their text, which must spell the response (surrounding whitespace aside)::
+
+    "rejected_pieces": [{"text": "Sure.", "reward": 0.0}, {"text": " Here", "reward": -0.4}, ...]
+
+Each piece becomes a span over its characters (a piece with ``"reward": null`` stays
+unannotated), then the rules above apply.
 """
 
 from __future__ import annotations
@@ -200,11 +208,17 @@ class SpanRewards(TokenRewardSource):
     def _mapped(self, row, side: str, tokenizer, default: float, scaled: bool) -> np.ndarray:
         ids = list(row[field(side, "ids")])
         out = np.full(len(ids), default, np.float32)
-        spans = row.get(field(side, "spans"))
-        if not spans:
-            return out
         where = _Where(row, side)
         text = row[side]
+        spans = row.get(field(side, "spans"))
+        pieces = row.get(field(side, "pieces"))
+        if spans and pieces:
+            raise where.error(f"give either spans or {field(side, 'pieces')}, not both")
+        if pieces:
+            where.field = field(side, "pieces")
+            spans = pieces_to_spans(pieces, text, where)
+        if not spans:
+            return out
         spans = self._checked_spans(spans, text, where, scaled)
         offsets = response_offsets(tokenizer, text, ids, where)
         starts = np.array([s[0] for s in spans])
@@ -313,10 +327,40 @@ def response_offsets(tokenizer, text: str, ids: Sequence[int], where: _Where | N
     return offsets[: len(ids)]
 
 
+def pieces_to_spans(pieces, text: str, where: _Where) -> list[dict[str, Any]]:
+    """Spans of values given per piece of text (``[{"text": "Hello", "reward": 0.1}, {"text":
+    " world", "reward": -0.3}, ...]``, one per word or per token of another tokenizer): the
+    pieces must spell the response (surrounding whitespace aside); a piece whose reward is null
+    is left unannotated."""
+    if not isinstance(pieces, list) or not all(
+        isinstance(p, Mapping) and isinstance(p.get("text"), str) and "reward" in p for p in pieces
+    ):
+        raise where.error('expected a list of {"text": str, "reward": number or null}')
+    joined = "".join(p["text"] for p in pieces)
+    lead = len(joined) - len(joined.lstrip())
+    if joined.strip() != text:
+        at = next(
+            (i for i, (a, b) in enumerate(zip(joined.strip(), text)) if a != b),
+            min(len(joined.strip()), len(text)),
+        )
+        raise where.error(
+            f"the pieces spell another text than the response (first difference at character "
+            f"{at}: {joined.strip()[at : at + 20]!r} vs {text[at : at + 20]!r}); the values were "
+            "computed on another version of the text"
+        )
+    spans, position = [], -lead
+    for piece in pieces:
+        start, end = max(position, 0), min(position + len(piece["text"]), len(text))
+        if piece["reward"] is not None and end > start:
+            spans.append({"start": start, "end": end, "reward": piece["reward"]})
+        position += len(piece["text"])
+    return spans
+
+
 def annotations_digest(rows: Sequence[Mapping[str, Any]]) -> str:
     """sha256 of every row's span annotations (part of the cache fingerprint)."""
     h = hashlib.sha256()
     for row in rows:
-        spans = [row.get(field(side, "spans")) for side in SIDES]
+        spans = [row.get(field(side, name)) for side in SIDES for name in ("spans", "pieces")]
         h.update(json.dumps(spans, sort_keys=True, default=str).encode())
     return h.hexdigest()
