@@ -2,7 +2,7 @@
 :class:`PreferenceDataModule`.
 
 Subcommands: Lightning's ``fit``, ``validate`` and ``test``, plus ``annotate``, ``export``,
-``predict`` and ``evaluate``, each a method of
+``predict``, ``evaluate`` and ``audit``, each a method of
 :class:`~treg_lightning.training.trainer.TRegTrainer` (LightningCLI builds their parsers from the
 signatures); ``plan`` is a plain function with its own parser (:mod:`treg_lightning.cli.plan`),
 building no trainer, model or data. This module
@@ -77,6 +77,7 @@ class TRegCLI(LightningCLI):
             "export": {"model", "datamodule"},
             "predict": {"model", "dataloaders", "datamodule", "return_predictions", "weights_only"},
             "evaluate": {"model", "datamodule"},
+            "audit": {"model", "datamodule"},
         }
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
