@@ -26,7 +26,7 @@ import torch
 from jsonargparse import lazy_instance
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
-from treg_lightning import startup
+from treg_lightning import ckpt_conflicts, startup
 from treg_lightning.checkpoints import check_checkpoint_file, check_checkpoint_fits, is_file_path
 from treg_lightning.cli_help import (
     did_you_mean,
@@ -136,6 +136,7 @@ class TRegCLI(LightningCLI):
             sys.argv[1:] = [_plan_option(arg) for arg in sys.argv[1:]]
         elif isinstance(args, (list, tuple)) and args[:1] == ["plan"]:
             args = [_plan_option(arg) for arg in args]
+        self._given_args = sys.argv[1:] if args is None else args  # for --ckpt_path conflicts
         super().parse_arguments(parser, args)
 
     def instantiate_classes(self) -> None:
@@ -270,6 +271,10 @@ class TRegCLI(LightningCLI):
         hparams.pop("_instantiator", None)
         if not hparams:
             return
+        given, args = {}, getattr(self, "_given_args", None)
+        if isinstance(args, (list, tuple)):  # the flags and --config files, without defaults
+            given = ckpt_conflicts.given_model_settings(self.parser, args, subcommand)
+            hparams = ckpt_conflicts.keep_given_locations(hparams, given, str(source))
         if "_class_path" in hparams:  # a module saved outside the CLI
             hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
         try:
@@ -277,6 +282,7 @@ class TRegCLI(LightningCLI):
         except SystemExit:
             sys.stderr.write(f"Parsing the hyperparameters of {source} failed!\n")
             raise
+        ckpt_conflicts.check_no_conflicts(given, self.config[subcommand]["model"], ckpt_path)
 
 
 def _plan_option(arg: str) -> str:
