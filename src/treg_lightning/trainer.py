@@ -102,6 +102,7 @@ class TRegTrainer(Trainer):
                 ``PeftModel.from_pretrained(base, output_dir)`` loads it).
         """
         from treg_lightning.export import export_checkpoint, staged_folder
+        from treg_lightning.model_card import write_card
 
         if ckpt_path is None:
             raise ConfigError("export needs --ckpt_path (a .ckpt file or a checkpoint folder).")
@@ -109,6 +110,7 @@ class TRegTrainer(Trainer):
         # leaves an earlier export intact.
         with staged_folder(output_dir) as staging:
             export_checkpoint(model, ckpt_path, staging, adapter_only)
+            write_card(staging, model, datamodule, ckpt_path, adapter_only)
         folder = Path(output_dir).expanduser()
         what = "LoRA adapter" if adapter_only else "policy"
         print(f"{what} written to {folder.resolve()}", flush=True)
