@@ -76,6 +76,8 @@ def test_two_runs_sharing_a_root_keep_both_outputs(tiny_model_dir, tmp_path, cap
         assert printed["token-reward heat map"] == str(folder / "token_rewards.html")
         assert printed["logs (metrics, config)"] == str(folder)
         assert (folder / "policy" / "model.safetensors").is_file()
+        card = (folder / "policy" / "README.md").read_text()  # the model card, with metrics
+        assert card.startswith("---\nlibrary_name: transformers\n") and "| train/loss" in card
         assert (folder / "token_rewards.html").is_file() and (folder / "metrics.csv").is_file()
     from safetensors.torch import load_file
 

@@ -25,13 +25,13 @@ from pathlib import Path
 
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
-from treg_lightning.cli import startup
 from treg_lightning.cli.exits import (
     RunInterrupted,
     debug_requested,
     exit_statuses,
     interrupted_message,
 )
+from treg_lightning.cli.main import ckpt_conflicts, startup
 from treg_lightning.cli.noise import known_noise_hidden
 from treg_lightning.cli.parser import TRegArgumentParser, add_treg_arguments
 from treg_lightning.cli.plan import plan_main
@@ -82,6 +82,10 @@ class TRegCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         add_treg_arguments(parser)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        self._given_args = sys.argv[1:] if args is None else args  # for --ckpt_path conflicts
+        super().parse_arguments(parser, args)
 
     def _instantiate_trainer(self, config, callbacks):
         trainer = super()._instantiate_trainer(config, [c for c in callbacks if c is not None])
@@ -187,6 +191,10 @@ class TRegCLI(LightningCLI):
         hparams = read_hparams(source)  # checks the file first; mmap: the weights are not read
         if not hparams:
             return
+        given, args = {}, getattr(self, "_given_args", None)
+        if isinstance(args, (list, tuple)):  # the flags and --config files, without defaults
+            given = ckpt_conflicts.given_model_settings(self.parser, args, subcommand)
+            hparams = ckpt_conflicts.keep_given_locations(hparams, given, str(source))
         if "_class_path" in hparams:  # a module saved outside the CLI
             hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
         try:
@@ -194,6 +202,7 @@ class TRegCLI(LightningCLI):
         except SystemExit:
             sys.stderr.write(f"Parsing the hyperparameters of {source} failed!\n")
             raise
+        ckpt_conflicts.check_no_conflicts(given, self.config[subcommand]["model"], ckpt_path)
 
 
 def cli_main(args: ArgsType = None) -> None:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from torch import nn
@@ -29,14 +34,42 @@ def save_merged(
     return save_pretrained(merged, output_dir, tokenizer)
 
 
-def remove_stale_weights(output_dir: str | Path) -> list[Path]:
-    """Delete the weight files (``*.safetensors`` and their index) of an earlier export in
-    ``output_dir``, so an overwriting export never leaves another model's shards beside its own
-    (a 3-shard export over a 4-shard one would load shard 4 of the old model)."""
-    folder = Path(output_dir)
-    if not folder.is_dir():
-        return []
-    stale = sorted([*folder.glob("*.safetensors"), *folder.glob("*.safetensors.index.json")])
-    for path in stale:
-        path.unlink()
-    return stale
+def _is_weight_file(path: Path) -> bool:
+    return path.name.endswith((".safetensors", ".safetensors.index.json"))
+
+
+@contextlib.contextmanager
+def staged_folder(output_dir: str | Path) -> Iterator[Path]:
+    """A temporary sibling folder to write an export into, swapped in for ``output_dir`` at the
+    end: a failed or interrupted export leaves ``output_dir`` as it was (an earlier export's
+    weights included) and removes the temporary folder.
+
+    On success, the entries of an earlier ``output_dir`` that the new export did not write are
+    copied over first, except weight files (``*.safetensors`` and their index: another model's
+    shards must not sit beside the new ones); then the folders are swapped by renames.
+    """
+    output_dir = Path(output_dir).expanduser()
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
+    try:
+        yield staging
+        if output_dir.is_dir():
+            for entry in output_dir.iterdir():
+                target = staging / entry.name
+                if target.exists() or target.is_symlink() or _is_weight_file(entry):
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.copytree(entry, target, symlinks=True)
+                else:
+                    shutil.copy2(entry, target, follow_symlinks=False)
+            replaced = Path(
+                tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent)
+            )
+            os.replace(output_dir, replaced / output_dir.name)
+            os.replace(staging, output_dir)
+            shutil.rmtree(replaced, ignore_errors=True)
+        else:
+            os.replace(staging, output_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)

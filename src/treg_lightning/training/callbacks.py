@@ -84,6 +84,15 @@ class ExportOnFitEnd(Callback):
                 pl_module, paths["export_dir"], tokenizer, self.adapter_only
             )
             if folder is not None:
+                from treg_lightning.models.model_card import (
+                    model_card,
+                    plain_metrics,
+                    write_model_card,
+                )
+
+                source = getattr(trainer.datamodule, "source", None)
+                metrics = plain_metrics(trainer.callback_metrics)
+                write_model_card(folder, model_card(pl_module, source, metrics, self.adapter_only))
                 what = "LoRA adapter (peft folder)" if self.adapter_only else "Hugging Face folder"
                 self.written[f"policy ({what})"] = folder
         if trainer.is_global_zero and paths["heatmap_path"] is not None:

@@ -98,18 +98,24 @@ class TRegTrainer(Trainer):
             output_dir: the folder written; ``from_pretrained(output_dir)`` loads it. A folder
                 that already holds files is refused unless ``overwrite`` is set.
             overwrite: write into a non-empty ``output_dir``, replacing its files (weight
-                files of an earlier export are removed first, so two models never mix).
+                files of an earlier export are removed, so two models never mix). The export
+                is written into a temporary sibling folder and swapped in at the end, so a
+                failed export leaves the earlier one intact.
             adapter_only: write the LoRA adapter alone (``adapter_config.json`` + safetensors;
                 ``PeftModel.from_pretrained(base, output_dir)`` loads it).
         """
         from treg_lightning.models.export import export_checkpoint
-        from treg_lightning.models.save import remove_stale_weights
+        from treg_lightning.models.loading.model_card import write_card
+        from treg_lightning.models.save import staged_folder
 
         if ckpt_path is None:
             raise ConfigError("export needs --ckpt_path (a .ckpt file or a checkpoint folder).")
-        if overwrite:
-            remove_stale_weights(output_dir)
-        folder = export_checkpoint(model, ckpt_path, output_dir, adapter_only)
+        # Written beside output_dir and swapped in at the end: a failed export (or --overwrite)
+        # leaves an earlier export intact.
+        with staged_folder(output_dir) as staging:
+            export_checkpoint(model, ckpt_path, staging, adapter_only)
+            write_card(staging, model, datamodule, ckpt_path, adapter_only)
+        folder = Path(output_dir).expanduser()
         what = "LoRA adapter" if adapter_only else "policy"
         print(f"{what} written to {folder.resolve()}", flush=True)
         return folder
