@@ -31,7 +31,7 @@ from treg_lightning.cli.exits import (
     exit_statuses,
     interrupted_message,
 )
-from treg_lightning.cli.main import ckpt_conflicts, startup
+from treg_lightning.cli import ckpt_conflicts, startup
 from treg_lightning.cli.noise import known_noise_hidden
 from treg_lightning.cli.parser import TRegArgumentParser, add_treg_arguments
 from treg_lightning.cli.plan import plan_main
