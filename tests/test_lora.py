@@ -15,6 +15,7 @@ from builders import tiny_gemma2, tiny_llama  # noqa: E402
 from treg_lightning.forward.logprobs import causal_lm_token_logps  # noqa: E402
 from treg_lightning.models import lora  # noqa: E402
 from treg_lightning.models.save import save_merged  # noqa: E402
+from treg_lightning.models.unwrap import base_causal_lm, decoder_and_head  # noqa: E402
 
 VOCAB = 61
 
@@ -48,7 +49,7 @@ def logps_of(model, inputs, mask, softcap=None):
 
 
 def softcap_of(model):
-    return getattr(lora.base_causal_lm(model).config, "final_logit_softcapping", None)
+    return getattr(base_causal_lm(model).config, "final_logit_softcapping", None)
 
 
 def train_one_step(model, lr: float = 0.05) -> None:
@@ -103,7 +104,7 @@ def test_chunked_logps_through_peft_equal_full_logits(arch):
     # path uses finds the whole LM, not its decoder: decoder_and_head goes through the base.
     lm = policy.get_base_model()
     assert getattr(policy, lm.base_model_prefix) is lm
-    decoder, head = lora.decoder_and_head(policy)
+    decoder, head = decoder_and_head(policy)
     assert decoder is getattr(lm, lm.base_model_prefix) and head is lm.lm_head
 
     inputs, mask = batch()

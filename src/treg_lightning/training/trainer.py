@@ -105,7 +105,7 @@ class TRegTrainer(Trainer):
                 ``PeftModel.from_pretrained(base, output_dir)`` loads it).
         """
         from treg_lightning.models.export import export_checkpoint
-        from treg_lightning.models.loading.model_card import write_card
+        from treg_lightning.models.model_card import write_card
         from treg_lightning.models.save import staged_folder
 
         if ckpt_path is None:
