@@ -25,13 +25,13 @@ from pathlib import Path
 
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
+from treg_lightning.cli import ckpt_conflicts, startup
 from treg_lightning.cli.exits import (
     RunInterrupted,
     debug_requested,
     exit_statuses,
     interrupted_message,
 )
-from treg_lightning.cli import ckpt_conflicts, startup
 from treg_lightning.cli.noise import known_noise_hidden
 from treg_lightning.cli.parser import TRegArgumentParser, add_treg_arguments
 from treg_lightning.cli.plan import plan_main
