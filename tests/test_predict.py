@@ -381,3 +381,50 @@ def test_two_ddp_processes_merge_in_prompt_order(setup, tiny_model_dir, tmp_path
     assert process.returncode == 0, log[-3000:]
     assert (tmp_path / "ddp.jsonl").read_bytes() == single.read_bytes()
     assert len(read(single)) == 3
+
+
+def _treg_status(args: list[str], capsys) -> tuple[int, str]:
+    """`treg ARGS` in-process through the console entry point: (exit status, stderr)."""
+    from treg_lightning.cli import cli_main as treg_main
+
+    with mock.patch.object(sys, "argv", ["treg"]), pytest.raises(SystemExit) as info:
+        treg_main(args)
+    return info.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("limit", [0, -1])
+def test_predict_limit_below_one_is_refused_at_start_up(setup, tiny_model_dir, limit, capsys):
+    from builders import no_model_load
+
+    out = setup["root"] / f"limit{limit}.jsonl"
+    with no_model_load("treg_lightning.prompt_sets.load_prompt_set"):
+        status, err = _treg_status(
+            ["predict", *base_args(tiny_model_dir, setup["data"], out), f"--limit={limit}"], capsys
+        )
+    assert status == 2
+    assert f"error: --limit {limit}: answer at least one prompt (--limit N with N >= 1)" in err
+    assert "Traceback" not in err and not out.exists()
+
+
+def test_vllm_backend_without_vllm_is_refused_at_start_up(setup, tiny_model_dir, capsys):
+    from builders import no_model_load
+
+    out = setup["root"] / "vllm.jsonl"
+    args = [*base_args(tiny_model_dir, setup["data"], out),
+            "--backend=treg_lightning.generation.VLLMBackend"]  # fmt: skip
+    import importlib.util
+
+    real = importlib.util.find_spec
+
+    def find_spec(name, *args, **kwargs):  # vLLM is not installed, whatever this machine has
+        return None if name == "vllm" else real(name, *args, **kwargs)
+
+    with (
+        mock.patch("importlib.util.find_spec", find_spec),
+        no_model_load("treg_lightning.prompt_sets.load_prompt_set"),
+    ):
+        status, err = _treg_status(["predict", *args], capsys)
+    assert status == 2
+    assert "error: --backend treg_lightning.generation.VLLMBackend needs vLLM, which is not " in err
+    assert "drop --backend to generate with the default" in err
+    assert "Traceback" not in err and not out.exists()
