@@ -30,6 +30,7 @@ from treg_lightning import startup
 from treg_lightning.checkpoints import check_checkpoint_file, check_checkpoint_fits, is_file_path
 from treg_lightning.cli_help import (
     did_you_mean,
+    old_schema_hint,
     option_keys,
     short_usage,
     show_linked_target,
@@ -58,6 +59,7 @@ class TRegArgumentParser(LightningArgumentParser):
 
     def error(self, message: str, *args, **kwargs):
         message = did_you_mean(without_union_dump(str(message)), option_keys(self._all_usages()))
+        message = old_schema_hint(message)
         return super().error(message, *args, **kwargs)
 
     def print_usage(self, file=None) -> None:
