@@ -78,6 +78,58 @@ def test_unknown_key_in_yaml_suggests_the_close_one(setup, capsys):
     )
 
 
+@pytest.mark.parametrize(
+    ("config", "error", "hint"),
+    [
+        pytest.param(
+            "data:\n  rewards: annotate\n",
+            'error: Parser key "data.rewards": Expected a dot import path string: annotate',
+            "hint: `data.rewards: annotate` is the previous config schema; write `data.rewards: "
+            "{class_path: treg_lightning.rewards.ContrastiveRewards}` (its settings under "
+            "init_args).",
+            id="rewards-annotate",
+        ),
+        pytest.param(
+            "data:\n  rewards: none\n",
+            'error: Parser key "data.rewards": Expected a dot import path string: none',
+            "hint: `data.rewards: none` is the previous config schema; write `data.rewards: "
+            "null` (no token rewards).",
+            id="rewards-none",
+        ),
+        pytest.param(
+            "data:\n  annotate_batch_size: 8\n",
+            "error: Subcommand 'fit' does not accept option 'data.annotate_batch_size'",
+            "hint: `data.annotate_batch_size` is the previous config schema; it is now a setting "
+            "of the reward source: `data.rewards: {class_path: "
+            "treg_lightning.rewards.ContrastiveRewards, init_args: {batch_size: ...}}`.",
+            id="annotate-batch-size",
+        ),
+        pytest.param(
+            "model:\n  regularizer:\n    class_path: treg_lightning.losses.TokenRewardRegularizer"
+            "\n    init_args:\n      token_rewards: sft\n",
+            "Option 'token_rewards' is not accepted",
+            "hint: `token_rewards` is the previous config schema; write `targets: {class_path: "
+            "treg_lightning.losses.SelfGeneratedRewards}` in the regularizer's init_args (self "
+            "-> SelfGeneratedRewards, sft -> ChosenSFT, implicit -> ImplicitRewards).",
+            id="token-rewards",
+        ),
+    ],
+)
+def test_previous_schema_gets_a_one_line_hint_with_the_new_form(setup, capsys, config, error, hint):
+    from treg_lightning.cli.main import cli_main
+
+    with (
+        no_model_load(),
+        mock.patch.object(sys, "argv", ["treg"]),
+        pytest.raises(SystemExit) as info,
+    ):
+        cli_main(setup(yaml_config(setup.tmp, config)))
+    assert info.value.code == 2
+    lines = [line.strip() for line in capsys.readouterr().err.strip().splitlines()]
+    assert error in "\n".join(lines)
+    assert lines.count(hint) == 1 and lines[-1] == hint
+
+
 def test_unknown_key_far_from_any_is_named_without_a_guess(setup, capsys):
     config = yaml_config(setup.tmp, "model:\n  frobnicate: 3\n")
     message = parse_error(setup(config), capsys)

@@ -499,3 +499,49 @@ def test_fit_logs_the_plan(tiny_model_dir, tmp_path, caplog):
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert "memory plan (treg plan), per device" in logged and "weights" in logged
     assert format_plan  # the same table as `treg plan` prints
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--devices", "0"], "error: --devices 0: the number of devices per node must be >= 1."),
+        (["--devices", "-1"], "error: --devices -1: the number of devices per node must be >= 1."),
+        (["--num-nodes", "0"], "error: --num-nodes 0: the number of machines must be >= 1."),
+        (["--trainer.devices", "0"], "error: trainer.devices '0': a run needs at least one device"),
+        (["--trainer.num_nodes", "0"], "error: trainer.num_nodes 0: the number of machines"),
+        (
+            ["--model.peft", "peft.LoraConfig", "--model.peft.r", "0"],
+            "error: model.peft r 0: the LoRA rank must be >= 1",
+        ),
+        (["--gpu-memory", "1GB"], "error: --gpu_memory 1GB leaves nothing after --reserve 1GiB"),
+    ],
+    ids=[
+        "devices-0",
+        "devices-minus-1",
+        "num-nodes-0",
+        "trainer-devices-0",
+        "trainer-nodes-0",
+        "lora-r-0",
+        "memory-below-reserve",
+    ],  # fmt: skip
+)
+def test_treg_plan_refuses_counts_a_run_cannot_have(extra, message, no_weights, capsys):
+    """Out-of-range counts end the plan at once with `error:` and status 2 (no "-111 GiB
+    fits", no ZeroDivisionError); a count is refused before the model's config is looked up."""
+    from treg_lightning.plan import report
+
+    lookup = report.resolve_shape if extra[0] == "--gpu-memory" else mock.Mock(side_effect=OSError)
+    with mock.patch.object(report, "resolve_shape", lookup), pytest.raises(SystemExit) as exit_info:
+        run_cli(["plan", "--config", str(ROOT / "configs/demo.yaml"), *extra])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith(message), captured.err
+    assert "GiB" not in captured.out  # no plan printed
+
+
+def test_treg_plan_errors_start_with_error(no_weights, capsys):
+    with pytest.raises(SystemExit):
+        run_cli(["plan", "--config", str(ROOT / "configs/demo.yaml"), "--model.model", "x/y"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if "Pass a local" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: ")

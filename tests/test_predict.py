@@ -381,3 +381,125 @@ def test_two_ddp_processes_merge_in_prompt_order(setup, tiny_model_dir, tmp_path
     assert process.returncode == 0, log[-3000:]
     assert (tmp_path / "ddp.jsonl").read_bytes() == single.read_bytes()
     assert len(read(single)) == 3
+
+
+def _treg_status(args: list[str], capsys) -> tuple[int, str]:
+    """`treg ARGS` in-process through the console entry point: (exit status, stderr)."""
+    from treg_lightning.cli.main import cli_main as treg_main
+
+    with mock.patch.object(sys, "argv", ["treg"]), pytest.raises(SystemExit) as info:
+        treg_main(args)
+    return info.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("limit", [0, -1])
+def test_predict_limit_below_one_is_refused_at_start_up(setup, tiny_model_dir, limit, capsys):
+    from builders import no_model_load
+
+    out = setup["root"] / f"limit{limit}.jsonl"
+    with no_model_load("treg_lightning.answers.prompt_sets.load_prompt_set"):
+        status, err = _treg_status(
+            ["predict", *base_args(tiny_model_dir, setup["data"], out), f"--limit={limit}"], capsys
+        )
+    assert status == 2
+    assert f"error: --limit {limit}: answer at least one prompt (--limit N with N >= 1)" in err
+    assert "Traceback" not in err and not out.exists()
+
+
+def test_vllm_backend_without_vllm_is_refused_at_start_up(setup, tiny_model_dir, capsys):
+    from builders import no_model_load
+
+    out = setup["root"] / "vllm.jsonl"
+    args = [*base_args(tiny_model_dir, setup["data"], out),
+            "--backend=treg_lightning.answers.generation.VLLMBackend"]  # fmt: skip
+    import importlib.util
+
+    real = importlib.util.find_spec
+
+    def find_spec(name, *args, **kwargs):  # vLLM is not installed, whatever this machine has
+        return None if name == "vllm" else real(name, *args, **kwargs)
+
+    with (
+        mock.patch("importlib.util.find_spec", find_spec),
+        no_model_load("treg_lightning.answers.prompt_sets.load_prompt_set"),
+    ):
+        status, err = _treg_status(["predict", *args], capsys)
+    assert status == 2
+    assert "error: --backend treg_lightning.answers.generation.VLLMBackend needs vLLM, which is not " in err
+    assert "drop --backend to generate with the default" in err
+    assert "Traceback" not in err and not out.exists()
+
+
+FORMAT_PROMPTS = [
+    "Say hi.",
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why, é?"}],
+    {"instruction": "Translate.", "input": "chat", "dataset": "mine"},
+]
+FORMAT_LAST_TURNS = ["Say hi.", "Why, é?", "Translate.\n\nchat"]
+
+
+def _write_prompts(path: Path, kind: str) -> Path:
+    """FORMAT_PROMPTS as a prompts file of ``kind`` (tables: one object per row)."""
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if kind in ("jsonl", "jsonl.gz"):
+        data = "".join(json.dumps(v) + "\n" for v in FORMAT_PROMPTS).encode()
+        path.write_bytes(gzip.compress(data) if kind.endswith(".gz") else data)
+    elif kind == "json":
+        path.write_text(json.dumps(FORMAT_PROMPTS, indent=1))
+    elif kind == "csv":
+        import csv
+
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, ["prompt", "instruction", "input", "dataset"])
+            writer.writeheader()
+            writer.writerow({"prompt": FORMAT_PROMPTS[0]})
+            writer.writerow({"prompt": repr(FORMAT_PROMPTS[1])})  # a message list as text
+            writer.writerow(FORMAT_PROMPTS[2])
+    elif kind == "parquet":
+        rows = [{"messages": [{"role": "user", "content": FORMAT_PROMPTS[0]}]},
+                {"messages": FORMAT_PROMPTS[1]},
+                {"messages": [{"role": "user", "content": "Translate.\n\nchat"}]}]  # fmt: skip
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "jsonl.gz", "json", "csv", "parquet"])
+def test_prompts_file_in_every_data_format(tmp_path, kind):
+    """The same three prompts from a .jsonl, .jsonl.gz, .json list, .csv (a message list as
+    text in a cell) and .parquet file: the same messages, in file order."""
+    prompts = read_prompts_file(_write_prompts(tmp_path / f"prompts.{kind}", kind))
+    assert [p["messages"][-1]["content"] for p in prompts] == FORMAT_LAST_TURNS
+    assert prompts[1]["messages"][0] == {"role": "system", "content": "Be brief."}
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        (
+            "latin1.jsonl",
+            '"ok"\n"caf\xe9"\n'.encode("latin1"),
+            r"latin1\.jsonl line 2: not valid UTF-8 \(byte 0xe9 at offset 9\)\. Convert the file",
+        ),
+        ("broken.json", b'[\n "ok",\n "cut', r"broken\.json line 3: invalid JSON \(Unterminated"),
+        (
+            "object.json",
+            b'{"prompt": "x"}',
+            r"object\.json: a \.json prompts file must hold a list",
+        ),
+        ("cut.jsonl.gz", b"\x1f\x8b\x08\x00\x00", r"cut\.jsonl\.gz: the gzip file is truncated"),
+        ("bad.parquet", b"PAR1 not parquet", r"bad\.parquet: cannot read the parquet file"),
+        ("empty-row.csv", b'prompt\nok\n"  "\n', r"empty-row\.csv row 1, field 'prompt': empty"),
+        ("no-field.csv", b"question\nwhy\n", r"no-field\.csv row 0: a prompt object needs one of"),
+        ("prompts.txt", b"Say hi.\n", r"prompts\.txt: unsupported prompts file type '\.txt'"),
+    ],
+)
+def test_prompts_file_errors_name_the_file_and_row(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataFormatError, match=message) as info:
+        read_prompts_file(path)
+    assert str(path) in str(info.value)

@@ -137,6 +137,13 @@ class GenerationBackend:
         """What about the backend changes the answers (part of the run's fingerprint)."""
         raise NotImplementedError
 
+    def check(self) -> None:
+        """Refuse, at start-up (before any model loads), a backend this machine cannot run.
+
+        Raises:
+            ConfigError: what is missing and what to do.
+        """
+
 
 class TransformersBackend(GenerationBackend):
     """``model.generate`` of Hugging Face transformers on left-padded batches (KV cache on).
@@ -197,6 +204,13 @@ class TransformersBackend(GenerationBackend):
         return {"engine": "transformers", "version": transformers.__version__}
 
 
+VLLM_MISSING = (
+    "--backend treg_lightning.answers.generation.VLLMBackend needs vLLM, which is not installed here: "
+    "`pip install treg-lightning[vllm]` on a CUDA machine, or drop --backend to generate with "
+    "the default treg_lightning.answers.generation.TransformersBackend."
+)
+
+
 class VLLMBackend(GenerationBackend):
     """vLLM generation (GPU; ``pip install treg-lightning[vllm]``). Imported only when chosen.
 
@@ -228,15 +242,17 @@ class VLLMBackend(GenerationBackend):
         }
         self.engine = None
 
+    def check(self) -> None:
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            raise ConfigError(VLLM_MISSING)
+
     def setup(self, policy: PolicyLoader, tokenizer, device: torch.device, work_dir: Path):
         try:
             import vllm
         except ImportError as err:
-            raise ImportError(
-                "the VLLMBackend needs vLLM: `pip install treg-lightning[vllm]` on a CUDA "
-                "machine, or use the default backend (treg_lightning.answers.generation."
-                "TransformersBackend)."
-            ) from err
+            raise ConfigError(VLLM_MISSING) from err
         if device.type == "cuda":
             torch.cuda.set_device(device)
         folder = policy.folder(work_dir)

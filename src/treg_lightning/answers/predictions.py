@@ -299,6 +299,12 @@ def run_predict(trainer, job: PredictJob) -> Path | None:
     """``treg predict``: launch the strategy's processes and generate (see the module doc)."""
     if job.module is None or job.datamodule is None:
         raise ConfigError("predict needs the model and data sections (--config ...).")
+    if job.limit is not None and job.limit < 1:
+        raise ConfigError(
+            f"--limit {job.limit}: answer at least one prompt (--limit N with N >= 1), or drop "
+            "--limit to answer every prompt."
+        )
+    job.backend.check()
     if job.ckpt_path is not None and not Path(job.ckpt_path).exists():
         raise MissingFileError(
             f"--ckpt_path {job.ckpt_path} does not exist: give a .ckpt file or a sharded "

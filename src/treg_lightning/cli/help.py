@@ -6,6 +6,8 @@ lists every ``data.*`` argument.
   type tried.
 - A misspelled key, in YAML (``does not accept option``) or on the command line
   (``unrecognized arguments``), gets "Did you mean ...?" with the closest key.
+- A setting of the previous config schema (``data.rewards: annotate``, ``data.template``,
+  ``token_rewards: self``) gets a one-line hint with its new form (:func:`old_schema_hint`).
 - ``data.tokenizer`` is set from ``model.model`` by a link; jsonargparse then lists it only under
   "Linked arguments". :func:`show_linked_target` puts its help back in its own group.
 """
@@ -38,6 +40,58 @@ def did_you_mean(message: str, keys: Iterable[str]) -> str:
                 guesses += [f"--{close[0]}"] if close else []
         if guesses:
             return f"{message}. Did you mean {', '.join(repr(g) for g in guesses)}?"
+    return message
+
+
+_REWARDS = "treg_lightning.rewards.ContrastiveRewards"
+# data.rewards string values of the previous schema -> the new YAML value.
+_OLD_REWARDS = {
+    "annotate": f"{{class_path: {_REWARDS}}}` (its settings under init_args",
+    "none": "null` (no token rewards",
+}
+# data.* settings of the previous schema that became settings of the reward source.
+_MOVED_TO_REWARDS = {
+    "evaluator": "evaluator",
+    "evaluator_dtype": "evaluator_dtype",
+    "template": "template",
+    "store_reference_logps": "store_reference_logps",
+    "annotate_batch_size": "batch_size",
+    "cache_dir": "cache_dir",
+}
+_OLD_TARGETS = {"self": "SelfGeneratedRewards", "sft": "ChosenSFT", "implicit": "ImplicitRewards"}
+
+
+def old_schema_hint(message: str) -> str:
+    """``message`` plus a line ``hint: ...`` with the new form of a setting it refuses that the
+    previous config schema had (string choices became class paths; the annotation settings
+    moved from ``data`` into ``data.rewards``); other messages, and one already hinted (a
+    subcommand's error reaches the parser twice), are returned as they are."""
+    if "hint: `" in message:
+        return message
+    match = re.search(r'key "(?:[\w.]*\.)?data\.rewards": Expected a dot import path string: (\S+)',
+                      message)  # fmt: skip
+    if match and match.group(1) in _OLD_REWARDS:
+        value = match.group(1)
+        new = _OLD_REWARDS[value]
+        return (
+            f"{message}\nhint: `data.rewards: {value}` is the previous config schema; write "
+            f"`data.rewards: {new})."
+        )
+    match = re.search(r"does not accept option '((?:[\w.]*\.)?data)\.(\w+)'", message)
+    if match and match.group(2) in _MOVED_TO_REWARDS:
+        old, new = match.group(2), _MOVED_TO_REWARDS[match.group(2)]
+        return (
+            f"{message}\nhint: `data.{old}` is the previous config schema; it is now a setting "
+            f"of the reward source: `data.rewards: {{class_path: {_REWARDS}, init_args: "
+            f"{{{new}: ...}}}}`."
+        )
+    if re.search(r"Option 'token_rewards' is not accepted", message):
+        targets = ", ".join(f"{old} -> {new}" for old, new in _OLD_TARGETS.items())
+        return (
+            f"{message}\nhint: `token_rewards` is the previous config schema; write "
+            "`targets: {class_path: treg_lightning.losses.SelfGeneratedRewards}` in the "
+            f"regularizer's init_args ({targets})."
+        )
     return message
 
 

@@ -9,6 +9,7 @@ from lightning.pytorch.cli import LightningArgumentParser
 from treg_lightning.cli.exits import DEBUG_FLAG
 from treg_lightning.cli.help import (
     did_you_mean,
+    old_schema_hint,
     option_keys,
     short_usage,
     show_linked_target,
@@ -24,6 +25,7 @@ class TRegArgumentParser(LightningArgumentParser):
 
     def error(self, message: str, *args, **kwargs):
         message = did_you_mean(without_union_dump(str(message)), option_keys(self._all_usages()))
+        message = old_schema_hint(message)
         return super().error(message, *args, **kwargs)
 
     def print_usage(self, file=None) -> None:

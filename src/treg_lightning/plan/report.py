@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 
 from treg_lightning.plan.estimate import GIB, Estimate, estimate, max_micro_batch
-from treg_lightning.plan.settings import settings_from_config
+from treg_lightning.plan.settings import check_counts, settings_from_config
 from treg_lightning.plan.shapes import PlanError, resolve_shape
 from treg_lightning.plan.suggest import Suggestion, suggestions
 
@@ -80,6 +80,7 @@ def plan_from_config(
     never its weights, and instantiates nothing. ``gpu_memory`` defaults to 80GB, or to this
     machine's RAM for a CPU run.
     """
+    check_counts(config, devices, num_nodes)
     model = config["model"]
     trust = bool(model.get("trust_remote_code"))
     shape = resolve_shape(model["model"], trust_remote_code=trust)
@@ -93,6 +94,11 @@ def plan_from_config(
     memory = parse_size(gpu_memory, "--gpu_memory")
     kept = parse_size(reserve, "--reserve")
     budget = memory - kept
+    if budget <= 0:
+        raise PlanError(
+            f"--gpu_memory {gpu_memory} leaves nothing after --reserve {reserve}: give the "
+            "memory of one device (e.g. 80GB) and a smaller reserve."
+        )
     result = estimate(settings, shape, reference_shape)
     best = max_micro_batch(settings, shape, budget, reference_shape)
     ideas = (
@@ -170,7 +176,7 @@ def run_plan(
     try:
         plan = plan_from_config(config, devices, num_nodes, gpu_memory, reserve)
     except PlanError as err:
-        sys.stderr.write(f"treg plan: {err}\n")
+        sys.stderr.write(f"error: {err}\n")
         raise SystemExit(2) from err
     print(format_plan(plan), flush=True)
     return plan

@@ -245,6 +245,42 @@ def lora_spec_of(model: dict) -> LoraSpec | None:
     )
 
 
+def check_counts(config: dict, devices: int | None, num_nodes: int | None) -> None:
+    """Refuse device counts and LoRA ranks a run cannot have, before anything is read.
+
+    Raises:
+        PlanError: ``--devices`` / ``--num-nodes`` below 1, ``trainer.devices`` 0 or below -1,
+            ``trainer.num_nodes`` below 1, or a ``model.peft`` rank below 1 or dropout outside
+            [0, 1).
+    """
+    for value, flag, what in ((devices, "--devices", "devices per node"),
+                              (num_nodes, "--num-nodes", "machines")):  # fmt: skip
+        if value is not None and int(value) < 1:
+            raise PlanError(f"{flag} {value}: the number of {what} must be >= 1.")
+    trainer = config.get("trainer") or {}
+    configured = trainer.get("devices", "auto")
+    if isinstance(configured, int) and configured < -1 or configured in (0, "0"):
+        raise PlanError(
+            f"trainer.devices {configured!r}: a run needs at least one device per node; set "
+            "trainer.devices to a count >= 1 (-1 or 'auto': all of them), or pass --devices N."
+        )
+    nodes = trainer.get("num_nodes")
+    if num_nodes is None and nodes is not None and int(nodes) < 1:
+        raise PlanError(f"trainer.num_nodes {nodes}: the number of machines must be >= 1.")
+    peft = (config.get("model") or {}).get("peft")
+    if peft is None:
+        return
+    args = dict(peft.get("init_args") or {}) if isinstance(peft, dict) else vars(peft)
+    rank, dropout = args.get("r", 8), args.get("lora_dropout", 0.0)
+    if rank is not None and int(rank) < 1:
+        raise PlanError(
+            f"model.peft r {rank}: the LoRA rank must be >= 1 (8 or 16 are usual); to train "
+            "all weights instead, set model.peft: null."
+        )
+    if dropout is not None and not 0 <= float(dropout) < 1:
+        raise PlanError(f"model.peft lora_dropout {dropout}: must be in [0, 1).")
+
+
 def settings_from_config(
     config: dict, model_type: str, devices: int | None = None, num_nodes: int | None = None
 ) -> RunSettings:

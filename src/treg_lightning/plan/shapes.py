@@ -20,13 +20,15 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from treg_lightning.errors import UserError
+
 SMOLLM2_ALIAS = "smollm2"
 # Decoder layers whose saved activations treg_lightning.plan.activations models exactly.
 LLAMA_LIKE = frozenset({"llama", "mistral", "qwen2"})
 GEMMA_LIKE = frozenset({"gemma", "gemma2"})
 
 
-class PlanError(ValueError):
+class PlanError(UserError, ValueError):
     """A plan cannot be made (unknown model offline, unusable setting); the message says why."""
 
 

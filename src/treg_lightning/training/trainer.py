@@ -157,8 +157,9 @@ class TRegTrainer(Trainer):
             weights_only: passed to Lightning's prediction loop.
             ckpt_path: weights to generate with: a ``.ckpt`` file or a sharded checkpoint
                 folder; None: model.model as it is (e.g. an exported policy folder).
-            prompts: a prompts file (.jsonl/.json: strings, message lists or objects with a
-                prompt/messages/instruction field); None: the data's prompts of ``split``.
+            prompts: a prompts file (.jsonl, .jsonl.gz or a .json list: strings, message lists
+                or objects with a prompt/messages/instruction field; .csv / .parquet: one of
+                those columns); None: the data's prompts of ``split``.
             split: the data split whose prompts are answered ("val" or "train").
             limit: answer only the first ``limit`` prompts.
             output: the answers file (JSONL); an existing file is never replaced unless
