@@ -27,6 +27,7 @@ from jsonargparse import lazy_instance
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from treg_lightning import ckpt_conflicts, startup
+from treg_lightning.adapters import check_lora_targets
 from treg_lightning.checkpoints import check_checkpoint_file, check_checkpoint_fits, is_file_path
 from treg_lightning.cli_help import (
     did_you_mean,
@@ -206,6 +207,7 @@ class TRegCLI(LightningCLI):
         if isinstance(self.model, PreferenceModule):
             self.model.check_inputs(self.datamodule)
             self.model.check_device(self.trainer.strategy.root_device.type)
+            check_lora_targets(self.model)  # on the meta device, before any weights load
 
     def before_export(self) -> None:
         config = self.config_init[self.subcommand]
