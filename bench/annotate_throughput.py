@@ -13,10 +13,14 @@ pass builds them) are also forwarded plainly, in the same length-sorted batches:
 - ``plain``: ``model(input_ids, attention_mask).logits`` of the same padded batches under
   ``inference_mode``, the forward any Hugging Face user would run.
 
-The three run alternately, ``--repeats`` times, and each keeps its fastest run; the ratios come
-from the same invocation. Tokens are non-padding tokens (contexts + responses).
+The three run alternately, ``--repeats`` times; in each repeat a side repeats its pass until
+``--min-seconds`` (20 s) of wall time passed, so every figure comes from a window long enough
+not to move with a moment's load. Each side reports the median over the repeats with its spread,
+and the ratios to ``plain`` per repeat likewise. Tokens are non-padding tokens (contexts +
+responses).
 
-    python bench/annotate_throughput.py --limit 4 --repeats 2 --out annotate_throughput.json
+    python bench/annotate_throughput.py --limit 4 --repeats 3 --out annotate_throughput.json
+    python bench/annotate_throughput.py --limit 1 --repeats 1 --min-seconds 0   # a dry run
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -37,6 +42,9 @@ from treg_lightning.data.tokenize import PairTokenizer, tokenize_pairs
 from treg_lightning.models.loading import load_causal_lm, load_tokenizer
 from treg_lightning.rewards.annotate import ContrastiveScorer, score_sequences
 from treg_lightning.rewards.cache import build_in_chunks
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import timing  # noqa: E402  (bench/timing.py)
 
 DEFAULT_DATA = (
     Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
@@ -89,7 +97,9 @@ def main(argv=None) -> dict:
     p.add_argument("--max-prompt-length", type=int, default=192)
     p.add_argument("--max-context-length", type=int, default=448)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3, help="alternating repeats (median)")
+    p.add_argument("--min-seconds", type=float, default=timing.MIN_WINDOW_S,
+                   help="timed window per side and repeat (passes repeat until then)")  # fmt: skip
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
 
@@ -114,25 +124,35 @@ def main(argv=None) -> dict:
 
     runs = {"plain": lambda: plain_forward(model, sequences, args.batch_size),
             "score": score, "annotate": annotate}  # fmt: skip
-    seconds = {name: [] for name in runs}
+    seconds = {name: [] for name in runs}  # seconds of one pass, one value per repeat
+    windows = {name: [] for name in runs}
+    calls = dict.fromkeys(runs, 0)
     for _ in range(args.repeats):
         for name, fn in runs.items():
-            start = time.perf_counter()
-            fn()
-            seconds[name].append(time.perf_counter() - start)
-    forwarded = annotator.stats["tokens"] // args.repeats
+            count, window = timing.timed_window(fn, args.min_seconds)
+            calls[name] += count
+            windows[name].append(window)
+            seconds[name].append(window / count)
+    forwarded = annotator.stats["tokens"] // calls["annotate"]
     assert forwarded == tokens, (forwarded, tokens)  # the pass forwarded exactly these tokens
+    rates = {name: [tokens / s for s in values] for name, values in seconds.items()}
     report = {
         "model": args.model, "pairs": len(rows), "sequences": len(sequences),
         "tokens": tokens, "settings": {k: str(v) for k, v in vars(args).items()},
         "torch_threads": torch.get_num_threads(), "load_average": os.getloadavg(),
-        "seconds": seconds,
-        "tokens_per_s": {name: tokens / min(values) for name, values in seconds.items()},
+        "seconds": seconds, "timed_windows_s": windows, "passes": calls,
+        "tokens_per_s": {name: statistics.median(values) for name, values in rates.items()},
+        "tokens_per_s_spread": {name: timing.spread(values) for name, values in rates.items()},
+        "ratio_to_plain": {
+            name: timing.spread([a / b for a, b in zip(values, rates["plain"], strict=True)])
+            for name, values in rates.items()
+        },
     }  # fmt: skip
-    plain = report["tokens_per_s"]["plain"]
     for name, rate in report["tokens_per_s"].items():
-        print(f"{name:<9} {rate:8.1f} tokens/s  (x{rate / plain:.2f} of plain; all runs "
-              f"{[round(tokens / s, 1) for s in seconds[name]]})")  # fmt: skip
+        spread = report["tokens_per_s_spread"][name]
+        print(f"{name:<9} {rate:8.1f} tokens/s median (min {spread['min']:.1f}, max "
+              f"{spread['max']:.1f}); of plain "
+              f"{timing.format_spread(report['ratio_to_plain'][name])}")  # fmt: skip
     print(f"{len(rows)} pairs, {len(sequences)} sequences, {tokens} tokens forwarded per pass; "
           f"load average {report['load_average']}")  # fmt: skip
     if args.out:

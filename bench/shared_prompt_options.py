@@ -35,6 +35,7 @@ from types import MethodType
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import timing  # noqa: E402  (bench/timing.py)
 import train_vs_trl as tvt  # noqa: E402
 from treg_lightning.data.collate import (  # noqa: E402
     LengthGroupedSampler,
@@ -147,6 +148,17 @@ def kv_cache(model, batch, chunk):
     return tuple(results)
 
 
+def _rounds(batches, times: dict[str, list[float]], min_seconds: float):
+    """The warm-up batch and the ``--rounds`` timed batches, then the timed batches again until
+    every option still running was timed ``min_seconds`` in all."""
+    yield from batches
+    timed = batches[1:]
+    extra = 0
+    while timed and times and min(sum(v) for v in times.values()) < min_seconds:
+        yield timed[extra % len(timed)]
+        extra += 1
+
+
 def step(fn, model, batch, chunk) -> tuple[float, tuple]:
     start = time.process_time() if CPU_TIME else time.perf_counter()
     chosen, rejected = fn(model, batch, chunk)
@@ -163,6 +175,9 @@ def main(argv=None) -> dict:
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--rounds", type=int, default=5, help="timed rounds (after one warm-up)")
+    p.add_argument("--min-seconds", type=float, default=timing.MIN_WINDOW_S,
+                   help="more rounds (cycling the batches) until every option was timed this "
+                   "long in all (0: exactly --rounds)")  # fmt: skip
     p.add_argument("--response-scale", type=float, default=1.0, help="stretch responses only")
     p.add_argument("--options", nargs="+", help="subset of the options (default: all)")
     p.add_argument("--chunk", type=int, default=1024)
@@ -210,7 +225,7 @@ def main(argv=None) -> dict:
         flex.load_state_dict(sdpa.state_dict())
     times = {name: [] for name in chosen}
     errors, reference = {}, {}
-    for round_index, batch in enumerate(batches):
+    for round_index, batch in enumerate(_rounds(batches, times, args.min_seconds)):
         for name in list(times):
             fn, kind = options[name]
             try:
@@ -226,8 +241,8 @@ def main(argv=None) -> dict:
             else:
                 times[name].append(seconds)
     base = times.get("unshared-padded")
-    real = sum(tvt.real_tokens(rows[i : i + args.micro_batch])
-               for i in range(args.micro_batch, count, args.micro_batch))  # fmt: skip
+    per_batch = [tvt.real_tokens(rows[i : i + args.micro_batch])
+                 for i in range(args.micro_batch, count, args.micro_batch)]  # fmt: skip
     report = {
         "size": args.size, "max_length": args.max_length, "micro_batch": args.micro_batch,
         "response_scale": args.response_scale, "rounds": args.rounds, "cpu_time": args.cpu_time,
@@ -236,20 +251,26 @@ def main(argv=None) -> dict:
         "threads": torch.get_num_threads(), "checkpointing": args.checkpointing,
         "errors": errors, "options": {},
     }  # fmt: skip
-    print(f"\n{'option':<20}{'median s/step':>14}{'tokens/s':>10}{'vs unshared-padded':>20}")
+    print(f"\n{'option':<20}{'median s/step':>14}{'tokens/s':>10}  vs unshared-padded per round")
     for name, values in times.items():
         median = statistics.median(values)
+        tokens = sum(per_batch[i % len(per_batch)] for i in range(len(values)))
         entry = {"median_s": median, "all_s": [round(v, 4) for v in values],
-                 "tokens_per_s": real / args.rounds / median}  # fmt: skip
+                 "timed_s": sum(values), "rounds": len(values),
+                 "tokens_per_s": tokens / sum(values)}  # fmt: skip
         if base:
             # Each round runs one batch through every option: the per-round ratio compares the
             # same work, and its median shrugs off a round slowed by other jobs.
             ratios = [b / v for b, v in zip(base, values)]
             entry["speedup"] = statistics.median(ratios)
+            entry["speedup_spread"] = timing.spread(ratios)
             entry["speedup_per_round"] = [round(r, 3) for r in ratios]
         report["options"][name] = entry
-        speed = f"x{entry['speedup']:.2f}" if base else "-"
-        print(f"{name:<20}{median:>14.3f}{entry['tokens_per_s']:>10.0f}{speed:>20}")
+        speed = timing.format_spread(entry["speedup_spread"]) if base else "-"
+        print(f"{name:<20}{median:>14.3f}{entry['tokens_per_s']:>10.0f}  {speed}")
+        note = timing.short_window_note(entry["timed_s"], name, args.min_seconds)
+        if note:
+            print(note)
     for name, error in errors.items():
         print(f"{name}: FAILED {error}")
     print(f"load average {report['load_average']}")

@@ -62,6 +62,9 @@ import time
 import traceback
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import timing  # noqa: E402  (bench/timing.py)
+
 HH_RLHF = (
     Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
 )
@@ -572,15 +575,47 @@ def summarize(result: dict, num_params: int, dtype: str, side: str) -> dict:
     return result
 
 
-def best_run(runs: list[dict]) -> dict:
-    """The fastest successful run (least disturbed by other load), with every run's tokens/s."""
+def median_run(runs: list[dict]) -> dict:
+    """The successful run of median tokens/s (the lower middle one of an even count), with every
+    run's tokens/s and their spread (:func:`timing.spread`): the fastest run would pick the
+    least-disturbed outlier, and one run on a busy machine says nothing of its error."""
     ok = [r for r in runs if r.get("ok")]
     if not ok:
         return runs[-1]
-    best = dict(max(ok, key=lambda r: r["tokens_per_s"]))
-    best["tokens_per_s_all_runs"] = [round(r["tokens_per_s"], 2) for r in ok]
-    best["tokens_per_cpu_s_all_runs"] = [round(r["tokens_per_cpu_s"], 2) for r in ok]
-    return best
+    ranked = sorted(ok, key=lambda r: r["tokens_per_s"])
+    middle = dict(ranked[(len(ranked) - 1) // 2])
+    middle["tokens_per_s_all_runs"] = [round(r["tokens_per_s"], 2) for r in ok]
+    middle["tokens_per_cpu_s_all_runs"] = [round(r["tokens_per_cpu_s"], 2) for r in ok]
+    middle["tokens_per_s_spread"] = timing.spread([r["tokens_per_s"] for r in ok])
+    middle["timed_s_all_runs"] = [round(r["elapsed_s"], 2) for r in ok]
+    return middle
+
+
+def repeat_ratios(runs: dict[str, list[dict]]) -> dict:
+    """ours / other tokens/s of each repeat (the sides alternate, so repeat i of both saw the
+    same phase of the machine's load), as a median with its spread."""
+    out = {}
+    for other in ("trl", "trl-precompute", "ours-unshared"):
+        pairs = zip(runs.get("ours", []), runs.get(other, []), strict=False)
+        values = [
+            a["tokens_per_s"] / b["tokens_per_s"] for a, b in pairs if a.get("ok") and b.get("ok")
+        ]
+        if values:
+            out[f"ours/{other}"] = timing.spread(values)
+    return out
+
+
+def short_windows(results: dict) -> list[str]:
+    """A note for each side whose timed window was under ``timing.MIN_WINDOW_S``."""
+    notes = []
+    for side, r in results.items():
+        if r.get("ok"):
+            note = timing.short_window_note(
+                min(r.get("timed_s_all_runs") or [r["elapsed_s"]]), side
+            )
+            if note:
+                notes.append(note)
+    return notes
 
 
 def print_table(title: str, results: dict) -> None:
@@ -669,8 +704,15 @@ def benchmark(args, model_dir: Path, num_params: int, workdir: Path, table, out,
                 raw = run_child(side, spec, workdir, args.timeout, args.in_process)
                 runs[side].append(summarize(raw, num_params, dtype, side))
                 load.append(os.getloadavg())
-        results = {side: best_run(side_runs) for side, side_runs in runs.items()}
+        results = {side: median_run(side_runs) for side, side_runs in runs.items()}
         print_table(f"max_length {max_length}, micro-batch {args.micro_batch} pairs", results)
+        spreads = repeat_ratios(runs)
+        for name, stats in spreads.items():
+            print(f"{name} tokens/s per repeat: {timing.format_spread(stats)}")
+        if "ours" in results and results["ours"].get("ok"):
+            results["ours"]["repeat_ratios"] = spreads
+        for note in short_windows(results):
+            print(note)
         out[str(max_length)] = {**results, "ratios": ratios(results), "load_average": load}
         save()
     return out
@@ -758,8 +800,9 @@ def parse_args(argv=None):
                         "also runs on CPU (a code-path check: no OOM stops it there)")  # fmt: skip
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per side")
     parser.add_argument("--repeats", type=int, default=1,
-                        help="run the sides alternately this many times, keep each side's "
-                        "fastest run (for busy machines)")  # fmt: skip
+                        help="run the sides alternately this many times; each side reports "
+                        "its median run and the spread, the ratios per repeat too (3 or more "
+                        "on busy machines)")  # fmt: skip
     parser.add_argument("--in-process", action="store_true",
                         help="run the sides in this process (a quick code-path check: memory "
                         "figures are the whole process's, not one side's)")  # fmt: skip

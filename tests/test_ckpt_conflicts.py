@@ -112,3 +112,11 @@ def test_a_given_model_folder_is_used(caplog):
     kept = keep_given_locations(hparams, {"model": "/laptop/smollm2"}, "x.ckpt")
     assert kept == {"loss": {"class_path": SIMPO}}
     assert "using /laptop/smollm2 (given) instead of /cluster/smollm2" in caplog.text
+
+
+def test_predict_with_another_loss_is_refused(trained, tiny_model_dir, tmp_path, capsys):
+    answers = tmp_path / "answers.jsonl"
+    args = ["predict", *args_for(tiny_model_dir, tmp_path, loss=DPO), f"--ckpt_path={trained}"]
+    message = refused([*args, f"--output={answers}"], tmp_path, capsys)
+    assert f"--model.loss.class_path={DPO} but the checkpoint has {SIMPO}" in message
+    assert not answers.exists()

@@ -95,3 +95,31 @@ def test_finished_overwrite_replaces_the_weights_and_keeps_other_files(
     written = load_file(earlier / "model.safetensors")
     key = "model.embed_tokens.weight"
     torch.testing.assert_close(written[key], state[f"policy.{key}"], rtol=0, atol=0)
+
+
+def test_export_on_fit_end_failing_leaves_the_earlier_export(tiny_model_dir, tmp_path):
+    """ExportOnFitEnd with overwrite: true stages its export the same way."""
+    from test_run_outputs import fit_args
+
+    export_dir = tmp_path / "policy"
+    export_dir.mkdir()
+    (export_dir / "model.safetensors").write_bytes(b"the earlier export")
+    args = fit_args(
+        tiny_model_dir,
+        tmp_path,
+        f"--trainer.callbacks.export_dir={export_dir}",
+        "--trainer.callbacks.overwrite=true",
+    )
+
+    def disk_full(policy, output_dir, *rest, **kwargs):
+        (Path(output_dir) / "model.safetensors").write_bytes(b"half a shard")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with (
+        mock.patch("treg_lightning.models.export.save_pretrained", side_effect=disk_full),
+        mock.patch.object(sys, "argv", ["treg"]),
+        pytest.raises((SystemExit, OSError)),
+    ):
+        cli_main(args)
+    assert snapshot(export_dir) == {"model.safetensors": b"the earlier export"}
+    assert siblings(export_dir) == []

@@ -425,7 +425,10 @@ def test_vllm_backend_without_vllm_is_refused_at_start_up(setup, tiny_model_dir,
     ):
         status, err = _treg_status(["predict", *args], capsys)
     assert status == 2
-    assert "error: --backend treg_lightning.answers.generation.VLLMBackend needs vLLM, which is not " in err
+    assert (
+        "error: --backend treg_lightning.answers.generation.VLLMBackend needs vLLM, which is not "
+        in err
+    )
     assert "drop --backend to generate with the default" in err
     assert "Traceback" not in err and not out.exists()
 

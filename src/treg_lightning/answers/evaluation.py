@@ -327,7 +327,7 @@ def write_report(results: list[dict[str, Any]], runs: list[EvalRun], output_dir:
                  overwrite: bool = False) -> dict[str, Path]:  # fmt: skip
     """``evaluation.md``, ``evaluation.json`` and, with matplotlib, the PNG plots."""
     folder = Path(output_dir)
-    check_report_folder(folder, overwrite)
+    check_report_folder(folder, overwrite, runs)
     paths = {"markdown": folder / "evaluation.md", "json": folder / "evaluation.json"}
     folder.mkdir(parents=True, exist_ok=True)
     paths["markdown"].write_text(markdown_table(results), encoding="utf-8")
@@ -345,15 +345,22 @@ def write_report(results: list[dict[str, Any]], runs: list[EvalRun], output_dir:
     return paths
 
 
-def check_report_folder(output_dir: str | Path, overwrite: bool) -> None:
-    """Refuse to write over an earlier report unless asked to (checked before any work)."""
+def check_report_folder(
+    output_dir: str | Path, overwrite: bool, runs: list[EvalRun] | None = None
+) -> None:
+    """Refuse to write over an earlier report, or a file of that name (the plots included),
+    unless asked to (checked before any work). ``curves.png`` counts where a run has a
+    ``log_dir`` (``runs`` None: always)."""
     from treg_lightning.outputs import OutputFolderError
 
-    for name in ("evaluation.md", "evaluation.json"):
+    names = ["evaluation.md", "evaluation.json", "evaluation.png"]
+    if runs is None or any(run.log_dir for run in runs):
+        names.append("curves.png")
+    for name in names:
         path = Path(output_dir) / name
         if path.exists() and not overwrite:
             raise OutputFolderError(
                 errno.EEXIST,
-                f"{path} exists: evaluate never writes over a report. Choose another "
-                "--output_dir or pass --overwrite true.",
+                f"{path} exists: evaluate never writes over a report or a file of that name. "
+                "Choose another --output_dir or pass --overwrite true.",
             )

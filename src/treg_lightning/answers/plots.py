@@ -201,7 +201,13 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("logs", nargs="+", help="log folder or metrics.csv; NAME=PATH names it")
     parser.add_argument("--out", default="curves.png", help="PNG file written")
     parser.add_argument("--title", default=None)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = parser.parse_args(argv)
+    if Path(args.out).exists() and not args.overwrite:
+        parser.error(
+            f"{args.out} (--out) exists; the plot would replace it. Choose another --out or "
+            "pass --overwrite."
+        )
     runs = {}
     for item in args.logs:
         name, _, log = item.rpartition("=") if "=" in item else (Path(item).name, "", item)

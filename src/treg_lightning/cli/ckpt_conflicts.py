@@ -39,7 +39,10 @@ def flatten(settings: Any, prefix: str = "") -> dict[str, Any]:
 def given_model_settings(parser, args: list[str], subcommand: str) -> dict[str, Any]:
     """The ``model`` settings the command line and its ``--config`` files give (defaults left
     out), flattened to dotted keys (:func:`flatten`)."""
-    given = parser.parse_args(list(args), defaults=False)
+    try:  # the same arguments parsed once already: this parse is expected to pass
+        given = parser.parse_args(list(args), defaults=False)
+    except SystemExit:
+        return {}
     section = given.get(subcommand)
     model = section.get("model") if section is not None else None
     return flatten(model) if model is not None else {}

@@ -36,6 +36,7 @@ from treg_lightning.cli.noise import known_noise_hidden
 from treg_lightning.cli.parser import TRegArgumentParser, add_treg_arguments
 from treg_lightning.cli.plan import plan_main
 from treg_lightning.data.datamodule import PreferenceDataModule
+from treg_lightning.models.adapters import check_lora_targets
 from treg_lightning.models.checkpoints import check_checkpoint_fits, is_file_path, read_hparams
 from treg_lightning.module import PreferenceModule
 from treg_lightning.outputs import check_not_overwriting, check_writable
@@ -134,6 +135,7 @@ class TRegCLI(LightningCLI):
         if isinstance(self.model, PreferenceModule):
             self.model.check_inputs(self.datamodule)
             self.model.check_device(self.trainer.strategy.root_device.type)
+            check_lora_targets(self.model)  # on the meta device, before any weights load
 
     def before_export(self) -> None:
         config = self.config_init[self.subcommand]

@@ -96,12 +96,84 @@ def check_adapter_settings(peft: Any, quantization: QLoRA | None) -> None:
             f"{type(peft).__name__}: other PEFT methods are not supported (prompt tuning would "
             "shift the token positions the log-probs are aligned with)."
         )
+    if peft is not None:
+        check_lora_values(peft)
     if quantization is not None and peft is None:
         raise ConfigError(
             "model.quantization loads the base model in 4 bits, which cannot be trained itself: "
             "add adapters (model.peft with class_path: peft.LoraConfig), or drop "
             "model.quantization."
         )
+
+
+def check_lora_values(config: Any) -> None:
+    """At start-up, before any model loads: the ``model.peft`` values peft would reject only
+    once the model is loaded (``r``, ``rank_pattern``, ``lora_dropout``), and AdaLoRA.
+
+    Raises:
+        ConfigError: naming the setting, its value and the range.
+    """
+    from peft import AdaLoraConfig
+
+    if isinstance(config, AdaLoraConfig):
+        raise ConfigError(
+            "model.peft is a peft.AdaLoraConfig: AdaLoRA reallocates its ranks in a "
+            "update_and_allocate call after every optimizer step, which treg's training loop "
+            "does not make (its ranks would never be allocated). Use class_path: "
+            "peft.LoraConfig (a fixed rank r)."
+        )
+    r = config.r
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ConfigError(
+            f"model.peft.r must be a positive integer (the adapters' rank, e.g. 8), got {r!r}."
+        )
+    for name, rank in (config.rank_pattern or {}).items():
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ConfigError(
+                f"model.peft.rank_pattern[{name!r}] must be a positive integer rank, got {rank!r}."
+            )
+    dropout = config.lora_dropout
+    if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ConfigError(
+            f"model.peft.lora_dropout must be in [0, 1) (the share of the adapters' inputs "
+            f"dropped, e.g. 0.05), got {dropout!r}."
+        )
+
+
+def check_lora_targets(module) -> None:
+    """At start-up: ``model.peft.target_modules`` name layers of ``model.model``, checked on its
+    config on the meta device (no weights read).
+
+    Raises:
+        ConfigError: a target matches no layer (the message lists the linear layers).
+    """
+    config = getattr(module, "peft", None)
+    if config is None:
+        return
+    skeleton = peft_skeleton(module)  # peft refuses targets of which none matches
+    targets = config.target_modules
+    if targets is None or isinstance(targets, str):  # a regex or "all-linear": peft's to match
+        return
+    base = skeleton.get_base_model()
+    names = [name for name, _ in base.named_modules()]
+    unknown = sorted(t for t in targets if not any(n == t or n.endswith("." + t) for n in names))
+    if unknown:
+        linear = sorted({_layer_name(n) for n, m in base.named_modules() if _linear(n, m)})
+        raise ConfigError(
+            f"model.peft.target_modules names {unknown}, which {module.model_name} has no layer "
+            f"of (peft would put no adapter there, without a word). Its linear layers are named "
+            f"{linear} (or use target_modules: all-linear)."
+        )
+
+
+def _linear(name: str, module: nn.Module) -> bool:
+    """A linear layer of the model itself, not one of the adapters peft added."""
+    return isinstance(module, nn.Linear) and ".lora_" not in f".{name}"
+
+
+def _layer_name(name: str) -> str:
+    """``layers.0.self_attn.q_proj.base_layer`` (a layer peft wrapped) -> ``q_proj``."""
+    return name.removesuffix(".base_layer").rsplit(".", 1)[-1]
 
 
 def clean_name(name: str) -> str:

@@ -90,7 +90,9 @@ def apply_lora(model: nn.Module, config: Any, autocast_adapter_dtype: bool = Tru
         wrapped = peft.get_peft_model(model, config, autocast_adapter_dtype=autocast_adapter_dtype)
     except ValueError as err:
         names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m)})
-        raise ValueError(
+        from treg_lightning.errors import ConfigError
+
+        raise ConfigError(
             f"peft.LoraConfig(target_modules={config.target_modules!r}) does not fit "
             f"{type(model).__name__}: {err} Its linear layers are named {names} (or use "
             "target_modules: all-linear)."

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import lightning as L
@@ -80,21 +81,25 @@ class ExportOnFitEnd(Callback):
         log_dir = trainer.log_dir  # a collective under multi-process strategies: every rank
         paths = self.paths(log_dir)
         if paths["export_dir"] is not None:
-            folder = export_module(  # collective
-                pl_module, paths["export_dir"], tokenizer, self.adapter_only
-            )
-            if folder is not None:
-                from treg_lightning.models.model_card import (
-                    model_card,
-                    plain_metrics,
-                    write_model_card,
-                )
+            from treg_lightning.models.model_card import model_card, plain_metrics, write_model_card
+            from treg_lightning.models.save import staged_folder
 
-                source = getattr(trainer.datamodule, "source", None)
-                metrics = plain_metrics(trainer.callback_metrics)
-                write_model_card(folder, model_card(pl_module, source, metrics, self.adapter_only))
+            export_dir = Path(paths["export_dir"])
+            # Rank 0 writes into a temporary sibling swapped in at the end (an earlier export
+            # stays intact if this one fails); the other ranks only take part in the gather.
+            staging = staged_folder(export_dir) if trainer.is_global_zero else nullcontext()
+            with staging as target:
+                folder = export_module(  # collective
+                    pl_module, target or export_dir, tokenizer, self.adapter_only
+                )
+                if folder is not None:
+                    source = getattr(trainer.datamodule, "source", None)
+                    metrics = plain_metrics(trainer.callback_metrics)
+                    card = model_card(pl_module, source, metrics, self.adapter_only)
+                    write_model_card(folder, card)
+            if folder is not None:
                 what = "LoRA adapter (peft folder)" if self.adapter_only else "Hugging Face folder"
-                self.written[f"policy ({what})"] = folder
+                self.written[f"policy ({what})"] = export_dir
         if trainer.is_global_zero and paths["heatmap_path"] is not None:
             rows = self._cache_rows(trainer)
             if rows is not None:

@@ -222,6 +222,7 @@ class TRegTrainer(Trainer):
             output_dir: folder of evaluation.md, evaluation.json and the PNG plots.
             overwrite: replace an earlier report in ``output_dir``.
         """
+        from treg_lightning.answers.evaluate_checks import check_evaluate_inputs
         from treg_lightning.answers.evaluation import (
             EvaluateSettings,
             check_report_folder,
@@ -234,7 +235,8 @@ class TRegTrainer(Trainer):
             reference, reward_model, reward_batch_size, reward_dtype, max_new_tokens,
             output_dir, overwrite,
         )  # fmt: skip
-        check_report_folder(output_dir, overwrite)
+        check_report_folder(output_dir, overwrite, runs or [])
+        check_evaluate_inputs(runs or [], reference, reward_model)
         results = evaluate_runs(self, model, datamodule, runs or [], settings)
         paths = write_report(results, runs or [], output_dir, overwrite)
         print(markdown_table(results), flush=True)
