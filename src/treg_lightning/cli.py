@@ -109,6 +109,7 @@ class TRegCLI(LightningCLI):
             "plan": {"model", "datamodule"},
             "predict": {"model", "datamodule"},
             "evaluate": {"model", "datamodule"},
+            "pairs": {"model", "datamodule"},
         }
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:

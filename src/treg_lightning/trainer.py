@@ -9,7 +9,8 @@ parser from the signature and docstring and runs it like ``fit``:
 - ``plan``: only declares its arguments (``treg plan`` runs without a trainer, see
   :mod:`treg_lightning.plan`);
 - ``predict``: answers of the policy (:mod:`treg_lightning.predictions`), replacing Lightning's;
-- ``evaluate``: one table row per run (:mod:`treg_lightning.evaluation`).
+- ``evaluate``: one table row per run (:mod:`treg_lightning.evaluation`);
+- ``pairs``: on-policy preference pairs (:mod:`treg_lightning.pair_building`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from treg_lightning.errors import ConfigError
 from treg_lightning.evaluation import EvalRun
 from treg_lightning.generation import GenerationBackend
 from treg_lightning.outputs import disk_full_hint
+from treg_lightning.pair_building import pairs_command
 
 
 class TRegTrainer(Trainer):
@@ -244,3 +246,7 @@ class TRegTrainer(Trainer):
         print(markdown_table(results), flush=True)
         print("\n".join(f"{kind}: {path.resolve()}" for kind, path in paths.items()), flush=True)
         return results
+
+    # ---- pairs: on-policy preference pairs (logic and signature in pair_building) ----------
+
+    pairs = pairs_command
