@@ -400,3 +400,24 @@ def test_bad_inputs_are_refused_before_any_model_loads(env, tiny_model_dir, tmp_
     err = refused([*args, *judge], capsys)
     assert "cannot render prompt 2" in err and "System role not supported" in err
     assert not out.exists() and not Path(f"{out}.parts").exists()
+
+
+def test_shipped_onpolicy_config_parses(monkeypatch):
+    import contextlib
+    import io
+
+    import yaml
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = Path(__file__).resolve().parents[1] / "configs" / "onpolicy_demo.yaml"
+    out = io.StringIO()
+    with (
+        mock.patch.object(sys, "argv", ["treg"]),
+        contextlib.redirect_stdout(out),
+        pytest.raises(SystemExit) as info,
+    ):
+        treg_main(["pairs", "--config", str(config), "--print_config"])
+    assert info.value.code in (0, None)
+    printed = yaml.safe_load(out.getvalue())
+    assert printed["scorer"]["class_path"] == "treg_lightning.scorers.ImplicitRewardScorer"
+    assert printed["seeds"] == [13, 21, 42, 79] and printed["model"]["model"] == "smollm2"
