@@ -315,6 +315,7 @@ def build_outputs(prompts, seeds, work_dir: Path, score_dir: Path, shard_size: i
                 best, worst = rows[choice.chosen], rows[choice.rejected]
                 margins.append(values[choice.chosen] - values[choice.rejected])
                 pairs.append({
+                    **prompt.get("extra", {}),  # first: a prompt file's fields never replace ours
                     "prompt": prompt["messages"],
                     "chosen": [{"role": "assistant", "content": best["output"]}],
                     "rejected": [{"role": "assistant", "content": worst["output"]}],
@@ -323,7 +324,6 @@ def build_outputs(prompts, seeds, work_dir: Path, score_dir: Path, shard_size: i
                     "rejected_score": values[choice.rejected],
                     "chosen_seed": seeds[choice.chosen],
                     "rejected_seed": seeds[choice.rejected],
-                    **prompt.get("extra", {}),
                 })  # fmt: skip
             else:
                 dropped[choice.dropped] += 1
