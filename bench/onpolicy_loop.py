@@ -1,7 +1,7 @@
 """Two rounds of iterative on-policy T-REG on CPU with SmolLM2-135M-Instruct (the README recipe).
 
     judge: a DPO LoRA fit on the first 40 demo pairs (its implicit reward scores the samples)
-    round r: treg pairs (policy r, 10 held-out demo prompts, k = 3, 48 new tokens, the shipped
+    round r: treg pairs (policy r, 8 held-out demo prompts, k = 3, 48 new tokens, the shipped
              configs/onpolicy_demo.yaml) -> treg fit (configs/demo_lora.yaml: annotate the new
              pairs, DPO + T-REG LoRA, one epoch) -> policy r + 1 (the merged export)
 
@@ -9,7 +9,7 @@ Reported per round: prompts kept, dropped per reason, the mean chosen - rejected
 the fit's steps and its held-out reward accuracy (8 hand-written demo pairs, rows 100-107,
 seen by no fit), and wall times. Every stage is one ``treg`` process.
 
-    python bench/onpolicy_loop.py                          # ~15 min on 2 CPU cores
+    python bench/onpolicy_loop.py                          # ~15 min on 2 idle CPU cores
     python bench/onpolicy_loop.py --out bench/results/onpolicy
 """
 
@@ -27,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "src" / "treg_lightning" / "data" / "demo" / "pairs.jsonl"
-PROMPT_ROWS = range(40, 50)  # not among the judge's 40 training pairs
+PROMPT_ROWS = range(40, 48)  # not among the judge's 40 training pairs
 HELDOUT_ROWS = range(100, 108)
 
 
