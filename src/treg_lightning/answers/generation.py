@@ -206,7 +206,8 @@ class TransformersBackend(GenerationBackend):
 
 VLLM_MISSING = (
     "--backend treg_lightning.answers.generation.VLLMBackend needs vLLM, which is not installed "
-    "here: `pip install treg-lightning[vllm]` on a CUDA machine, or drop --backend to generate with "
+    "here: `pip install treg-lightning[vllm]` on a CUDA machine, or drop --backend to generate "
+    "with "
     "the default treg_lightning.answers.generation.TransformersBackend."
 )
 

@@ -31,6 +31,8 @@ class RewardModelScorer:
             ``max_position_embeddings``.
         device: where the reward model runs; None: CUDA when available, else CPU.
         trust_remote_code: allow model code from the hub.
+        output_field: the field of the model's output that holds the reward (ArmoRM: ``score``)
+            for models whose reward is not ``logits[:, 0]``; None: ``logits``, one output.
     """
 
     def __init__(
@@ -41,12 +43,14 @@ class RewardModelScorer:
         max_length: int | None = None,
         device: str | None = None,
         trust_remote_code: bool = False,
+        output_field: str | None = None,
     ) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from treg_lightning.models.loading import parse_dtype
 
         self.name = str(name_or_path)
+        self.output_field = output_field
         self.tokenizer = AutoTokenizer.from_pretrained(
             name_or_path, trust_remote_code=trust_remote_code
         )
@@ -60,10 +64,11 @@ class RewardModelScorer:
             name_or_path, dtype=parse_dtype(torch_dtype), trust_remote_code=trust_remote_code
         )
         self.model.to(self.device).eval()
-        if self.model.config.num_labels != 1:
+        if output_field is None and self.model.config.num_labels != 1:
             raise ConfigError(
                 f"the reward model {self.name!r} has {self.model.config.num_labels} outputs; a "
-                "reward model has one (num_labels=1)."
+                "reward model has one (num_labels=1), or name the output field that holds the "
+                "reward (output_field, e.g. score for ArmoRM)."
             )
         positions = getattr(self.model.config, "max_position_embeddings", None)
         self.max_length = max_length or positions
@@ -115,11 +120,22 @@ class RewardModelScorer:
         config = self.model.config
         saved, config.pad_token_id = config.pad_token_id, pad
         try:
-            logits = self.model(
+            output = self.model(
                 input_ids=input_ids.to(self.device),
                 attention_mask=mask.to(self.device),
                 position_ids=positions.to(self.device),
-            ).logits
+            )
         finally:
             config.pad_token_id = saved
-        return logits[:, 0].float().cpu().tolist()
+        if self.output_field is None:
+            return output.logits[:, 0].float().cpu().tolist()
+        values = getattr(output, self.output_field, None)
+        if values is None and isinstance(output, dict):
+            values = output.get(self.output_field)
+        if not isinstance(values, torch.Tensor) or values.numel() != len(batch):
+            raise ConfigError(
+                f"the reward model {self.name!r} output field {self.output_field!r} is not one "
+                f"value per conversation (got {getattr(values, 'shape', type(values).__name__)}"
+                "). Name the field that holds the reward (ArmoRM: score)."
+            )
+        return values.reshape(len(batch)).float().cpu().tolist()

@@ -79,6 +79,7 @@ class TRegCLI(LightningCLI):
             "predict": {"model", "dataloaders", "datamodule", "return_predictions", "weights_only"},
             "evaluate": {"model", "datamodule"},
             "audit": {"model", "datamodule"},
+            "pairs": {"model", "datamodule"},
         }
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:

@@ -11,7 +11,8 @@ parser from the signature and docstring and runs it like ``fit``:
   or another datamodule (the signature is Lightning's, extended by keyword-only settings);
 - ``evaluate``: one table row per run (:mod:`treg_lightning.answers.evaluation`);
 - ``audit``: whether the token rewards of the data point at the right tokens
-  (:mod:`treg_lightning.rewards.audit`).
+  (:mod:`treg_lightning.rewards.audit`);
+- ``pairs``: on-policy preference pairs (:mod:`treg_lightning.answers.onpolicy`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from treg_lightning.answers.evaluation import EvalRun
 from treg_lightning.answers.generation import GenerationBackend
+from treg_lightning.answers.onpolicy import pairs_command
 from treg_lightning.data.datamodule import PreferenceDataModule
 from treg_lightning.errors import ConfigError
 from treg_lightning.outputs import disk_full_hint
@@ -288,3 +290,7 @@ class TRegTrainer(Trainer):
             paths = write_report(result, output_dir, rows, datamodule.tokenizer)
             print("\n".join(f"{kind}: {path.resolve()}" for kind, path in paths.items()))
         return result
+
+    # ---- pairs: on-policy preference pairs (logic and signature in pair_building) ----------
+
+    pairs = pairs_command
