@@ -14,7 +14,7 @@ import pytest
 import treg_lightning
 from builders import tiny_fit_args, write_pairs
 from treg_lightning.cli.main import TRegCLI, cli_main
-from treg_lightning.models.model_card import card_metadata, hub_id, model_card, read_front_matter
+from treg_lightning.training.model_card import card_metadata, hub_id, model_card, read_front_matter
 
 SIMPO = "treg_lightning.losses.SimPOLoss"
 

@@ -81,8 +81,12 @@ class ExportOnFitEnd(Callback):
         log_dir = trainer.log_dir  # a collective under multi-process strategies: every rank
         paths = self.paths(log_dir)
         if paths["export_dir"] is not None:
-            from treg_lightning.models.model_card import model_card, plain_metrics, write_model_card
             from treg_lightning.models.save import staged_folder
+            from treg_lightning.training.model_card import (
+                model_card,
+                plain_metrics,
+                write_model_card,
+            )
 
             export_dir = Path(paths["export_dir"])
             # Rank 0 writes into a temporary sibling swapped in at the end (an earlier export

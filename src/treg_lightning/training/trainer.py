@@ -107,8 +107,8 @@ class TRegTrainer(Trainer):
                 ``PeftModel.from_pretrained(base, output_dir)`` loads it).
         """
         from treg_lightning.models.export import export_checkpoint
-        from treg_lightning.models.model_card import write_card
         from treg_lightning.models.save import staged_folder
+        from treg_lightning.training.model_card import write_card
 
         if ckpt_path is None:
             raise ConfigError("export needs --ckpt_path (a .ckpt file or a checkpoint folder).")
