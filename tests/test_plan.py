@@ -26,7 +26,8 @@ from treg_lightning.plan.settings import settings_from_config
 from treg_lightning.plan.shapes import SHIPPED_SHAPES, shape_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+# Run configs only: a `treg pairs` config (onpolicy_demo.yaml) has its own sections.
+CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if p.name != "onpolicy_demo.yaml")
 STRATEGIES = sorted((ROOT / "configs" / "strategy").glob("*.yaml"))
 
 

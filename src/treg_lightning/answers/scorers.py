@@ -256,8 +256,8 @@ class ImplicitRewardScorer(Scorer):
         from treg_lightning.forward.logprobs import (
             causal_lm_token_logps,
             model_softcap,
-            sequence_logps,
         )
+        from treg_lightning.pairs import sequence_logps
 
         # Right padding: a causal model's real tokens never see the padding after them.
         longest = max(len(ids) for ids, _ in batch)
