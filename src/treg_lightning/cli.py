@@ -2,7 +2,7 @@
 :class:`PreferenceDataModule`.
 
 Subcommands: Lightning's ``fit``, ``validate`` and ``test``, plus ``annotate``, ``export``,
-``plan``, ``predict`` and ``evaluate``, each a method of
+``plan``, ``predict``, ``evaluate`` and ``audit``, each a method of
 :class:`~treg_lightning.trainer.TRegTrainer` (LightningCLI builds their parsers from the
 signatures). ``plan`` runs here without building the trainer, the model or the data. This module
 holds the parsing: short usage and "did you mean" on errors, start-up checks before any weights
@@ -109,6 +109,7 @@ class TRegCLI(LightningCLI):
             "plan": {"model", "datamodule"},
             "predict": {"model", "datamodule"},
             "evaluate": {"model", "datamodule"},
+            "audit": {"model", "datamodule"},
         }
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:

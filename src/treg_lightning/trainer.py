@@ -9,7 +9,9 @@ parser from the signature and docstring and runs it like ``fit``:
 - ``plan``: only declares its arguments (``treg plan`` runs without a trainer, see
   :mod:`treg_lightning.plan`);
 - ``predict``: answers of the policy (:mod:`treg_lightning.predictions`), replacing Lightning's;
-- ``evaluate``: one table row per run (:mod:`treg_lightning.evaluation`).
+- ``evaluate``: one table row per run (:mod:`treg_lightning.evaluation`);
+- ``audit``: whether the token rewards of the data point at the right tokens
+  (:mod:`treg_lightning.rewards.audit`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from treg_lightning.errors import ConfigError
 from treg_lightning.evaluation import EvalRun
 from treg_lightning.generation import GenerationBackend
 from treg_lightning.outputs import disk_full_hint
+from treg_lightning.rewards.source import TokenRewardSource
 
 
 class TRegTrainer(Trainer):
@@ -244,3 +247,49 @@ class TRegTrainer(Trainer):
         print(markdown_table(results), flush=True)
         print("\n".join(f"{kind}: {path.resolve()}" for kind, path in paths.items()), flush=True)
         return results
+
+    # ---- audit: do the token rewards point at the right tokens (treg_lightning.rewards.audit) --
+
+    def audit(
+        self,
+        model: LightningModule | None = None,
+        datamodule: LightningDataModule | None = None,
+        split: str = "train",
+        second: TokenRewardSource | None = None,
+        output_dir: str = "audit",
+        k: int | None = None,
+        near_zero_below: float = 0.01,
+        bootstrap: int = 1000,
+        seed: int = 0,
+        heatmap_pairs: int = 4,
+    ) -> dict:
+        """Audit the token rewards of data.rewards on one split (the cache is built or reused):
+        with ground-truth spans in the data (``chosen_spans`` / ``rejected_spans``) how well
+        ``r_hat`` finds the marked tokens, always the pair-label agreement, the histogram, the
+        share of near-zero rewards and a heat map of the pairs disagreeing most with the labels.
+
+        Args:
+            split: the split to audit ("train", "val" or "test").
+            second: a second token-reward source (another template, another model) for the rank
+                correlation of the two per token; None: none.
+            output_dir: folder of audit.md, audit.json and the PNGs (never overwritten).
+            k: tokens of precision@k; None: the number of negatively marked tokens.
+            near_zero_below: ``|r_hat|`` under which a reward counts as near zero.
+            bootstrap: resamples over pairs for the 95% intervals.
+            seed: seed of the resampling.
+            heatmap_pairs: pairs in the heat map of the most disagreeing pairs.
+        """
+        from treg_lightning.rewards.audit import check_report_folder
+
+        check_report_folder(output_dir)
+        self.annotate(model, datamodule)  # the checks, the processes, the cache
+        from treg_lightning.rewards.audit import audit_split, write_report
+
+        result, rows = audit_split(
+            datamodule, split, second, k=k, near_zero_below=near_zero_below,
+            bootstrap=bootstrap, seed=seed, disagreeing=heatmap_pairs,
+        )  # fmt: skip
+        if self.global_rank == 0:
+            paths = write_report(result, output_dir, rows, datamodule.tokenizer)
+            print("\n".join(f"{kind}: {path.resolve()}" for kind, path in paths.items()))
+        return result

@@ -305,8 +305,9 @@ class PreferenceDataModule(pl.LightningDataModule):
                 hint="Check the data format (see treg_lightning.data.formats) and the lengths.",
             )
 
-    def _serve(self, split: str, rows: list[dict]):
-        if self.rewards is None:
+    def _serve(self, split: str, rows: list[dict], rewards: TokenRewardSource | None = None):
+        rewards = rewards if rewards is not None else self.rewards
+        if rewards is None:
             return rows
         context = AnnotationContext(
             tokenizer=self._load_tokenizer(),
@@ -315,7 +316,7 @@ class PreferenceDataModule(pl.LightningDataModule):
             settings={"max_length": self.max_length, "max_prompt_length": self.max_prompt_length},
             trust_remote_code=self.trust_remote_code,
         )
-        return self.rewards.annotate(rows, split, context)
+        return rewards.annotate(rows, split, context)
 
     def _device(self) -> torch.device:
         if self.trainer is not None:

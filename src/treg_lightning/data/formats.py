@@ -25,6 +25,10 @@ to text by another tool (a pandas CSV's Python repr, or JSON text) is read back 
 is refused (see textlists.py). An empty prompt (empty text, empty list, a user turn with no text)
 is refused, never trained.
 
+Token-reward annotations of a row (``chosen_spans`` / ``rejected_spans``, see
+:mod:`treg_lightning.rewards.spans`) are kept as they are, for the reward source to read; every
+other extra column is dropped.
+
 Schema problems (a missing or misspelled column) raise `DataFormatError`; problems of one row
 raise `InvalidRowError`, which `normalize_rows` skips and counts when ``skip_invalid_rows`` is
 True (see errors.py).
@@ -42,6 +46,8 @@ from treg_lightning.data.textlists import looks_like_messages, parse_messages
 ROLES = ("system", "user", "assistant")
 REQUIRED_COLUMNS = ("chosen", "rejected")
 MESSAGE_COLUMNS = ("prompt", "chosen", "rejected")
+# Columns kept beside the normalized fields, for token-reward sources (rewards/spans.py).
+ANNOTATION_COLUMNS = ("chosen_spans", "rejected_spans")
 # Column names other data sets give the prompt, reported as "rename 'question' to 'prompt'".
 PROMPT_ALIASES = (
     "question", "instruction", "query", "input", "context", "prompts", "questions",
@@ -77,7 +83,8 @@ def normalize_rows(source: RawSource, skip_invalid_rows: bool, report: SkipRepor
                 raise error from None
             report.skip(error)
             continue
-        examples.append({"index": index, **example})
+        annotations = {k: row[k] for k in ANNOTATION_COLUMNS if row.get(k) is not None}
+        examples.append({"index": index, **example, **annotations})
     return examples
 
 

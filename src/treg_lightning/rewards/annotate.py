@@ -146,10 +146,12 @@ class ContrastiveScorer:
         return contexts
 
 
-def token_rewards(better_token_logps: np.ndarray, worse_token_logps: np.ndarray) -> np.ndarray:
-    """``r_hat_t = sigmoid(better_t - worse_t) - 0.5``, float32, in (-0.5, 0.5)."""
+def token_rewards(
+    better_token_logps: np.ndarray, worse_token_logps: np.ndarray, scale: float = 1.0
+) -> np.ndarray:
+    """``r_hat_t = sigmoid(scale * (better_t - worse_t)) - 0.5``, float32, in (-0.5, 0.5)."""
     diff = torch.from_numpy(better_token_logps - worse_token_logps)
-    return (torch.sigmoid(diff) - 0.5).numpy().astype(np.float32)
+    return (torch.sigmoid(diff * scale) - 0.5).numpy().astype(np.float32)
 
 
 @torch.inference_mode()

@@ -103,7 +103,7 @@ def rows_digest(rows: Iterable[Mapping[str, Any]], salt: str = "") -> str:
 
 def compute_fingerprint(
     *,
-    model: torch.nn.Module,
+    model: torch.nn.Module | None,
     tokenizer,
     template=None,
     rows: list[Mapping[str, Any]],
@@ -113,7 +113,8 @@ def compute_fingerprint(
     """Fingerprint of a token-reward cache.
 
     The model enters by content (:func:`model_identity`), not by path, so moving a model folder
-    keeps its cache valid. ``settings`` should hold everything else that changes the cached
+    keeps its cache valid; ``model=None`` is a source without one (values read from the data).
+    ``settings`` should hold everything else that changes the cached
     values: lengths, dtype, ``store_reference_logps``, context length limit.
     """
     template_dict = template.to_dict() if hasattr(template, "to_dict") else {"repr": repr(template)}
@@ -121,7 +122,7 @@ def compute_fingerprint(
     parts = {
         # A new format never shares a folder (digest) with caches of an older one.
         "format": _sha(f"{FORMAT}/{FORMAT_VERSION}"),
-        "model": model_identity(model),
+        "model": _sha("no model") if model is None else model_identity(model),
         "tokenizer": tokenizer_identity(tokenizer),
         "template": _sha(_json(template_dict)),
         "settings": _sha(_json(dict(settings))),
