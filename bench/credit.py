@@ -52,6 +52,10 @@ ALL_VARIANTS = (
 )  # fmt: skip
 
 
+# The decoder's linear layers (Llama-style names), for adapters on some layers only.
+LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
 @dataclass(frozen=True)
 class Size:
     """One setting (every variant and seed gets the same)."""
@@ -67,6 +71,7 @@ class Size:
     variants: tuple[str, ...]
     seeds: int = 3
     lora_rank: int = 16
+    lora_layers: int | None = None  # adapters on the top this many decoder layers (None: all)
     alpha: float = 0.25  # T-REG strength (the paper's 0.25)
     sft_steps: int = 0  # two-model rewards: fine-tuning steps of each LoRA copy
     sft_lr: float = 5e-4
@@ -76,10 +81,11 @@ class Size:
 
 
 SIZES = {
-    # 3 seeds x 3 variants x 24 steps of 2 pairs (one epoch of 48 training pairs) at <= 128
-    # tokens, LoRA rank 16: ~25 min on 2 shared cores (bench/README.md, "credit").
-    "cpu-small": Size("smollm2", train_pairs=48, heldout_pairs=48, steps=24, batch_size=2,
-                      lr=5e-4, max_length=128, max_prompt_length=64,
+    # 3 seeds x 3 variants x 16 steps of 2 pairs (one epoch of 32 training pairs) at <= 96
+    # tokens, LoRA rank 16 on the top 8 of 30 layers, reference log-probs computed once:
+    # ~25 min on 2 CPU cores shared with other jobs (bench/README.md, "credit").
+    "cpu-small": Size("smollm2", train_pairs=32, heldout_pairs=32, steps=16, batch_size=2,
+                      lr=1e-3, max_length=96, max_prompt_length=48, lora_layers=8,
                       variants=ALL_VARIANTS[:3]),
     "cpu": Size("smollm2", train_pairs=96, heldout_pairs=64, steps=48, batch_size=2, lr=5e-4,
                 max_length=160, max_prompt_length=80, variants=ALL_VARIANTS, sft_steps=96),
@@ -182,8 +188,9 @@ def make_source(key: str | None, files: dict[str, Path], size: Size, work: Path,
     if key is None:
         return None, None
     if key == "spans":
-        train, notes["spans"] = credit_sources.span_source({"train": files["train"]})
-        heldout, _ = credit_sources.span_source({"train": files["heldout"]})
+        cache = str(work / "cache")
+        train, notes["spans"] = credit_sources.span_source({"train": files["train"]}, cache)
+        heldout, _ = credit_sources.span_source({"train": files["heldout"]}, cache)
         return train, heldout
     if key in ("instruct", "revise"):
         from treg_lightning.rewards import ContrastiveRewards
@@ -197,8 +204,9 @@ def make_source(key: str | None, files: dict[str, Path], size: Size, work: Path,
         return build(), build()
     if key == "two-model":
         positive, negative = two_models(size, files, work)
-        train, notes["two-model"] = credit_sources.two_model_source(positive, negative, 1.0)
-        heldout, _ = credit_sources.two_model_source(positive, negative, 1.0)
+        cache = str(work / "cache")
+        train, notes["two-model"] = credit_sources.two_model_source(positive, negative, 1.0, cache)
+        heldout, _ = credit_sources.two_model_source(positive, negative, 1.0, cache)
         return train, heldout
     raise ValueError(key)
 
@@ -251,12 +259,21 @@ def train(size: Size, name: str, seed: int, train_path: Path, source, work: Path
                                 max_prompt_length=size.max_prompt_length,
                                 batch_size=size.batch_size, seed=seed, rewards=source)  # fmt: skip
     L.seed_everything(seed, verbose=False)
+    layers = None
+    if size.lora_layers is not None:
+        from transformers import AutoConfig
+
+        from treg_lightning.models import resolve_model_source
+
+        total = AutoConfig.from_pretrained(resolve_model_source(size.model).path).num_hidden_layers
+        layers = list(range(total - size.lora_layers, total))
     module = PreferenceModule(
-        size.model, loss=loss, regularizer=regularizer, live_reference=None,
+        size.model, loss=loss, regularizer=regularizer, live_reference=False,
         optimizer=partial(torch.optim.AdamW, lr=size.lr, weight_decay=0.0),
         torch_dtype=size.torch_dtype,
         peft=LoraConfig(r=size.lora_rank, lora_alpha=2 * size.lora_rank, lora_dropout=0.0,
-                        target_modules="all-linear"),
+                        target_modules=LINEAR if layers else "all-linear",
+                        layers_to_transform=layers),
     )  # fmt: skip
     logger = CSVLogger(work / "logs", name=f"{slug(name)}-seed{seed}", version=0)
     trainer = L.Trainer(
@@ -268,6 +285,9 @@ def train(size: Size, name: str, seed: int, train_path: Path, source, work: Path
     )  # fmt: skip
     trainer.fit(module, datamodule=data)
     return module
+
+
+_REFERENCE: dict[tuple, dict] = {}
 
 
 def score(module, rows: list[dict], pairs: list[dict], tokenizer) -> list[dict]:
@@ -288,8 +308,11 @@ def score(module, rows: list[dict], pairs: list[dict], tokenizer) -> list[dict]:
         batch = collate([row])
         with torch.no_grad():
             policy = module.model_token_logps(module.policy, batch)
-            with adapters_disabled(module.policy):
-                reference = module.model_token_logps(module.policy, batch)
+            key = (tuple(row["prompt_ids"]), tuple(row["chosen_ids"]), tuple(row["rejected_ids"]))
+            if key not in _REFERENCE:  # the base model: the same for every run
+                with adapters_disabled(module.policy):
+                    _REFERENCE[key] = module.model_token_logps(module.policy, batch)
+            reference = _REFERENCE[key]
 
         def scores(logps, ref):
             sides = (ResponseScores.from_tokens(logps[s], batch[f"{s}_response_mask"], ref[s])
@@ -367,11 +390,13 @@ def fmt(m: dict, digits: int = 3) -> str:
 
 
 def markdown(results: dict, audits: dict, size: Size, seconds: dict) -> str:
+    layers = f"top {size.lora_layers} layers" if size.lora_layers else "all layers"
     lines = [
         "# Credit benchmark: results",
         "",
         f"`bench/credit.py --size {results['size_name']}`: {size.model}, LoRA rank "
-        f"{size.lora_rank}, {size.steps} steps x {size.batch_size} pairs, lr {size.lr}, "
+        f"{size.lora_rank} ({layers}), "
+        f"{size.steps} steps x {size.batch_size} pairs, lr {size.lr}, "
         f"max_length {size.max_length}, {size.train_pairs} train / {size.heldout_pairs} "
         f"held-out pairs, {size.seeds} seeds, T-REG alpha {size.alpha}. Mean over seeds "
         "[95% interval, bootstrap over seeds and held-out pairs]. Wall time "
@@ -437,7 +462,9 @@ def run(size: Size, size_name: str, out: Path, work: Path, data_dir: Path, overw
         key = source_key(name)
         if key not in sources:
             with clock(f"source: {key}"):
-                sources[key] = make_source(key, files, size, work, notes)
+                train_source, heldout_source = make_source(key, files, size, work, notes)
+                sources[key] = (credit_sources.WithReference(train_source, size.model),
+                                heldout_source)  # fmt: skip
     results = {"size_name": size_name, "variants": {}}
     per_variant: dict[str, list[list[dict]]] = {}
     for seed in range(size.seeds):

@@ -64,12 +64,12 @@ class FileSpans(TokenRewardSource):
         return out
 
 
-def span_source(files: Mapping[str, str | Path]) -> tuple[TokenRewardSource, str]:
+def span_source(files: Mapping[str, str | Path], cache_dir: str) -> tuple[TokenRewardSource, str]:
     """The library's ``SpanRewards`` if it is there (rows carry the spans), else the stand-in."""
     try:
         from treg_lightning.rewards.spans import SpanRewards
 
-        return SpanRewards(), "treg_lightning.rewards.spans.SpanRewards"
+        return SpanRewards(cache_dir=cache_dir), "treg_lightning.rewards.spans.SpanRewards"
     except (ImportError, TypeError):
         return FileSpans(files), "bench/credit_sources.py FileSpans (SpanRewards not merged yet)"
 
@@ -108,11 +108,14 @@ class TwoModelRewards(TokenRewardSource):
         return out
 
 
-def two_model_source(positive: str, negative: str, scale: float) -> tuple[TokenRewardSource, str]:
+def two_model_source(positive: str, negative: str, scale: float, cache_dir: str):
+    """The library's ``ModelContrastRewards`` if it is there, else the stand-in."""
     try:
         from treg_lightning.rewards.model_contrast import ModelContrastRewards
 
-        return (ModelContrastRewards(positive=positive, negative=negative, scale=scale),
+        source = ModelContrastRewards(positive=positive, negative=negative, scale=scale,
+                                      cache_dir=cache_dir)  # fmt: skip
+        return (source,
                 "treg_lightning.rewards.model_contrast.ModelContrastRewards")  # fmt: skip
     except (ImportError, TypeError):
         return (TwoModelRewards(positive, negative, scale),
@@ -154,3 +157,50 @@ def finetune_lora(model_name: str, rows: Sequence[Mapping[str, Any]], side: str,
     merged.save_pretrained(out)
     load_tokenizer(model_name).save_pretrained(out)
     return out
+
+
+_REFERENCE: dict[tuple, list[float]] = {}  # (model, prompt ids, response ids) -> token logps
+_MODELS: dict[str, Any] = {}
+
+
+class WithReference(TokenRewardSource):
+    """``inner``'s token rewards (none for ``inner=None``) plus the reference token log-probs
+    ``{side}_ref_token_logps`` of ``model`` (plain forwards, computed once per response for all
+    variants and seeds of a run), so that no variant pays a reference forward per step."""
+
+    def __init__(self, inner: TokenRewardSource | None, model: str) -> None:
+        self.inner, self.model = inner, model
+
+    @property
+    def provides_token_rewards(self) -> bool:
+        return self.inner is not None and self.inner.provides_token_rewards
+
+    @property
+    def provides_reference_logps(self) -> bool:
+        return True
+
+    @property
+    def cache_folder(self):
+        return None if self.inner is None else self.inner.cache_folder
+
+    def release(self) -> None:
+        if self.inner is not None:
+            self.inner.release()
+
+    def annotate(self, rows, split: str, context: AnnotationContext):
+        rows = rows if self.inner is None else self.inner.annotate(rows, split, context)
+        if self.model not in _MODELS:
+            from treg_lightning.models import load_causal_lm
+
+            _MODELS[self.model] = load_causal_lm(self.model).eval()
+        model = _MODELS[self.model]
+        out = []
+        for row in rows:
+            served = dict(row)
+            for side in ("chosen", "rejected"):
+                key = (self.model, tuple(row["prompt_ids"]), tuple(row[f"{side}_ids"]))
+                if key not in _REFERENCE:
+                    _REFERENCE[key] = response_logps(model, row["prompt_ids"], row[f"{side}_ids"])
+                served[f"{side}_ref_token_logps"] = _REFERENCE[key]
+            out.append(served)
+        return out
