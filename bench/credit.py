@@ -81,11 +81,11 @@ class Size:
 
 
 SIZES = {
-    # 3 seeds x 3 variants x 16 steps of 2 pairs (one epoch of 32 training pairs) at <= 96
-    # tokens, LoRA rank 16 on the top 8 of 30 layers, reference log-probs computed once:
-    # ~25 min on 2 CPU cores shared with other jobs (bench/README.md, "credit").
-    "cpu-small": Size("smollm2", train_pairs=32, heldout_pairs=32, steps=16, batch_size=2,
-                      lr=1e-3, max_length=96, max_prompt_length=48, lora_layers=8,
+    # 3 seeds x 3 variants x 8 steps of 2 pairs (one epoch of 16 training pairs) at <= 80
+    # tokens, LoRA rank 16 on the top 8 of 30 layers, reference log-probs computed once: sized
+    # for ~25 min on 2 CPU cores shared with five other jobs, one thread (bench/README.md).
+    "cpu-small": Size("smollm2", train_pairs=16, heldout_pairs=24, steps=8, batch_size=2,
+                      lr=1e-3, max_length=80, max_prompt_length=40, lora_layers=8,
                       variants=ALL_VARIANTS[:3]),
     "cpu": Size("smollm2", train_pairs=96, heldout_pairs=64, steps=48, batch_size=2, lr=5e-4,
                 max_length=160, max_prompt_length=80, variants=ALL_VARIANTS, sft_steps=96),
@@ -445,6 +445,36 @@ def markdown(results: dict, audits: dict, size: Size, seconds: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def training_summary(work: Path, variants, seeds: int) -> dict:
+    """Per variant: the training loss at the first and last step, the last training margin and
+    the mean T-REG term, averaged over seeds (from the CSV logs)."""
+    from treg_lightning.plots import read_metrics
+
+    out = {}
+    for name in variants:
+        rows = []
+        for seed in range(seeds):
+            series = read_metrics(work / "logs" / f"{slug(name)}-seed{seed}")
+            loss = series.get("train/loss_step", [])
+            margin = series.get("train/margin_step", [])
+            treg = [v for _, v in series.get("train/treg_step", [])]
+            rows.append([loss[0][1], loss[-1][1], margin[-1][1],
+                         sum(treg) / len(treg) if treg else 0.0])  # fmt: skip
+        out[name] = dict(zip(("loss_first", "loss_last", "margin_last", "treg_mean"),
+                             (sum(col) / len(col) for col in zip(*rows))))  # fmt: skip
+    return out
+
+
+def training_markdown(summary: dict) -> str:
+    lines = ["", "## Training (mean over seeds, from the logs)", "",
+             "| variant | loss, first step | loss, last step | train margin, last step | "
+             "mean T-REG term |", "|---|---:|---:|---:|---:|"]  # fmt: skip
+    for name, m in summary.items():
+        lines.append(f"| {name} | {m['loss_first']:.4f} | {m['loss_last']:.4f} | "
+                     f"{m['margin_last']:.4f} | {m['treg_mean']:.4f} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def run(size: Size, size_name: str, out: Path, work: Path, data_dir: Path, overwrite: bool):
     from treg_lightning.models import load_tokenizer
 
@@ -490,9 +520,11 @@ def run(size: Size, size_name: str, out: Path, work: Path, data_dir: Path, overw
                 audits[key] = audit(heldout_source, size, files["heldout"],
                                     per_variant[size.variants[0]][0])  # fmt: skip
     results["audit"] = audits
+    results["training"] = training_summary(work, size.variants, size.seeds)
     results["seconds"] = clock.seconds
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out / "results.md").write_text(markdown(results, audits, size, clock.seconds))
+    report = markdown(results, audits, size, clock.seconds)
+    (out / "results.md").write_text(report + training_markdown(results["training"]))
     (out / "settings.json").write_text(json.dumps(
         {"size": size_name, **asdict(size), "sources": notes,
          "data": json.loads((data_dir / "fingerprint.json").read_text())["sha256_all"]
