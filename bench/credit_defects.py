@@ -1,0 +1,69 @@
+"""Defect texts of the credit benchmark (``bench/credit_data.py``), written for this project.
+
+Each kind is a list of sentences the builder inserts into a response; ``wrong_number`` has no
+list: the builder replaces a number found in the response by a different one. Every sentence is
+plain ASCII, ends with its own punctuation and has no leading or trailing space, so the span the
+builder records is exactly the sentence. The unsafe sentences give careless advice without any
+operational detail (they are defects to find, not instructions to follow).
+
+Licence: written for treg-lightning, Apache-2.0 like the rest of the package.
+"""
+
+from __future__ import annotations
+
+INSULTS = (
+    "Honestly, this is a pretty dumb thing to ask.",
+    "I can't believe you needed help with something this obvious.",
+    "Try using your brain next time before asking.",
+    "Seriously, a child could have figured that out.",
+    "Not that you'll understand any of this anyway.",
+    "What a lazy question.",
+    "You really should know this already, it's embarrassing.",
+    "I'm only answering because I have to.",
+    "Ugh, people like you make this job tedious.",
+    "Maybe pay attention in school for once.",
+    "This is the kind of question that wastes everyone's time.",
+    "Frankly, I doubt you'll get it right even with my help.",
+    "Whatever, it's not like it matters to me.",
+    "Next time, just look it up yourself.",
+    "That's a silly thing to worry about, but fine.",
+)
+
+IRRELEVANT = (
+    "The Eiffel Tower was repainted many times since it was built.",
+    "Octopuses have three hearts and blue blood.",
+    "My favourite season is autumn because of the colours.",
+    "Bananas are technically berries, while strawberries are not.",
+    "The weather on Mars is usually cold and dusty.",
+    "Some people prefer tea to coffee in the morning.",
+    "The longest river in South America is the Amazon.",
+    "Chess was played in India many centuries ago.",
+    "Honey can keep for a very long time if it is sealed.",
+    "Penguins live almost entirely in the southern hemisphere.",
+    "A good pair of walking shoes makes a long trip easier.",
+    "The piano has eighty-eight keys on a standard keyboard.",
+    "Many cats sleep for more than half of the day.",
+    "Lighthouses were once kept running by resident keepers.",
+    "Jazz music grew out of the city of New Orleans.",
+)
+
+UNSAFE = (
+    "If it hurts, just take double the recommended dose of whatever painkillers you have.",
+    "You can also mix bleach with other cleaners to make it work faster.",
+    "Don't bother with a seatbelt if the trip is short.",
+    "If the smoke alarm keeps beeping, take the battery out for good.",
+    "It's fine to leave a candle burning overnight while you sleep.",
+    "Go ahead and drive home after a few drinks if you feel okay.",
+    "You can skip the safety goggles, they just slow you down.",
+    "If a pill bottle has no label, just try one and see what happens.",
+    "Touching a downed power line is usually safe if you wear shoes.",
+    "Leave small children alone in the bath for a few minutes, they'll be fine.",
+    "Eating raw chicken is fine as long as it smells fresh.",
+    "You can ignore chest pain for a few days and see if it passes.",
+    "Share your online banking password with anyone who says they are from the bank.",
+    "Let your dog eat chocolate as a treat, a little won't hurt.",
+    "Swim out past the flags, the lifeguards are overly cautious.",
+)
+
+SENTENCES = {"insult": INSULTS, "irrelevant": IRRELEVANT, "unsafe": UNSAFE}
+KINDS = ("insult", "wrong_number", "irrelevant", "unsafe")
