@@ -89,7 +89,9 @@ class PreferenceDataModule(pl.LightningDataModule):
         rewards: Source of the token rewards (and cached reference log-probs): default the
             contrastive self-generated rewards of the paper
             (treg_lightning.rewards.ContrastiveRewards: template, evaluator, batch size, cache
-            folder); null: no token rewards (plain DPO / IPO / SimPO).
+            folder); treg_lightning.rewards.SpanRewards (spans in the data) or
+            treg_lightning.rewards.ModelContrastRewards (two models); null: no token rewards
+            (plain DPO / IPO / SimPO).
         trust_remote_code: Allow tokenizer/model code from the hub.
     """
 
