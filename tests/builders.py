@@ -383,3 +383,25 @@ def tiny_gemma2(vocab_size: int, seed: int = 0, **config):
     }
     torch.manual_seed(seed)
     return Gemma2ForCausalLM(Gemma2Config(vocab_size=vocab_size, **settings))
+
+
+def refused_before_training(args: list[str], capsys) -> str:
+    """`treg ARGS` in-process must exit 2 with no traceback, no policy loaded and no training
+    step run; returns what it printed to stderr."""
+    import sys
+
+    import pytest
+
+    from treg_lightning.cli.main import cli_main
+
+    with (
+        no_model_load("treg_lightning.module.PreferenceModule.build_policy"),
+        mock.patch("treg_lightning.module.PreferenceModule.training_step") as step,
+        mock.patch.object(sys, "argv", ["treg"]),
+        pytest.raises(SystemExit) as info,
+    ):
+        cli_main(args)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err
+    step.assert_not_called()
+    return err

@@ -9,9 +9,9 @@ from unittest import mock
 
 import pytest
 
-from builders import no_model_load, tiny_fit_args, write_pairs
+from builders import refused_before_training, tiny_fit_args, write_pairs
 from treg_lightning.cli.ckpt_conflicts import conflicting_settings, flatten, keep_given_locations
-from treg_lightning.cli.main import TRegCLI, cli_main
+from treg_lightning.cli.main import TRegCLI
 
 SIMPO = "treg_lightning.losses.SimPOLoss"
 DPO = "treg_lightning.losses.DPOLoss"
@@ -34,16 +34,7 @@ def trained(tiny_model_dir, tmp_path_factory) -> Path:
 def refused(args: list[str], root: Path, capsys) -> str:
     """`treg ARGS`: exit 2 with no traceback, no model loaded, nothing written under root."""
     before = sorted(p.name for p in root.iterdir())
-    with (
-        no_model_load("treg_lightning.module.PreferenceModule.build_policy"),
-        mock.patch("treg_lightning.module.PreferenceModule.training_step") as step,
-        mock.patch.object(sys, "argv", ["treg"]),
-        pytest.raises(SystemExit) as info,
-    ):
-        cli_main(args)
-    err = capsys.readouterr().err
-    assert info.value.code == 2 and "Traceback" not in err
-    step.assert_not_called()
+    err = refused_before_training(args, capsys)
     assert sorted(p.name for p in root.iterdir()) == before  # no logs, checkpoints or export
     return err.strip().splitlines()[-1].removeprefix("error: ")
 

@@ -4,13 +4,9 @@ refused at start-up with `error:` and exit 2, before any weights load or a step 
 
 from __future__ import annotations
 
-import sys
-from unittest import mock
-
 import pytest
 
-from builders import no_model_load, tiny_fit_args, write_pairs
-from treg_lightning.cli.main import cli_main
+from builders import refused_before_training, tiny_fit_args, write_pairs
 
 pytest.importorskip("peft", reason="LoRA tests need peft (the `lora`/`dev` extra)")
 
@@ -18,16 +14,7 @@ pytest.importorskip("peft", reason="LoRA tests need peft (the `lora`/`dev` extra
 def refused(model_dir, root, capsys, *peft: str) -> str:
     data = write_pairs(root / "pairs.jsonl", n=4)
     args = ["fit", *tiny_fit_args(model_dir, data, root, *peft)]
-    with (
-        no_model_load("treg_lightning.module.PreferenceModule.build_policy"),
-        mock.patch("treg_lightning.module.PreferenceModule.training_step") as step,
-        mock.patch.object(sys, "argv", ["treg"]),
-        pytest.raises(SystemExit) as info,
-    ):
-        cli_main(args)
-    err = capsys.readouterr().err
-    assert info.value.code == 2 and "Traceback" not in err
-    step.assert_not_called()
+    err = refused_before_training(args, capsys)
     assert not (root / "lightning_logs").exists()
     return err.strip().splitlines()[-1]
 

@@ -54,6 +54,7 @@ from treg_lightning.answers.predictions import (
     default_generator,
     fingerprint,
     generate_shards,
+    on_every_process,
     parts_folder,
     read_jsonl,
     shard_path,
@@ -374,12 +375,7 @@ def run_pairs(trainer, job: PairsJob) -> Path | None:
             "checkpoint folder, or drop --ckpt_path to sample from model.model as it is."
         )
     paths = check_outputs(job.settings.output, job.settings.overwrite)
-    trainer.strategy.connect(job.module)  # PreferenceModule builds no weights here
-    job.datamodule.trainer = trainer
-    launcher = trainer.strategy.launcher
-    if launcher is not None:
-        return launcher.launch(_pairs, trainer, job, paths, trainer=trainer)
-    return _pairs(trainer, job, paths)
+    return on_every_process(trainer, job, _pairs, paths)
 
 
 def _pairs(trainer, job: PairsJob, paths: OutputPaths) -> Path | None:

@@ -312,13 +312,19 @@ def run_predict(trainer, job: PredictJob) -> Path | None:
             "(e.g. an exported policy folder)."
         )
     output = check_output(job.settings.output, job.settings.overwrite)
+    return on_every_process(trainer, job, _predict, output)
+
+
+def on_every_process(trainer, job, work, *args):
+    """``work(trainer, job, *args)`` on every process of the trainer's strategy (launched as
+    ``fit`` would be); its return value on this process. ``job`` carries the module and data."""
     # The strategy needs a module to set up processes; PreferenceModule builds no weights here.
     trainer.strategy.connect(job.module)
     job.datamodule.trainer = trainer
     launcher = trainer.strategy.launcher
     if launcher is not None:
-        return launcher.launch(_predict, trainer, job, output, trainer=trainer)
-    return _predict(trainer, job, output)
+        return launcher.launch(work, trainer, job, *args, trainer=trainer)
+    return work(trainer, job, *args)
 
 
 def _predict(trainer, job: PredictJob, output: Path) -> Path | None:
