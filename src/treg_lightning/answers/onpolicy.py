@@ -1,19 +1,17 @@
 """``treg pairs``: on-policy preference pairs, sampled from the policy, scored, picked.
 
 For every prompt of a prompt set (:func:`treg_lightning.answers.prompt_sets.load_prompt_set`: a
-prompts
-file or the prompts of the data's split, each prompt once) the policy writes ``k`` answers, one
-per seed (default 13, 21, 42, 79, 100, SimPO's), a :class:`~treg_lightning.answers.scorers.Scorer`
-scores them and a selection rule (:class:`~treg_lightning.answers.selection.BestWorst`) picks
-chosen and
-rejected or drops the prompt. Two stages, each resumable and sharded over ranks (shard ``s``
+prompts file or the prompts of the data's split, each prompt once) the policy writes ``k``
+answers, one per seed (default 13, 21, 42, 79, 100, SimPO's), a
+:class:`~treg_lightning.answers.scorers.Scorer` scores them and a selection rule
+(:class:`~treg_lightning.answers.selection.BestWorst`) picks chosen and rejected or drops the
+prompt. Two stages, each resumable and sharded over ranks (shard ``s``
 of ``shard_size`` prompts on rank ``s % world_size``), in
 ``<output>.parts/<fingerprint of the samples>/``:
 
 - ``samples-seed<seed>/shard-<s>.jsonl``: the answers of one seed, written by ``treg predict``'s
-  shard machinery (:func:`treg_lightning.answers.predictions.generate_shards`), so a seed's answers
-  are
-  the answers ``treg predict --seed <seed>`` gives;
+  shard machinery (:func:`treg_lightning.answers.predictions.generate_shards`), so a seed's
+  answers are the answers ``treg predict --seed <seed>`` gives;
 - ``scores-<fingerprint of the scorer>/shard-<s>.jsonl``: the scores of every sample of the
   shard's prompts; identical answers to a prompt are scored once, so they tie exactly.
 
@@ -364,9 +362,8 @@ def run_pairs(trainer, job: PairsJob) -> Path | None:
     if job.scorer is None:
         raise ConfigError(
             "pairs needs a scorer: --scorer treg_lightning.answers.scorers.ImplicitRewardScorer "
-            "(with "
-            "policy and reference) or treg_lightning.answers.scorers.SequenceClassifierScorer "
-            "(with "
+            "(with policy and reference) or "
+            "treg_lightning.answers.scorers.SequenceClassifierScorer (with "
             "name_or_path)."
         )
     if job.ckpt_path is not None and not Path(job.ckpt_path).exists():
