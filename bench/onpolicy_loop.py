@@ -27,6 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "src" / "treg_lightning" / "data" / "demo" / "pairs.jsonl"
+SEEDS = [13, 21, 42]  # k = 3 samples per prompt (the demo config's k = 4, cut for time)
 PROMPT_ROWS = range(40, 48)  # not among the judge's 40 training pairs
 HELDOUT_ROWS = range(100, 108)
 
@@ -90,8 +91,8 @@ def main() -> None:
         "setup": {
             "prompts": f"demo rows {PROMPT_ROWS.start}-{PROMPT_ROWS.stop - 1}",
             "heldout": f"demo rows {HELDOUT_ROWS.start}-{HELDOUT_ROWS.stop - 1}",
-            "k": 4,
-            "seeds": [13, 21, 42, 79],
+            "k": len(SEEDS),
+            "seeds": SEEDS,
             "max_new_tokens": 48,
             "temperature": 0.8,
             "top_p": 0.95,
@@ -120,7 +121,7 @@ def main() -> None:
         pairs_wall = treg(
             "pairs", "--config", "configs/onpolicy_demo.yaml", f"--model.model={policy}",
             f"--prompts={prompts}", f"--output={pairs}", f"--scorer.init_args.policy={judge}",
-            "--seeds=[13, 21, 42]", "--progress=false", log=work / f"{name}-pairs.log",
+            f"--seeds={SEEDS}", "--progress=false", log=work / f"{name}-pairs.log",
         )  # fmt: skip
         summary = json.loads(pairs.with_name("pairs.summary.json").read_text())
         fit_wall = treg(
