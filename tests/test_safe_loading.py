@@ -84,8 +84,8 @@ def test_trust_remote_code_defaults_false_and_is_never_forced_on():
     names = {(file, name) for file, name, _ in signatures}
     # The public entry points that load models or tokenizers all take it.
     assert {
-        ("models.py", "load_tokenizer"),
-        ("models.py", "load_causal_lm"),
+        ("loading.py", "load_tokenizer"),
+        ("loading.py", "load_causal_lm"),
         ("module.py", "__init__"),
         ("datamodule.py", "__init__"),
     } <= names

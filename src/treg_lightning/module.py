@@ -139,8 +139,8 @@ class PreferenceModule(L.LightningModule):
         self.peft = peft
         self.quantization = quantization
         self.model_name = model
-        self.loss = loss
-        self.regularizer = regularizer
+        self.loss = _initialized(loss)
+        self.regularizer = _initialized(regularizer)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.reference_model_name = reference_model or model
@@ -466,3 +466,12 @@ class PreferenceModule(L.LightningModule):
         config = self.policy.config if self.policy is not None else None
         pad = getattr(config, "pad_token_id", None)
         return int(pad) if isinstance(pad, int) else 0
+
+
+def _initialized(value):
+    """``value``, run through its ``__init__`` now if it is a jsonargparse ``lazy_instance`` (the
+    defaults of ``loss`` and ``regularizer``): its properties then read real attributes."""
+    if "_lazy_methods" in getattr(value, "__dict__", {}) and hasattr(value, "_lazy_init"):
+        if any(name in value.__dict__ for name in value._lazy_methods):
+            value._lazy_init()
+    return value
