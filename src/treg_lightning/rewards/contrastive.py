@@ -22,7 +22,6 @@ import torch
 
 from treg_lightning.errors import ConfigError
 from treg_lightning.models.loading import (
-    cache_root,
     check_vocab_fits,
     load_causal_lm,
     load_tokenizer,
@@ -31,7 +30,7 @@ from treg_lightning.models.loading import (
 from treg_lightning.rewards.annotate import ContrastiveScorer, check_same_vocab
 from treg_lightning.rewards.cache import compute_fingerprint, distributed, load_or_build
 from treg_lightning.rewards.prompts import ContrastiveTemplate
-from treg_lightning.rewards.source import AnnotationContext, TokenRewardSource
+from treg_lightning.rewards.source import AnnotationContext, TokenRewardSource, cache_folder_for
 
 
 class ContrastiveRewards(TokenRewardSource):
@@ -95,7 +94,7 @@ class ContrastiveRewards(TokenRewardSource):
 
     @property
     def cache_folder(self) -> Path:
-        return Path(self.cache_dir) if self.cache_dir else cache_root() / "token_rewards"
+        return cache_folder_for(self.cache_dir)
 
     def annotate(
         self, rows: list[Mapping[str, Any]], split: str, context: AnnotationContext

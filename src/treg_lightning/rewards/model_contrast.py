@@ -26,7 +26,6 @@ import torch
 from treg_lightning.errors import ConfigError
 from treg_lightning.forward.logprobs import check_plain_logits
 from treg_lightning.models.loading import (
-    cache_root,
     check_vocab_fits,
     load_causal_lm,
     load_tokenizer,
@@ -35,7 +34,7 @@ from treg_lightning.models.loading import (
 from treg_lightning.pairs import SIDES, field
 from treg_lightning.rewards.annotate import check_same_vocab, score_sequences, token_rewards
 from treg_lightning.rewards.cache import compute_fingerprint, load_or_build, model_identity
-from treg_lightning.rewards.source import AnnotationContext, TokenRewardSource
+from treg_lightning.rewards.source import AnnotationContext, TokenRewardSource, cache_folder_for
 
 
 class ModelContrastRewards(TokenRewardSource):
@@ -92,7 +91,7 @@ class ModelContrastRewards(TokenRewardSource):
 
     @property
     def cache_folder(self) -> Path:
-        return Path(self.cache_dir) if self.cache_dir else cache_root() / "token_rewards"
+        return cache_folder_for(self.cache_dir)
 
     def annotate(
         self, rows: list[Mapping[str, Any]], split: str, context: AnnotationContext

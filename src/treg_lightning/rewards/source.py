@@ -79,3 +79,11 @@ class TokenRewardSource(ABC):
 
     def release(self) -> None:
         """Free what only annotation needs (an evaluator model), before training starts."""
+
+
+def cache_folder_for(cache_dir: str | Path | None) -> Path:
+    """Where a cached source writes: ``cache_dir``, or ``<cache root>/token_rewards``
+    (``$TREG_CACHE`` or ``~/.cache/treg_lightning``)."""
+    from treg_lightning.models.loading import cache_root
+
+    return Path(cache_dir) if cache_dir else cache_root() / "token_rewards"

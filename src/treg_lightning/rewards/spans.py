@@ -56,10 +56,9 @@ from typing import Any
 import numpy as np
 
 from treg_lightning.errors import ConfigError, UserError
-from treg_lightning.models.loading import cache_root
 from treg_lightning.pairs import SIDES, field
 from treg_lightning.rewards.cache import compute_fingerprint, load_or_build
-from treg_lightning.rewards.source import AnnotationContext, TokenRewardSource
+from treg_lightning.rewards.source import AnnotationContext, TokenRewardSource, cache_folder_for
 
 SPAN_KEYS = ("start", "end", "reward")
 
@@ -114,7 +113,7 @@ class SpanRewards(TokenRewardSource):
 
     @property
     def cache_folder(self) -> Path:
-        return Path(self.cache_dir) if self.cache_dir else cache_root() / "token_rewards"
+        return cache_folder_for(self.cache_dir)
 
     def settings(self) -> dict[str, Any]:
         """What changes the values (for the cache fingerprint)."""
