@@ -22,7 +22,7 @@ Written to ``--out`` (default bench/results/credit/): ``results.md`` / ``results
 ``--work-dir`` (default outputs/credit_run/).
 
     python bench/credit.py --size cpu-small   # 3 seeds x 3 variants, SmolLM2-135M, 2 CPU cores
-    python bench/credit.py --size cpu         # + revise, two-model, SimPO variants
+    python bench/credit.py --size cpu         # all 10 variants, 48 train / 64 held-out pairs
     python bench/credit.py --size gpu --model HuggingFaceTB/SmolLM2-1.7B-Instruct
     python bench/credit.py --size dry-run --out /tmp/credit   # tiny model built here
 """
@@ -46,9 +46,12 @@ import credit_data  # noqa: E402
 import credit_metrics as cm  # noqa: E402
 import credit_sources  # noqa: E402
 
+# "(source)" names the token-reward source; "(source, alpha A)" overrides the size's alpha
+# (the strength check: does a stronger regularizer move the credit the way it should?).
 ALL_VARIANTS = (
-    "DPO", "DPO + T-REG (spans)", "DPO + T-REG (instruct)", "DPO + T-REG (revise)",
-    "DPO + T-REG (two-model)", "SimPO", "SimPO + T-REG (spans)", "SimPO + T-REG (instruct)",
+    "DPO", "DPO + T-REG (spans)", "DPO + T-REG (spans, alpha 2)", "DPO + T-REG (instruct)",
+    "DPO + T-REG (revise)", "DPO + T-REG (two-model)", "SimPO", "SimPO + T-REG (spans)",
+    "SimPO + T-REG (instruct)", "SimPO + T-REG (two-model)",
 )  # fmt: skip
 
 
@@ -87,8 +90,12 @@ SIZES = {
     "cpu-small": Size("smollm2", train_pairs=16, heldout_pairs=24, steps=8, batch_size=2,
                       lr=1e-3, max_length=80, max_prompt_length=40, lora_layers=8,
                       variants=ALL_VARIANTS[:3]),
-    "cpu": Size("smollm2", train_pairs=96, heldout_pairs=64, steps=48, batch_size=2, lr=5e-4,
-                max_length=160, max_prompt_length=80, variants=ALL_VARIANTS, sft_steps=96),
+    # 3 seeds x 10 variants x 24 steps of 2 pairs (one epoch of 48 training pairs) at <= 96
+    # tokens, 48 held-out pairs, the same adapters as cpu-small; each of the two models gets 64
+    # steps of one answer: sized for ~60 min on 2 CPU cores.
+    "cpu": Size("smollm2", train_pairs=48, heldout_pairs=48, steps=24, batch_size=2, lr=1e-3,
+                max_length=96, max_prompt_length=48, lora_layers=8, variants=ALL_VARIANTS,
+                sft_steps=64),
     "gpu": Size("HuggingFaceTB/SmolLM2-1.7B-Instruct", train_pairs=1000, heldout_pairs=300,
                 steps=250, batch_size=8, lr=2e-4, max_length=512, max_prompt_length=256,
                 variants=ALL_VARIANTS, sft_steps=500, lora_rank=32, precision="bf16-true",
@@ -106,18 +113,26 @@ def slug(name: str) -> str:
     return name.lower()
 
 
+def variant_alpha(name: str, default: float) -> float:
+    """The T-REG strength of a variant: ``alpha A`` in its name, else ``default``."""
+    inside = name.split("(")[1].rstrip(")").split(", ") if "(" in name else []
+    given = [part.removeprefix("alpha ") for part in inside if part.startswith("alpha ")]
+    return float(given[0]) if given else default
+
+
 def loss_and_regularizer(name: str, alpha: float):
     from treg_lightning.losses import DPOLoss, SimPOLoss, TokenRewardRegularizer
 
     loss = (
         DPOLoss(beta=0.1) if name.startswith("DPO") else SimPOLoss(beta=2.0, gamma_beta_ratio=0.5)
     )
+    alpha = variant_alpha(name, alpha)
     regularizer = TokenRewardRegularizer(alpha=alpha) if "T-REG" in name else None
     return loss, regularizer
 
 
 def source_key(name: str) -> str | None:
-    return name.split("(")[1].rstrip(")") if "(" in name else None
+    return name.split("(")[1].rstrip(")").split(", ")[0] if "(" in name else None
 
 
 class Clock:
@@ -188,10 +203,10 @@ def make_source(key: str | None, files: dict[str, Path], size: Size, work: Path,
     if key is None:
         return None, None
     if key == "spans":
-        cache = str(work / "cache")
-        train, notes["spans"] = credit_sources.span_source({"train": files["train"]}, cache)
-        heldout, _ = credit_sources.span_source({"train": files["heldout"]}, cache)
-        return train, heldout
+        from treg_lightning.rewards.spans import SpanRewards
+
+        notes["spans"] = "treg_lightning.rewards.spans.SpanRewards()"
+        return SpanRewards(cache_dir=str(work / "cache")), SpanRewards(cache_dir=str(work / "cache"))
     if key in ("instruct", "revise"):
         from treg_lightning.rewards import ContrastiveRewards
 
@@ -203,20 +218,31 @@ def make_source(key: str | None, files: dict[str, Path], size: Size, work: Path,
         notes[key] = f"treg_lightning.rewards.ContrastiveRewards(template={key!r})"
         return build(), build()
     if key == "two-model":
+        from treg_lightning.rewards.model_contrast import ModelContrastRewards
+
         positive, negative = two_models(size, files, work)
-        cache = str(work / "cache")
-        train, notes["two-model"] = credit_sources.two_model_source(positive, negative, 1.0, cache)
-        heldout, _ = credit_sources.two_model_source(positive, negative, 1.0, cache)
-        return train, heldout
+
+        def contrast():
+            return ModelContrastRewards(positive=positive, negative=negative, scale=1.0,
+                                        dtype=size.torch_dtype, cache_dir=str(work / "cache"))
+
+        notes["two-model"] = (
+            "treg_lightning.rewards.model_contrast.ModelContrastRewards(scale=1.0): LoRA copies "
+            f"fine-tuned {size.sft_steps} steps (lr {size.sft_lr}) on the train split's chosen "
+            "/ rejected answers"
+        )
+        return contrast(), contrast()
     raise ValueError(key)
 
 
 def two_models(size: Size, files: dict[str, Path], work: Path) -> tuple[str, str]:
     """Two LoRA copies of the base, fine-tuned on the train split's chosen / rejected answers."""
     rows = tokenized(size, files["train"])
+    data = credit_data.hashlib.sha256(files["train"].read_bytes()).hexdigest()[:12]
     folders = []
-    for side in ("chosen", "rejected"):
-        folder = work / "two-model" / side
+    for side in ("chosen", "rejected"):  # the folder names what made it: reused only if equal
+        folder = (work / "two-model"
+                  / f"{side}-{size.sft_steps}x{size.sft_lr}-r{size.lora_rank}-{data}")  # fmt: skip
         credit_sources.finetune_lora(size.model, rows, side, folder, size.sft_steps, size.sft_lr,
                                      seed=0, rank=size.lora_rank)  # fmt: skip
         folders.append(str(folder))
@@ -224,20 +250,33 @@ def two_models(size: Size, files: dict[str, Path], work: Path) -> tuple[str, str
 
 
 def audit(source, size: Size, heldout_path: Path, records: list[dict]) -> dict:
-    """AUROC of ``-r_hat`` at the defect tokens of the held-out rejected responses."""
-    from treg_lightning.data.datamodule import PreferenceDataModule
+    """``treg audit``'s AUROC of ``-r_hat`` at the defect tokens of the held-out rejected
+    responses (``audit_rows``' ``auroc_negative``, 95% interval over pairs), per condition.
 
+    The defect tokens are marked -1 and the other rejected tokens left unmarked; the end-of-turn
+    token (no text, no defect) is marked 0, which the audit counts in neither class."""
+    from treg_lightning.data.datamodule import PreferenceDataModule
+    from treg_lightning.rewards.audit import audit_rows
+
+    np = cm.np
     data = PreferenceDataModule(str(heldout_path), tokenizer=size.model,
                                 max_length=size.max_length,
                                 max_prompt_length=size.max_prompt_length,
                                 rewards=source)  # fmt: skip
     rows = data.annotate()["train"]
+    marked = []
+    for record, row in zip(records, rows, strict=True):
+        marks = np.where(np.asarray(record["labels"]) == 1, -1.0, np.nan)
+        marked.append({"condition": record["condition"],
+                       "chosen_token_rewards": row["chosen_token_rewards"],
+                       "rejected_token_rewards": row["rejected_token_rewards"],
+                       "rejected_marks": np.r_[marks, 0.0]})  # fmt: skip
     out = {}
-    scored = [dict(r, score=-cm.np.asarray(row["rejected_token_rewards"][:-1]))
-              for r, row in zip(records, rows, strict=True)]  # fmt: skip
     for condition in ("all", "minimal", "non_minimal"):
-        chosen = [r for r in scored if condition in ("all", r["condition"])]
-        out[condition] = cm.bootstrap([chosen], lambda rs: cm.pooled_auroc(rs, "score"))
+        keep = [r for r in marked if condition in ("all", r["condition"])]
+        m = audit_rows(keep, bootstrap=400)["metrics"]["auroc_negative"]
+        out[condition] = {"mean": m["value"], "low": m["low"], "high": m["high"],
+                          "pairs": len(keep)}  # fmt: skip
     return out
 
 
@@ -336,6 +375,7 @@ def score(module, rows: list[dict], pairs: list[dict], tokenizer) -> list[dict]:
             "id": pair["id"], "condition": pair["condition"], "kind": pair["kind"],
             "labels": labels[:-1],  # the end-of-turn token is no defect and no text
             "delta": -delta["rejected"][:-1], "implicit": -implicit[:-1],
+            "surprise": -reference["rejected"][0][mask["rejected"]].numpy()[:-1],
             "rejected_delta": delta["rejected"], "chosen_delta": delta["chosen"],
             "defect_change": float(delta["rejected"][:-1][labels[:-1] == 1].mean()),
             "rest_change": float(delta["rejected"][:-1][labels[:-1] == 0].mean())
@@ -519,6 +559,12 @@ def run(size: Size, size_name: str, out: Path, work: Path, data_dir: Path, overw
             with clock(f"audit: {key}"):
                 audits[key] = audit(heldout_source, size, files["heldout"],
                                     per_variant[size.variants[0]][0])  # fmt: skip
+    first = per_variant[size.variants[0]][0]
+    audits["none: -log pi_ref (the base model's surprise)"] = {
+        condition: cm.bootstrap([[r for r in first if condition in ("all", r["condition"])]],
+                                lambda rs: cm.pooled_auroc(rs, "surprise"))
+        for condition in ("all", "minimal", "non_minimal")
+    }  # fmt: skip
     results["audit"] = audits
     results["training"] = training_summary(work, size.variants, size.seeds)
     results["seconds"] = clock.seconds

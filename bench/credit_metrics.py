@@ -11,25 +11,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from treg_lightning.rewards.audit import auroc as audit_auroc
+
 
 def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """P(score of a marked token > score of an unmarked one), ties counted half (Mann-Whitney
-    U from average ranks); NaN without both classes."""
-    labels = np.asarray(labels, dtype=bool)
-    scores = np.asarray(scores, dtype=np.float64)
-    positives, negatives = int(labels.sum()), int((~labels).sum())
-    if positives == 0 or negatives == 0:
-        return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores), dtype=np.float64)
-    sorted_scores = scores[order]
-    # average ranks of tied groups (1-based)
-    starts = np.r_[0, np.flatnonzero(np.diff(sorted_scores)) + 1]
-    ends = np.r_[starts[1:], len(scores)]
-    for start, end in zip(starts, ends):
-        ranks[order[start:end]] = (start + end + 1) / 2.0
-    u = ranks[labels].sum() - positives * (positives + 1) / 2.0
-    return float(u / (positives * negatives))
+    """P(score of a marked token > score of an unmarked one), ties counted half: ``treg
+    audit``'s AUROC (``treg_lightning.rewards.audit.auroc``); NaN without both classes."""
+    return audit_auroc(scores, labels)
 
 
 def pooled_auroc(records: list[dict], key: str) -> float:
