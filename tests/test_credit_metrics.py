@@ -100,3 +100,49 @@ def test_implicit_reward_auroc_matches_a_recomputation(tiny_run, variant):
     ambiguous = close_pairs(labels, scores, tolerance)
     total = labels.sum() * (len(labels) - labels.sum())
     assert abs(reported - expected) <= ambiguous / total + 1e-12, (reported, expected, ambiguous)
+
+
+def test_variant_names_give_source_and_strength():
+    credit = load("credit")
+    assert credit.source_key("DPO") is None
+    assert credit.source_key("DPO + T-REG (spans, alpha 2)") == "spans"
+    assert credit.source_key("SimPO + T-REG (two-model)") == "two-model"
+    assert credit.variant_alpha("DPO + T-REG (spans, alpha 2)", 0.25) == 2.0
+    assert credit.variant_alpha("DPO + T-REG (spans)", 0.25) == 0.25
+    _, regularizer = credit.loss_and_regularizer("DPO + T-REG (spans, alpha 2)", 0.25)
+    assert regularizer.alpha == 2.0
+    assert credit.loss_and_regularizer("SimPO", 0.25)[1] is None
+
+
+def test_audit_rows_of_the_run(tiny_run):
+    """The span source marks exactly the defect tokens: AUROC 1. The no-source row is the AUROC
+    of -log pi_ref, recomputed here from the base model by plain forwards."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root, results = tiny_run
+    audits = results["audit"]
+    assert audits["spans"]["all"]["mean"] == 1.0
+    assert audits["spans"]["all"]["pairs"] == 8
+    work = root / "work"
+    tokenizer = AutoTokenizer.from_pretrained(work / "tiny")
+    base = AutoModelForCausalLM.from_pretrained(work / "tiny").eval()
+    pairs = [json.loads(line) for line in (work / "pairs" / "heldout.jsonl").read_text().split("\n")
+             if line]  # fmt: skip
+    labels, scores = [], []
+    for pair in pairs:
+        text = tokenizer.apply_chat_template(pair["prompt"], tokenize=False,
+                                             add_generation_prompt=True)  # fmt: skip
+        prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        encoded = tokenizer(pair["rejected"][0]["content"], add_special_tokens=False,
+                            return_offsets_mapping=True)  # fmt: skip
+        (span,) = pair["rejected_spans"]
+        labels += [int(s < span["end"] and e > span["start"]) for s, e in encoded["offset_mapping"]]
+        ids = encoded["input_ids"] + [tokenizer.eos_token_id]
+        scores += list(-token_logps(base, prompt_ids, ids)[:-1])
+    labels, scores = np.asarray(labels), np.asarray(scores)
+    expected = pair_count_auroc(labels, scores)
+    reported = next(v for k, v in audits.items() if k.startswith("none"))["all"]["mean"]
+    tolerance = 2 * 64 * np.finfo(np.float32).eps * float(np.abs(scores).max())
+    ambiguous = close_pairs(labels, scores, tolerance)
+    total = labels.sum() * (len(labels) - labels.sum())
+    assert abs(reported - expected) <= ambiguous / total + 1e-12, (reported, expected, ambiguous)
