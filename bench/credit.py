@@ -206,7 +206,8 @@ def make_source(key: str | None, files: dict[str, Path], size: Size, work: Path,
         from treg_lightning.rewards.spans import SpanRewards
 
         notes["spans"] = "treg_lightning.rewards.spans.SpanRewards()"
-        return SpanRewards(cache_dir=str(work / "cache")), SpanRewards(cache_dir=str(work / "cache"))
+        cache = str(work / "cache")
+        return SpanRewards(cache_dir=cache), SpanRewards(cache_dir=cache)
     if key in ("instruct", "revise"):
         from treg_lightning.rewards import ContrastiveRewards
 
@@ -223,8 +224,13 @@ def make_source(key: str | None, files: dict[str, Path], size: Size, work: Path,
         positive, negative = two_models(size, files, work)
 
         def contrast():
-            return ModelContrastRewards(positive=positive, negative=negative, scale=1.0,
-                                        dtype=size.torch_dtype, cache_dir=str(work / "cache"))
+            return ModelContrastRewards(
+                positive=positive,
+                negative=negative,
+                scale=1.0,
+                dtype=size.torch_dtype,
+                cache_dir=str(work / "cache"),
+            )
 
         notes["two-model"] = (
             "treg_lightning.rewards.model_contrast.ModelContrastRewards(scale=1.0): LoRA copies "

@@ -14,6 +14,7 @@ import torch
 
 from treg_lightning.rewards.source import AnnotationContext, TokenRewardSource
 
+
 def read_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
