@@ -92,7 +92,7 @@ SIZES = {
                       variants=ALL_VARIANTS[:3]),
     # 3 seeds x 10 variants x 24 steps of 2 pairs (one epoch of 48 training pairs) at <= 96
     # tokens, 48 held-out pairs, the same adapters as cpu-small; each of the two models gets 64
-    # steps of one answer: sized for ~60 min on 2 CPU cores.
+    # steps of one answer: 26 min on 2 CPU cores (bench/results/credit/cpu/timings.json).
     "cpu": Size("smollm2", train_pairs=48, heldout_pairs=48, steps=24, batch_size=2, lr=1e-3,
                 max_length=96, max_prompt_length=48, lora_layers=8, variants=ALL_VARIANTS,
                 sft_steps=64),
