@@ -34,7 +34,6 @@ import importlib.util
 import json
 import random
 import sys
-import time
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -45,6 +44,7 @@ sys.path.insert(0, str(BENCH))
 import credit_data  # noqa: E402
 import credit_metrics as cm  # noqa: E402
 import credit_sources  # noqa: E402
+from phases import Clock  # noqa: E402
 
 # "(source)" names the token-reward source; "(source, alpha A)" overrides the size's alpha
 # (the strength check: does a stronger regularizer move the credit the way it should?).
@@ -133,25 +133,6 @@ def loss_and_regularizer(name: str, alpha: float):
 
 def source_key(name: str) -> str | None:
     return name.split("(")[1].rstrip(")").split(", ")[0] if "(" in name else None
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    def __call__(self, name: str):
-        clock = self
-
-        class _Phase:
-            def __enter__(self):
-                self.start = time.perf_counter()
-                print(f"--- {name}", flush=True)
-
-            def __exit__(self, *exc):
-                clock.seconds[name] = round(time.perf_counter() - self.start, 1)
-                print(f"--- {name}: {clock.seconds[name]} s", flush=True)
-
-        return _Phase()
 
 
 # --- the pairs -------------------------------------------------------------------------------

@@ -29,26 +29,27 @@ def _bars(ax, results: dict, metric: str, title: str, chance: float | None = Non
     ax.legend(fontsize=8)
 
 
-def auroc_bars(results: dict, path: Path) -> None:
+def _two_panels(results: dict, path: Path, panels, chance: float) -> None:
+    """Two bar panels side by side, ``panels`` = ((metric, title), (metric, title))."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(11, 4), dpi=120)
-    axes = fig.subplots(1, 2)
-    _bars(axes[0], results, "auroc_delta", "AUROC at defect tokens of -(log pi - log pi_ref)", 0.5)
-    _bars(axes[1], results, "auroc_implicit", "AUROC of -(implicit token reward)", 0.5)
+    for ax, (metric, title) in zip(fig.subplots(1, 2), panels, strict=True):
+        _bars(ax, results, metric, title, chance)
     fig.tight_layout()
     fig.savefig(path)
+
+
+def auroc_bars(results: dict, path: Path) -> None:
+    panels = (("auroc_delta", "AUROC at defect tokens of -(log pi - log pi_ref)"),
+              ("auroc_implicit", "AUROC of -(implicit token reward)"))  # fmt: skip
+    _two_panels(results, path, panels, chance=0.5)
 
 
 def logp_change_bars(results: dict, path: Path) -> None:
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(11, 4), dpi=120)
-    axes = fig.subplots(1, 2)
-    _bars(axes[0], results, "defect_change", "mean log pi - log pi_ref, defect tokens", 0.0)
-    _bars(axes[1], results, "rest_change", "mean log pi - log pi_ref, other rejected tokens", 0.0)
-    fig.tight_layout()
-    fig.savefig(path)
+    panels = (("defect_change", "mean log pi - log pi_ref, defect tokens"),
+              ("rest_change", "mean log pi - log pi_ref, other rejected tokens"))  # fmt: skip
+    _two_panels(results, path, panels, chance=0.0)
 
 
 def _pieces(tokenizer, ids) -> list[str]:

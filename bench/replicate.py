@@ -26,10 +26,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+import sys
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from phases import Clock  # noqa: E402
 
 HH_RLHF = (
     Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
@@ -132,25 +136,6 @@ def build_dry_run(work: Path) -> tuple[str, str, str]:
 
 
 # --- the benchmark ---------------------------------------------------------------------------
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    def __call__(self, name: str):
-        clock = self
-
-        class _Phase:
-            def __enter__(self):
-                self.start = time.perf_counter()
-                print(f"--- {name}", flush=True)
-
-            def __exit__(self, *exc):
-                clock.seconds[name] = round(time.perf_counter() - self.start, 1)
-                print(f"--- {name}: {clock.seconds[name]} s", flush=True)
-
-        return _Phase()
 
 
 def datamodule_for(size: Size, source: str, cache_dir: Path, seed: int):
