@@ -152,7 +152,11 @@ def inspect_model(
 
 
 def _folder(
-    name: str, path: Path, setting: str, trust_remote_code: bool, safetensors_only: bool
+    name: str,
+    path: Path,
+    setting: str,
+    trust_remote_code: bool = False,
+    safetensors_only: bool = True,
 ) -> ModelFacts:
     if is_adapter_folder(path):
         raise adapter_folder_error(path, setting, name)
@@ -204,7 +208,7 @@ def _gguf(name: str, path: Path, setting: str) -> ModelFacts:
     return _facts(name, str(path.resolve()), config, gguf_file=path.name)
 
 
-def _hub(name: str, setting: str, trust_remote_code: bool) -> ModelFacts:
+def _hub(name: str, setting: str, trust_remote_code: bool = False) -> ModelFacts:
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
@@ -302,7 +306,7 @@ def check_vocabulary(
         )
 
 
-def _own_tokenizer(facts: ModelFacts, trust_remote_code: bool):
+def _own_tokenizer(facts: ModelFacts, trust_remote_code: bool = False):
     """The tokenizer saved with the model, or None when it has none."""
     location = Path(facts.location)
     if facts.gguf_file is not None:
