@@ -405,3 +405,39 @@ def refused_before_training(args: list[str], capsys) -> str:
     assert info.value.code == 2 and "Traceback" not in err
     step.assert_not_called()
     return err
+
+
+def save_model_folder(
+    path, kind: str = "causal", tokenizer=None, seed: int = 0, with_tokenizer: bool = True, **config
+):
+    """A tiny Llama of ``kind`` saved as a folder, with ``tokenizer`` (default: the byte-level
+    one; saved unless ``with_tokenizer`` is False): ``"causal"`` (LlamaForCausalLM),
+    ``"classifier"`` (LlamaForSequenceClassification, one output), ``"bare"`` (LlamaModel), or
+    ``"adapter"`` (a LoRA adapter alone, as ``treg export --adapter_only`` writes it, on a base
+    saved beside it in ``path.parent / "base"``); ``config`` overrides LlamaConfig fields
+    (``vocab_size`` defaults to the tokenizer's length). Returns ``path``."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification, LlamaModel
+
+    tokenizer = tokenizer if tokenizer is not None else byte_tokenizer()
+    vocab = config.pop("vocab_size", len(tokenizer))
+    if kind == "causal":
+        model = tiny_llama(vocab, seed, **config)
+    elif kind == "adapter":
+        from peft import LoraConfig, get_peft_model
+
+        base = Path(path).parent / "base"
+        save_model_folder(base, "causal", tokenizer, seed, vocab_size=vocab, **config)
+        model = tiny_llama(vocab, seed, **config)
+        model.name_or_path = str(base)  # what peft records as base_model_name_or_path
+        model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    else:
+        torch.manual_seed(seed)
+        settings = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                    "num_attention_heads": 4, "num_key_value_heads": 2, **config}  # fmt: skip
+        settings.update(vocab_size=vocab, num_labels=1, pad_token_id=tokenizer.pad_token_id)
+        cls = LlamaForSequenceClassification if kind == "classifier" else LlamaModel
+        model = cls(LlamaConfig(**settings)).eval()
+    model.save_pretrained(path)
+    if with_tokenizer:
+        tokenizer.save_pretrained(path)
+    return path

@@ -312,13 +312,19 @@ def small_vocab_model(setup, tiny_model_dir):
 
 @pytest.mark.parametrize("rewards", ["none", "annotate"])
 def test_tokenizer_larger_than_the_model_embedding(setup, small_vocab_model, rewards):
-    """Caught by the module (rewards none) or the evaluator load (annotate), before any forward."""
+    """Caught by the module (rewards none) or the start-up check of the evaluator (annotate,
+    from its config.json, before any pair is tokenized), before any forward."""
     extra = setup.annotate if rewards == "annotate" else ()
     with no_forward(), pytest.raises(ValueError) as info:
         cli(setup(*extra, model_dir=small_vocab_model))
     message = str(info.value)
-    assert f"tokens but the model '{small_vocab_model}' embeds only" in message
-    assert "do not belong together" in message
+    if rewards == "annotate":
+        assert "evaluator (unset: data.tokenizer, which follows model.model) " in message
+        assert f"'{small_vocab_model}' embeds 243 tokens, but the data tokenizer" in message
+        assert "would reach past the model's embedding table" in message
+    else:
+        assert f"tokens but the model '{small_vocab_model}' embeds only" in message
+        assert "do not belong together" in message
 
 
 def test_evaluator_with_another_tokenizer(setup, tiny_model_dir):
@@ -333,10 +339,10 @@ def test_evaluator_with_another_tokenizer(setup, tiny_model_dir):
         cli(args)
     message = str(info.value)
     assert message.startswith(
-        f"The {other} model's tokenizer differs from the data tokenizer (vocab sizes "
-        f"{len(tokenizer)} vs {len(tokenizer) - 2}"
+        f"data.rewards.evaluator '{other}': its tokenizer differs from the data tokenizer"
     )
-    assert "token rewards need the same vocabulary" in message
+    assert f": {len(tokenizer)} vs {len(tokenizer) - 2} tokens" in message
+    assert "Give a model of the same family (the same vocabulary)" in message
 
 
 # --- token-reward caches damaged or foreign, met by `treg fit` ----------------------------------

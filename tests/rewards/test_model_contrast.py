@@ -130,3 +130,21 @@ def test_reward_configs_compose_with_a_run_config(name, monkeypatch):
     rewards = yaml.safe_load(out.getvalue())["data"]["rewards"]
     expected = {"spans.yaml": "SpanRewards", "model_contrast.yaml": "ModelContrastRewards"}[name]
     assert rewards["class_path"] == f"treg_lightning.rewards.{expected}"
+
+
+def test_same_model_twice_is_refused_before_any_load(folders, rw_tokenizer, rw_rows, tmp_path):
+    """Positive named by path, negative unset (the data tokenizer's model, spelled another
+    way): one model twice would give r_hat = 0 on every token."""
+    context = AnnotationContext(rw_tokenizer, f"{folders['a']}/")
+    target = "treg_lightning.rewards.model_contrast.load_causal_lm"
+    for positive, negative in [(str(folders["a"]), None), (None, None),
+                               (str(folders["b"]), f"{folders['b']}/.")]:  # fmt: skip
+        source = ModelContrastRewards(positive, negative, cache_dir=str(tmp_path))
+        with (
+            mock.patch(target, side_effect=AssertionError("loaded")),
+            pytest.raises(ConfigError, match="are the same model .*every r_hat would be 0"),
+        ):
+            source.annotate(rw_rows, "train", context)
+    assert not any(tmp_path.iterdir())
+    # two folders holding equal weights are two models as far as the settings go
+    ModelContrastRewards(str(folders["a"]), str(folders["a_copy"])).check_models(context)

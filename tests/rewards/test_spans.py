@@ -121,6 +121,51 @@ def test_value_range_rescaled_and_same_value_overlap_allowed():
     assert values(source, tok, TEXT, spans) == [-0.5, -0.5, 0, 0, 0, 0, 0, -0.25, 0.5, 0]
 
 
+def test_nested_overlap_with_different_values_is_refused():
+    """A [0, 20) -1 holds B [2, 4) -1 and C [8, 12) +1: B and C never touch, so comparing only
+    neighbours in start order (A-B, B-C) misses that C overlaps A with another value."""
+    tok = sentencepiece_tokenizer()
+    source = SpanRewards(value_range=(-1, 1))
+    nested = [span(0, 20, -1), span(2, 4, -1), span(8, 12, 1)]
+    with pytest.raises(
+        SpanAnnotationError,
+        match=r"row 7, field 'chosen_spans\[2\]': spans 0 \[0, 20\) and 2 \[8, 12\) overlap "
+        "with different rewards",
+    ):
+        values(source, tok, TEXT, nested)
+    # any order in the file, any depth: the long span listed last, a third level inside C
+    shuffled = [span(8, 12, -1), span(9, 10, 1), span(2, 4, -1), span(0, 20, -1)]
+    with pytest.raises(SpanAnnotationError, match=r"spans 1 \[9, 10\) and 3 \[0, 20\) overlap"):
+        values(source, tok, TEXT, shuffled)
+    # neighbours: equal values nested keep the documented rule (the same value everywhere) ...
+    same = [span(0, 20, -1), span(2, 4, -1), span(8, 12, -1)]
+    assert values(source, tok, TEXT, same) == [-0.5] * 8 + [0, 0]
+    # ... spans that only touch (end == next start) do not overlap, whatever their values
+    touching = [span(0, 5, -1), span(5, 11, 1), span(11, 12, -1)]
+    assert values(source, tok, TEXT, touching)[:4] == [-0.5, 0.5, 0.5, -0.5]
+
+
+@pytest.mark.parametrize(
+    ("bad", "expected"),
+    [
+        (span(4, 4, -0.5), "span [4, 4) is empty (start equals end, so it covers no character)"),
+        (span(0, 0, -0.5), "span [0, 0) is empty"),
+        (span(26, 26, -0.5), "span [26, 26) is empty"),  # at the end-of-turn token's place
+        (span(9, 3, -0.5), "span [9, 3) ends before it starts"),
+        (span(3, 30, -0.5), "span [3, 30) lies outside the response text (25 characters"),
+        (span(-1, 3, -0.5), "span [-1, 3) lies outside the response text"),
+    ],
+)
+def test_empty_and_reversed_spans_have_their_own_message(bad, expected):
+    tok = sentencepiece_tokenizer()
+    with pytest.raises(SpanAnnotationError) as info:
+        values(SpanRewards(), tok, TEXT, [span(0, 2, -0.5), bad])
+    message = str(info.value)
+    assert message.startswith("data row 7, field 'chosen_spans[1]': ") and expected in message
+    if "empty" in expected or "before" in expected:
+        assert "outside" not in message
+
+
 def test_no_spans_and_truncated_responses():
     tok = sentencepiece_tokenizer()
     row = row_of(tok, TEXT, None)
@@ -255,12 +300,26 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize(("spans", "expected"), BAD)
-def test_bad_annotation_stops_fit(tmp_path, tiny_model_dir, capsys, spans, expected):
+LONG = "No, that is wrong: 4 is the sum."  # 32 characters
+BAD += [
+    pytest.param(
+        [span(0, 20, -0.5), span(2, 4, -0.5), span(8, 12, 0.5)],
+        "spans 0 [0, 20) and 2 [8, 12) overlap with different rewards",
+        LONG,
+        id="nested_overlap",
+    ),
+    pytest.param([span(4, 4, -0.5)], "span [4, 4) is empty", LONG, id="empty"),
+]
+
+
+@pytest.mark.parametrize(("spans", "expected", "rejected"), [
+    pytest.param(*p.values, "No", id=p.id) if len(p.values) == 2 else p for p in BAD
+])  # fmt: skip
+def test_bad_annotation_stops_fit(tmp_path, tiny_model_dir, capsys, spans, expected, rejected):
     data = tmp_path / "pairs.jsonl"
     rows = [
         {"prompt": "Add 1 and 1.", "chosen": "2.", "rejected": "No"},
-        {"prompt": "Add 2 and 2.", "chosen": "4.", "rejected": "No", "rejected_spans": spans},
+        {"prompt": "Add 2 and 2.", "chosen": "4.", "rejected": rejected, "rejected_spans": spans},
     ]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     args = tiny_fit_args(

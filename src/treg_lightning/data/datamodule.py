@@ -218,6 +218,8 @@ class PreferenceDataModule(pl.LightningDataModule):
                 that leaves no training row.
         """
         tokenizer = self._load_tokenizer()
+        if self.rewards is not None:  # its models exist and read these ids, before tokenizing
+            self.rewards.check_models(self.annotation_context())
         pair_tokenizer = PairTokenizer(
             tokenizer, self.max_length, self.max_prompt_length, self.chat_template
         )
@@ -311,14 +313,17 @@ class PreferenceDataModule(pl.LightningDataModule):
         rewards = rewards if rewards is not None else self.rewards
         if rewards is None:
             return rows
-        context = AnnotationContext(
+        return rewards.annotate(rows, split, self.annotation_context())
+
+    def annotation_context(self) -> AnnotationContext:
+        """What a token-reward source is handed with the rows (tokenizer, model name, device)."""
+        return AnnotationContext(
             tokenizer=self._load_tokenizer(),
             model_name=self.tokenizer_name,
             device=self._device(),
             settings={"max_length": self.max_length, "max_prompt_length": self.max_prompt_length},
             trust_remote_code=self.trust_remote_code,
         )
-        return rewards.annotate(rows, split, context)
 
     def _device(self) -> torch.device:
         if self.trainer is not None:

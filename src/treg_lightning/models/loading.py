@@ -27,6 +27,16 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from treg_lightning.errors import ConfigError, MissingFileError
+from treg_lightning.models.kinds import (
+    CAUSAL_LM,
+    OTHER,
+    SEQUENCE_CLASSIFIER,
+    adapter_folder_error,
+    architecture,
+    config_kind,
+    is_adapter_folder,
+    wrong_kind_error,
+)
 
 SMOLLM2_ALIAS = "smollm2"
 SMOLLM2_FOLDER = "smollm2-135m-instruct"
@@ -77,6 +87,8 @@ def resolve_model_source(name_or_path: str | os.PathLike) -> ModelSource:
         _require_gguf_package(path)
         return ModelSource(str(path.parent), gguf_file=path.name, local=True)
     if path.is_dir():
+        if is_adapter_folder(path):
+            raise adapter_folder_error(path)
         if not (path / "config.json").is_file():
             raise MissingFileError(
                 f"{path} is a folder but holds no config.json: point the model argument at a "
@@ -206,6 +218,9 @@ def load_causal_lm(
     config = AutoConfig.from_pretrained(
         source.path, gguf_file=source.gguf_file, trust_remote_code=trust_remote_code
     )
+    kind = config_kind(config)
+    if kind in (SEQUENCE_CLASSIFIER, OTHER):  # AutoModelForCausalLM would add a random lm_head
+        raise wrong_kind_error(str(name_or_path), kind, architecture(config), CAUSAL_LM)
     attn = choose_attn_implementation(attn_implementation, device_type, config.model_type)
     if source.gguf_file is not None:
         model = _load_dequantized_gguf(source, dtype, attn)

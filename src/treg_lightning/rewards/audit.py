@@ -5,15 +5,23 @@ Plain functions over rows: each row holds ``chosen_token_rewards`` / ``rejected_
 ``rejected_marks`` (the annotated value of each token, NaN where no span covers it; see
 :meth:`treg_lightning.rewards.spans.SpanRewards.response_marks`).
 
-With ground truth (computed on the *annotated responses*, those with at least one mark):
+With ground truth, each figure is computed per *response* and averaged over the responses it is
+defined for, so an offset between responses (one response's rewards all higher than another's)
+counts for nothing; ties count as ties:
 
-- ``auroc_negative``: AUROC of ``-r_hat`` separating negatively marked tokens from unmarked
-  tokens of the same responses (responses with both kinds), pooled; 0.5 is chance, 1 means every
-  marked token has a lower ``r_hat`` than every unmarked one; ``auroc_positive`` likewise for
-  ``r_hat`` and positive marks;
-- ``precision_at_k``: the share of negatively marked tokens among the ``k`` tokens with the
-  lowest ``r_hat`` of the annotated responses (``k`` defaults to the number of negatively
-  marked tokens, which makes it the R-precision; chance is the share of marked tokens);
+- ``auroc_negative``: per response holding both negatively marked and unmarked tokens, the
+  AUROC of ``-r_hat`` separating the two: the share of (marked, unmarked) token pairs of that
+  response in which the marked token has the lower ``r_hat``, a tie counting one half (a
+  constant source scores exactly 0.5); the mean over those responses. ``auroc_positive``
+  likewise for ``r_hat`` and positive marks;
+- ``precision_at_k``: per response holding a negatively marked token, the share of negatively
+  marked tokens among its ``k`` tokens with the lowest ``r_hat`` (``k`` defaults to that
+  response's number of negatively marked tokens, the R-precision; a ``k`` above the response's
+  length takes all its tokens); tokens tied at the cut are drawn at random, and the figure is
+  the expected value of that draw; the mean over those responses;
+- ``negative_share``: per such response, the share of its tokens that are negatively marked,
+  averaged likewise: the chance level of ``precision_at_k`` (what a constant or random source
+  scores);
 
 always:
 
@@ -23,11 +31,14 @@ always:
 - ``histogram``: counts of ``r_hat`` in equal bins over [-0.5, 0.5];
 - ``disagreeing``: the positions of the pairs whose mean ``r_hat`` favours the rejected response
   the most (mean rejected minus mean chosen, largest first);
-- with a second source (``second`` rows): ``spearman``, the rank correlation of the two sources
-  over all response tokens (stability under paraphrase of the template, or agreement of sources).
+- with a second source (``second`` rows): ``spearman``, the rank correlation of the two sources,
+  pooled over all response tokens (stability under paraphrase of the template, or agreement of
+  sources).
 
 Each figure comes with a 95% percentile bootstrap interval over pairs (resampled with
-replacement, seeded). :func:`write_report` writes ``audit.md``, ``audit.json`` and the PNGs.
+replacement, seeded), or none (``None``, "n/a" in the report) when it rests on fewer than two
+pairs or ``bootstrap`` is 0. :func:`write_report` writes ``audit.md``, ``audit.json`` and the
+PNGs.
 """
 
 from __future__ import annotations
@@ -35,7 +46,7 @@ from __future__ import annotations
 import errno
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,12 +85,20 @@ def rankdata(values: np.ndarray) -> np.ndarray:
 
 
 def precision_at_k(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
-    """Share of ``labels`` among the ``k`` highest ``scores`` (a stable sort: on a tie, the
-    earlier token first); NaN for ``k < 1``."""
+    """Share of ``labels`` among the ``k`` highest ``scores``, ties at the cut drawn at random:
+    the expected value of that draw (so a constant score gives the share of ``labels``);
+    ``k`` above the number of scores takes them all; NaN for ``k < 1`` or no scores."""
+    scores = np.asarray(scores, np.float64)
+    labels = np.asarray(labels, bool)
     if k < 1 or len(scores) == 0:
         return math.nan
-    top = np.argsort(-np.asarray(scores, np.float64), kind="mergesort")[:k]
-    return float(np.asarray(labels, bool)[top].mean())
+    k = min(k, len(scores))
+    cut = np.sort(scores)[::-1][k - 1]  # the k-th highest score
+    above, tied = scores > cut, scores == cut
+    # All tokens above the cut are taken; the k - |above| others come from the tied ones, each
+    # of which is drawn with the same probability.
+    hits = labels[above].sum() + (k - above.sum()) * labels[tied].mean()
+    return float(hits / k)
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -99,29 +118,56 @@ def _marks(row: Mapping[str, Any], side: str) -> np.ndarray | None:
     return None if marks is None else np.asarray(marks, np.float64)
 
 
-class _Pairs:
-    """Per-pair arrays, so a bootstrap resample is a concatenation of picked pairs."""
+RESPONSE_FIGURES = ("auroc_negative", "auroc_positive", "precision_at_k", "negative_share")
 
-    def __init__(self, rows: Sequence[Mapping[str, Any]], second) -> None:
+
+def response_figures(rewards: np.ndarray, marks: np.ndarray, k: int | None) -> dict[str, float]:
+    """The ground-truth figures of one response (those it is defined for; see the module
+    docstring): ``rewards`` its ``r_hat``, ``marks`` its annotated values (NaN: unmarked)."""
+    rewards = np.asarray(rewards, np.float64)
+    marks = np.asarray(marks, np.float64)
+    unmarked = np.isnan(marks)
+    negative = np.nan_to_num(marks, nan=0.0) < 0
+    positive = np.nan_to_num(marks, nan=0.0) > 0
+    out = {}
+    if negative.any() and unmarked.any():
+        keep = negative | unmarked  # tokens marked 0 count in neither class
+        out["auroc_negative"] = auroc(-rewards[keep], negative[keep])
+    if positive.any() and unmarked.any():
+        keep = positive | unmarked
+        out["auroc_positive"] = auroc(rewards[keep], positive[keep])
+    if negative.any():
+        top = int(negative.sum()) if k is None else k
+        out["precision_at_k"] = precision_at_k(-rewards, negative, top)
+        out["negative_share"] = float(negative.mean())
+    return out
+
+
+class _Pairs:
+    """Per-pair arrays and per-response figures, so a bootstrap resample is a concatenation of
+    picked pairs."""
+
+    def __init__(self, rows: Sequence[Mapping[str, Any]], second, k: int | None) -> None:
         self.means = np.array(
             [[_rewards(r, s).mean() if len(_rewards(r, s)) else 0.0 for s in SIDES] for r in rows]
         )
         self.tokens = [np.concatenate([_rewards(r, s) for s in SIDES]) for r in rows]
-        self.annotated = []  # per pair: (r_hat, marks) of its annotated responses
-        for row in rows:
-            parts = [
-                (_rewards(row, s), m)
-                for s in SIDES
-                if (m := _marks(row, s)) is not None and np.isfinite(m).any()
-            ]
-            self.annotated.append(parts)
+        # per figure, per pair: the values of its responses the figure is defined for
+        self.per_response = {name: [[] for _ in rows] for name in RESPONSE_FIGURES}
+        for i, row in enumerate(rows):
+            for side in SIDES:
+                marks = _marks(row, side)
+                if marks is None or not np.isfinite(marks).any():
+                    continue
+                for name, value in response_figures(_rewards(row, side), marks, k).items():
+                    self.per_response[name][i].append(value)
         self.second = (
             None
             if second is None
             else [np.concatenate([_rewards(r, s) for s in SIDES]) for r in second]
         )
 
-    def metrics(self, picks: np.ndarray, k: int | None, near_zero_below: float) -> dict:
+    def metrics(self, picks: np.ndarray, near_zero_below: float) -> dict[str, float]:
         means = self.means[picks]
         out = {
             "pair_agreement": float(
@@ -129,47 +175,58 @@ class _Pairs:
             ),
             "near_zero": float(np.mean(np.abs(self._cat(self.tokens, picks)) < near_zero_below)),
         }
-        annotated = [part for p in picks for part in self.annotated[p]]
-        if annotated:
-            out.update(_mark_metrics(annotated, k))
+        for name, per_pair in self.per_response.items():
+            values = [value for p in picks for value in per_pair[p]]
+            if values:
+                out[name] = float(np.mean(values))
         if self.second is not None:
             out["spearman"] = spearman(self._cat(self.tokens, picks), self._cat(self.second, picks))
         return out
+
+    def support(self, name: str) -> tuple[int, int | None]:
+        """``(pairs, responses)`` a figure rests on (responses: None for pair-level figures)."""
+        if name not in self.per_response:
+            return len(self.means), None
+        counts = [len(values) for values in self.per_response[name]]
+        return sum(1 for c in counts if c), sum(counts)
 
     @staticmethod
     def _cat(arrays, picks) -> np.ndarray:
         return np.concatenate([arrays[p] for p in picks]) if len(picks) else np.zeros(0)
 
 
-def _mark_metrics(responses: list[tuple[np.ndarray, np.ndarray]], k: int | None) -> dict:
-    def pooled(sign: Callable[[np.ndarray], np.ndarray], flip: float) -> float:
-        scores, labels = [], []
-        for rewards, marks in responses:
-            marked, unmarked = sign(marks), np.isnan(marks)
-            if marked.any() and unmarked.any():
-                keep = marked | unmarked
-                scores.append(flip * rewards[keep])
-                labels.append(marked[keep])
-        if not scores:
-            return math.nan
-        return auroc(np.concatenate(scores), np.concatenate(labels))
+def check_settings(names: Mapping[str, str] | None = None, **settings) -> None:
+    """Refuse audit settings outside their range, naming the setting (``names`` maps a keyword
+    to the name the user wrote, e.g. ``{"disagreeing": "--heatmap_pairs"}``).
 
-    def negative(m):
-        return np.nan_to_num(m, nan=0.0) < 0
+    Keywords: ``k`` (None or >= 1), ``near_zero_below`` (>= 0), ``bootstrap``, ``disagreeing``
+    (>= 0) and ``bins`` (>= 1).
 
-    def positive(m):
-        return np.nan_to_num(m, nan=0.0) > 0
+    Raises:
+        ConfigError: the first setting out of range.
+    """
+    from treg_lightning.errors import ConfigError
 
-    rewards = np.concatenate([r for r, _ in responses])
-    is_negative = np.concatenate([negative(m) for _, m in responses])
-    top = int(is_negative.sum()) if k is None else k
-    return {
-        "auroc_negative": pooled(negative, -1.0),
-        "auroc_positive": pooled(positive, 1.0),
-        "precision_at_k": precision_at_k(-rewards, is_negative, top),
-        "k": top,
-        "negative_share": float(is_negative.mean()),  # precision_at_k of a random ranking
-    }
+    def whole(value, least: int) -> bool:
+        return (
+            isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= least
+        )
+
+    rules = {
+        "k": (lambda v: v is None or whole(v, 1),
+              "must be >= 1 (tokens per response) or unset (each response's number of "
+              "negatively marked tokens)"),
+        "near_zero_below": (lambda v: isinstance(v, (int, float)) and v >= 0,
+                            "must be >= 0 (|r_hat| under which a reward counts as near zero)"),
+        "bootstrap": (lambda v: whole(v, 0), "must be >= 0 (resamples; 0: no intervals)"),
+        "disagreeing": (lambda v: whole(v, 0), "must be >= 0 (pairs shown; 0: none)"),
+        "bins": (lambda v: whole(v, 1), "must be >= 1 (histogram bins)"),
+    }  # fmt: skip
+    names = names or {}
+    for key, value in settings.items():
+        ok, need = rules[key]
+        if not ok(value):  # NaN fails every comparison, so it is refused too
+            raise ConfigError(f"{names.get(key, key)} {value!r}: {need}.")
 
 
 def audit_rows(
@@ -189,7 +246,8 @@ def audit_rows(
         rows: pairs with ``{side}_token_rewards`` and optionally ``{side}_marks``.
         second: the same pairs (same order, same tokens) under a second source, for the rank
             correlation; None: none.
-        k: tokens of ``precision_at_k``; None: the number of negatively marked tokens.
+        k: tokens per response of ``precision_at_k``; None: each response's number of
+            negatively marked tokens.
         near_zero_below: ``|r_hat|`` below which a reward counts as near zero.
         bins: histogram bins over [-0.5, 0.5].
         disagreeing: how many of the most disagreeing pairs to list.
@@ -197,30 +255,44 @@ def audit_rows(
         seed: seed of the resampling.
 
     Returns:
-        ``{"pairs", "tokens", "metrics": {name: {"value", "low", "high"}}, "histogram":
-        {"edges", "counts"}, "disagreeing": [positions], "settings"}``; JSON-serializable.
+        ``{"pairs", "tokens", "metrics": {name: {"value", "low", "high", "pairs"[,
+        "responses"]}}, "k", "histogram": {"edges", "counts"}, "disagreeing": [positions],
+        "settings"}``; JSON-serializable. ``low`` / ``high`` are None where the figure rests on
+        fewer than two pairs, or without resamples.
+
+    Raises:
+        ConfigError: a setting out of range (:func:`check_settings`).
     """
+    check_settings(
+        k=k, near_zero_below=near_zero_below, bins=bins, disagreeing=disagreeing,
+        bootstrap=bootstrap,
+    )  # fmt: skip
     if not rows:
         raise ValueError("audit_rows needs at least one pair.")
     if second is not None and len(second) != len(rows):
         raise ValueError(f"second has {len(second)} pairs, rows {len(rows)}.")
-    pairs = _Pairs(rows, second)
+    pairs = _Pairs(rows, second, k)
     everything = np.arange(len(rows))
-    point = pairs.metrics(everything, k, near_zero_below)
-    top_k = point.pop("k", None)
+    point = pairs.metrics(everything, near_zero_below)
     samples: dict[str, list[float]] = {name: [] for name in point}
     rng = np.random.default_rng(seed)
     for _ in range(bootstrap):
         picks = rng.integers(0, len(rows), len(rows))
-        resampled = pairs.metrics(picks, k, near_zero_below)  # k=None: R-precision each time
+        resampled = pairs.metrics(picks, near_zero_below)
         for name in samples:
             samples[name].append(resampled.get(name, math.nan))
     metrics = {}
     for name, value in point.items():
+        support, responses = pairs.support(name)
         drawn = np.asarray(samples[name], np.float64)
         drawn = drawn[np.isfinite(drawn)]
-        low, high = np.percentile(drawn, [2.5, 97.5]) if len(drawn) else (math.nan, math.nan)
-        metrics[name] = {"value": _num(value), "low": _num(low), "high": _num(high)}
+        low = high = math.nan
+        if support > 1 and len(drawn):  # one pair has no spread to estimate
+            low, high = np.percentile(drawn, [2.5, 97.5])
+        metrics[name] = {"value": _num(value), "low": _num(low), "high": _num(high),
+                         "pairs": support}  # fmt: skip
+        if responses is not None:
+            metrics[name]["responses"] = responses
     tokens = pairs._cat(pairs.tokens, everything)
     counts, edges = np.histogram(np.clip(tokens, -0.5, 0.5), bins=bins, range=(-0.5, 0.5))
     gap = pairs.means[:, 1] - pairs.means[:, 0]
@@ -229,7 +301,7 @@ def audit_rows(
         "pairs": len(rows),
         "tokens": int(len(tokens)),
         "metrics": metrics,
-        "k": top_k,
+        "k": k,
         "histogram": {"edges": edges.tolist(), "counts": counts.tolist()},
         "disagreeing": [int(i) for i in order if gap[i] > 0],
         "settings": {"near_zero_below": near_zero_below, "bootstrap": bootstrap, "seed": seed},
@@ -280,22 +352,31 @@ def audit_split(
 # --- the report --------------------------------------------------------------------------------
 
 LABELS = {
-    "auroc_negative": "AUROC of -r_hat, negatively marked vs unmarked tokens",
-    "auroc_positive": "AUROC of r_hat, positively marked vs unmarked tokens",
-    "precision_at_k": "precision at the k most negative tokens",
-    "negative_share": "share of negatively marked tokens (precision of a random ranking)",
+    "auroc_negative": "AUROC of -r_hat, negatively marked vs unmarked tokens, per response",
+    "auroc_positive": "AUROC of r_hat, positively marked vs unmarked tokens, per response",
+    "precision_at_k": "precision at the k most negative tokens, per response",
+    "negative_share": "share of negatively marked tokens, per response (chance level of the "
+    "precision at k)",
     "pair_agreement": "pairs whose mean r_hat prefers the chosen response",
     "near_zero": "share of tokens with abs(r_hat) below the near-zero threshold",
-    "spearman": "Spearman rank correlation with the second source, per token",
+    "spearman": "Spearman rank correlation with the second source, pooled over all tokens",
 }
 
 
 def check_report_folder(output_dir: str | Path) -> None:
-    """Refuse a folder that already holds an audit report (checked before any work)."""
+    """Refuse an ``output_dir`` that is a file, or a folder that already holds an audit report
+    (checked before any work)."""
     from treg_lightning.outputs import OutputFolderError
 
+    folder = Path(output_dir).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise OutputFolderError(
+            errno.EEXIST,
+            f"--output_dir {folder} is a file: the audit writes a folder (audit.md, audit.json "
+            "and its PNGs). Give a folder path (a new one, or one without a report).",
+        )
     for name in REPORT_FILES:
-        path = Path(output_dir) / name
+        path = folder / name
         if path.exists():
             raise OutputFolderError(
                 errno.EEXIST,
@@ -310,23 +391,37 @@ def markdown(result: Mapping[str, Any], title: str = "Token-reward audit") -> st
     def fmt(x) -> str:
         return "n/a" if x is None else f"{x:.3f}"
 
+    settings = result["settings"]
+    if settings["bootstrap"]:
+        intervals = (
+            f"95% intervals: bootstrap over pairs ({settings['bootstrap']} resamples, seed "
+            f"{settings['seed']}); n/a where a figure rests on fewer than two pairs."
+        )
+    else:
+        intervals = "no intervals (bootstrap 0)."
     lines = [
         f"# {title}",
         "",
-        f"{result['pairs']} pairs, {result['tokens']} response tokens; 95% intervals: "
-        f"bootstrap over pairs ({result['settings']['bootstrap']} resamples, seed "
-        f"{result['settings']['seed']}).",
+        f"{result['pairs']} pairs, {result['tokens']} response tokens; {intervals} Per-response "
+        'figures are means over the responses they are defined for (see "over").',
         "",
-        "| figure | value | 95% interval |",
-        "|---|---|---|",
+        "| figure | value | 95% interval | over |",
+        "|---|---|---|---|",
     ]
     for name, m in result["metrics"].items():
         label = LABELS.get(name, name)
         if name == "precision_at_k":
-            label += f" (k = {result['k']})"
+            k = result["k"]
+            label += (
+                " (k = each response's number of marked tokens)" if k is None else f" (k = {k})"
+            )
         if name == "near_zero":
-            label += f" ({result['settings']['near_zero_below']})"
-        lines.append(f"| {label} | {fmt(m['value'])} | [{fmt(m['low'])}, {fmt(m['high'])}] |")
+            label += f" ({settings['near_zero_below']})"
+        interval = "n/a" if m["low"] is None else f"[{fmt(m['low'])}, {fmt(m['high'])}]"
+        over = f"{m['pairs']} pairs"
+        if "responses" in m:
+            over = f"{m['responses']} responses of {over}"
+        lines.append(f"| {label} | {fmt(m['value'])} | {interval} | {over} |")
     edges, counts = result["histogram"]["edges"], result["histogram"]["counts"]
     lines += ["", "## r_hat histogram", "", "| bin | tokens |", "|---|---|"]
     lines += [

@@ -21,13 +21,9 @@ from typing import Any
 import torch
 
 from treg_lightning.errors import ConfigError
-from treg_lightning.models.loading import (
-    check_vocab_fits,
-    load_causal_lm,
-    load_tokenizer,
-    parse_dtype,
-)
-from treg_lightning.rewards.annotate import ContrastiveScorer, check_same_vocab
+from treg_lightning.models.loading import check_vocab_fits, load_causal_lm, parse_dtype
+from treg_lightning.models.preflight import check_model
+from treg_lightning.rewards.annotate import ContrastiveScorer
 from treg_lightning.rewards.cache import compute_fingerprint, distributed, load_or_build
 from treg_lightning.rewards.prompts import ContrastiveTemplate
 from treg_lightning.rewards.source import AnnotationContext, TokenRewardSource, cache_folder_for
@@ -87,6 +83,7 @@ class ContrastiveRewards(TokenRewardSource):
         self.cache_dir = cache_dir
         self.progress = progress
         self._model: torch.nn.Module | None = None
+        self._checked: set[tuple] = set()  # contexts whose evaluator passed check_models
 
     @property
     def provides_reference_logps(self) -> bool:
@@ -132,21 +129,35 @@ class ContrastiveRewards(TokenRewardSource):
             if bar is not None:
                 bar.close()
 
+    def check_models(self, context: AnnotationContext, setting: str = "data.rewards") -> None:
+        """At start-up, before any pair is tokenized or weight read: the evaluator exists, is a
+        causal LM and reads the data tokenizer's ids
+        (:func:`~treg_lightning.models.preflight.check_model`)."""
+        key = (id(context.tokenizer), context.model_name, setting)
+        if key in self._checked:
+            return
+        shown = f"{setting}.evaluator"
+        if self.evaluator is None:
+            shown += " (unset: data.tokenizer, which follows model.model)"
+        check_model(
+            self.evaluator or context.model_name, shown, tokenizer=context.tokenizer,
+            trust_remote_code=context.trust_remote_code,
+        )  # fmt: skip
+        self._checked.add(key)
+
     def evaluator_model(self, context: AnnotationContext) -> torch.nn.Module:
-        """The evaluator on ``context.device``, loaded once (its fingerprint is taken even when
-        the cache exists, so a changed model is never served stale rewards)."""
+        """The evaluator on ``context.device``, loaded once after :meth:`check_models` (its
+        fingerprint is taken even when the cache exists, so a changed model is never served
+        stale rewards)."""
+        self.check_models(context)
         if self._model is None:
-            name = self.evaluator or context.model_name
-            trust = context.trust_remote_code
-            if name != context.model_name:
-                check_same_vocab(context.tokenizer, load_tokenizer(name, trust), name)
             model = load_causal_lm(
-                name,
+                self.evaluator or context.model_name,
                 self.evaluator_dtype,
-                trust_remote_code=trust,
+                trust_remote_code=context.trust_remote_code,
                 device_type=context.device.type,
             )
-            check_vocab_fits(context.tokenizer, model, name)  # before any annotate forward
+            check_vocab_fits(context.tokenizer, model, self.evaluator or context.model_name)
             self._model = model.to(context.device).eval()
         return self._model
 

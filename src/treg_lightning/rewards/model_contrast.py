@@ -6,8 +6,10 @@ Both models score every response token after the plain prompt (``prompt_ids``)::
     r_hat_t = sigmoid(scale * (log p_pos(y_t | x, y_<t) - log p_neg(y_t | x, y_<t))) - 0.5
 
 e.g. an aligned model against its reference (the log-ratio of an implicit reward model), or a
-model fine-tuned on good answers against one fine-tuned on bad ones. Both must share the data
-tokenizer's vocabulary (the cached response ids are scored as they are). Scoring is
+model fine-tuned on good answers against one fine-tuned on bad ones. Both must be causal LMs
+sharing the data tokenizer's vocabulary (the cached response ids are scored as they are), and
+two models (the same one twice gives r_hat = 0 everywhere): checked at start-up, before any
+pair is tokenized (:meth:`ModelContrastRewards.check_models`). Scoring is
 :func:`treg_lightning.rewards.annotate.score_sequences`, the contrastive source's forward; the
 build is split across ranks, resumable and fingerprinted like it
 (:mod:`treg_lightning.rewards.cache`), with both models in the fingerprint.
@@ -25,16 +27,14 @@ import torch
 
 from treg_lightning.errors import ConfigError
 from treg_lightning.forward.logprobs import check_plain_logits
-from treg_lightning.models.loading import (
-    check_vocab_fits,
-    load_causal_lm,
-    load_tokenizer,
-    parse_dtype,
-)
+from treg_lightning.models.loading import check_vocab_fits, load_causal_lm, parse_dtype
+from treg_lightning.models.preflight import check_model, model_location
 from treg_lightning.pairs import SIDES, field
-from treg_lightning.rewards.annotate import check_same_vocab, score_sequences, token_rewards
+from treg_lightning.rewards.annotate import score_sequences, token_rewards
 from treg_lightning.rewards.cache import compute_fingerprint, load_or_build, model_identity
 from treg_lightning.rewards.source import AnnotationContext, TokenRewardSource, cache_folder_for
+
+ROLES = ("positive", "negative")
 
 
 class ModelContrastRewards(TokenRewardSource):
@@ -84,6 +84,7 @@ class ModelContrastRewards(TokenRewardSource):
         self.chunk_pairs = chunk_pairs
         self.cache_dir = cache_dir
         self._models: dict[str, torch.nn.Module] = {}
+        self._checked: set[tuple] = set()  # contexts whose models passed check_models
 
     @property
     def provides_reference_logps(self) -> bool:
@@ -144,18 +145,48 @@ class ModelContrastRewards(TokenRewardSource):
                 columns[field(side, "ref_token_logps")] = list(neg[part])
         return columns
 
+    def check_models(self, context: AnnotationContext, setting: str = "data.rewards") -> None:
+        """At start-up, before any pair is tokenized or weight read: the two models are two
+        (the same model twice makes every ``r_hat`` 0), and each exists, is a causal LM and reads
+        the data tokenizer's ids (:func:`~treg_lightning.models.preflight.check_model`)."""
+        key = (id(context.tokenizer), context.model_name, setting)
+        if key in self._checked:
+            return
+        names = {role: self._name(role, context) for role in ROLES}
+        shown = {
+            role: f"{setting}.{role}"
+            + ("" if getattr(self, role) else " (unset: data.tokenizer, which follows model.model)")
+            for role in ROLES
+        }
+        where = {role: model_location(names[role]) for role in ROLES}
+        if where["positive"] == where["negative"]:
+            raise ConfigError(
+                f"ModelContrastRewards: {shown['positive']} {names['positive']!r} and "
+                f"{shown['negative']} {names['negative']!r} are the same model "
+                f"({where['positive']}): every r_hat would be 0, and T-REG would train on "
+                "nothing. Give two different models, e.g. positive: the model fine-tuned on good "
+                "answers (or the aligned model) and negative: its reference."
+            )
+        for role in ROLES:
+            check_model(
+                names[role], shown[role], tokenizer=context.tokenizer,
+                trust_remote_code=context.trust_remote_code,
+            )  # fmt: skip
+        self._checked.add(key)
+
     def model(self, role: str, context: AnnotationContext) -> torch.nn.Module:
-        """The ``"positive"`` or ``"negative"`` model on ``context.device``, loaded once (one
-        copy when both name the same model)."""
+        """The ``"positive"`` or ``"negative"`` model on ``context.device``, loaded once, after
+        :meth:`check_models`."""
+        self.check_models(context)
         name = self._name(role, context)
         if name not in self._models:
-            trust = context.trust_remote_code
-            if name != context.model_name:
-                check_same_vocab(context.tokenizer, load_tokenizer(name, trust), f"{role} ({name})")
             model = load_causal_lm(
-                name, self.dtype, trust_remote_code=trust, device_type=context.device.type
+                name,
+                self.dtype,
+                trust_remote_code=context.trust_remote_code,
+                device_type=context.device.type,
             )
-            check_vocab_fits(context.tokenizer, model, name)
+            check_vocab_fits(context.tokenizer, model, name)  # the loaded table, to be sure
             check_plain_logits(model)
             self._models[name] = model.to(context.device).eval()
         return self._models[name]

@@ -10,7 +10,8 @@ The module and the CLI ask it, never compare its name:
 
 - ``provides_token_rewards`` / ``provides_reference_logps``: what its rows carry, matched at
   start-up against what the regularizer and the loss need (:mod:`treg_lightning.training.checks`);
-- ``cache_folder``: where it writes (checked for writability at start-up), or None.
+- ``cache_folder``: where it writes (checked for writability at start-up), or None;
+- ``check_models``: the models it will load, checked at start-up (existence, kind, vocabulary).
 
 A new source (say, rewards from an external token-level reward model) is one class in one
 file that implements :meth:`TokenRewardSource.annotate`, plus a config naming it.
@@ -75,6 +76,14 @@ class TokenRewardSource(ABC):
         Called on every process (a source may split the work across ranks); must return the
         same rows on every process. Each value list has one entry per response token
         (``len(row["chosen_ids"])`` for ``chosen_token_rewards``).
+        """
+
+    def check_models(self, context: AnnotationContext, setting: str = "data.rewards") -> None:
+        """Refuse, at start-up, the models this source would load: missing, of the wrong kind, or
+        reading another vocabulary than ``context.tokenizer`` (see
+        :func:`treg_lightning.models.preflight.check_model`). Called before any pair is
+        tokenized or model loaded; reads no weights. ``setting`` names the source in messages
+        (``data.rewards``, ``--second``). A source that loads no model keeps this no-op.
         """
 
     def release(self) -> None:

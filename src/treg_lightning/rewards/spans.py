@@ -28,11 +28,11 @@ response ids are built, :mod:`treg_lightning.data.tokenize`):
 
 Values are on the regularizer's scale, ``[-0.5, 0.5]``, or on a declared ``value_range`` ``(lo,
 hi)`` rescaled linearly onto it (``lo -> -0.5``, ``hi -> 0.5``). Bad annotations (a span outside
-the text, overlapping spans with different values, a value outside the range, a response whose
-token ids cannot be rebuilt from its text) raise :class:`SpanAnnotationError` naming the row and
-field, or with ``skip_bad_annotations`` are counted and dropped (that response's tokens get
-``default``) with a warning. The values are cached like every source's, fingerprinted with the
-annotations.
+the text, an empty span, two overlapping spans with different values however they nest, a value
+outside the range, a response whose token ids cannot be rebuilt from its text) raise
+:class:`SpanAnnotationError` naming the row and field, or with ``skip_bad_annotations`` are
+counted and dropped (that response's tokens get ``default``) with a warning. The values are
+cached like every source's, fingerprinted with the annotations.
 
 Values computed per word, or per token of another tokenizer, come as ``{side}_pieces``: the
 pieces with their text, which must spell the response (surrounding whitespace aside)::
@@ -244,6 +244,19 @@ class SpanRewards(TokenRewardSource):
             start, end, value = span["start"], span["end"], span["reward"]
             if not all(isinstance(v, int) and not isinstance(v, bool) for v in (start, end)):
                 raise where.error(f"start and end must be integers, got {start!r}, {end!r}", k)
+            if start == end:
+                raise where.error(
+                    f"span [{start}, {end}) is empty (start equals end, so it covers no "
+                    "character); remove it, or give the end of the text it marks (end is "
+                    "exclusive)",
+                    k,
+                )
+            if start > end:
+                raise where.error(
+                    f"span [{start}, {end}) ends before it starts; start is the first character "
+                    "and end the one after the last",
+                    k,
+                )
             if not 0 <= start < end <= len(text) + 1:
                 raise where.error(
                     f"span [{start}, {end}) lies outside the response text ({len(text)} "
@@ -258,15 +271,7 @@ class SpanRewards(TokenRewardSource):
                     k,
                 )
             checked.append((start, end, self._scaled(value, where, k, scaled)))
-        order = sorted(range(len(checked)), key=lambda k: checked[k][:2])
-        for before, after in zip(order, order[1:]):
-            (s0, e0, v0), (s1, e1, v1) = checked[before], checked[after]
-            if s1 < e0 and v0 != v1:
-                raise where.error(
-                    f"spans {before} [{s0}, {e0}) and {after} [{s1}, {e1}) overlap with "
-                    "different rewards; make them disjoint or give them the same value",
-                    after,
-                )
+        check_overlaps(checked, where)
         return checked
 
     def _scaled(self, value, where: _Where, k: int, scaled: bool = True) -> float:
@@ -283,6 +288,30 @@ class SpanRewards(TokenRewardSource):
                 k,
             )
         return float(value) if self.value_range is None else (value - lo) / (hi - lo) - 0.5
+
+
+def check_overlaps(spans: Sequence[tuple[int, int, float]], where: _Where) -> None:
+    """Refuse any two overlapping spans with different values, however they nest.
+
+    A sweep by start: when a span opens, every earlier span still open (its end beyond this
+    start) overlaps it, whether it is the previous one in start order or one that opened long
+    before and covers both (``[0, 20)`` around ``[2, 4)`` and ``[8, 12)``).
+    """
+    order = sorted(range(len(spans)), key=lambda k: spans[k][:2])
+    open_spans: list[int] = []
+    for current in order:
+        start, end, value = spans[current]
+        open_spans = [k for k in open_spans if spans[k][1] > start]
+        for earlier in open_spans:
+            if spans[earlier][2] != value:
+                first, second = sorted((earlier, current))
+                (a0, b0, _), (a1, b1, _) = spans[first], spans[second]
+                raise where.error(
+                    f"spans {first} [{a0}, {b0}) and {second} [{a1}, {b1}) overlap with "
+                    "different rewards; make them disjoint or give them the same value",
+                    second,
+                )
+        open_spans.append(current)
 
 
 class _Where:

@@ -262,26 +262,48 @@ class TRegTrainer(Trainer):
     ) -> dict:
         """Audit the token rewards of data.rewards on one split (the cache is built or reused):
         with ground-truth spans in the data (``chosen_spans`` / ``rejected_spans``) how well
-        ``r_hat`` finds the marked tokens, always the pair-label agreement, the histogram, the
-        share of near-zero rewards and a heat map of the pairs disagreeing most with the labels.
+        ``r_hat`` finds the marked tokens of each response (AUROC, precision@k), always the
+        pair-label agreement, the histogram, the share of near-zero rewards and a heat map of the
+        pairs disagreeing most with the labels. Every setting, the split, the output folder and
+        the second source's models are checked before the annotate pass.
 
         Args:
             split: the split to audit ("train", "val" or "test").
             second: a second token-reward source (another template, another model) for the rank
                 correlation of the two per token; None: none.
             output_dir: folder of audit.md, audit.json and the PNGs (never overwritten).
-            k: tokens of precision@k; None: the number of negatively marked tokens.
-            near_zero_below: ``|r_hat|`` under which a reward counts as near zero.
-            bootstrap: resamples over pairs for the 95% intervals.
+            k: tokens per response of precision@k (>= 1); None: each response's number of
+                negatively marked tokens.
+            near_zero_below: ``|r_hat|`` under which a reward counts as near zero (>= 0).
+            bootstrap: resamples over pairs for the 95% intervals (>= 0; 0: no intervals).
             seed: seed of the resampling.
-            heatmap_pairs: pairs in the heat map of the most disagreeing pairs.
+            heatmap_pairs: pairs in the heat map of the most disagreeing pairs (>= 0).
         """
-        from treg_lightning.rewards.audit import check_report_folder
+        from treg_lightning.data.datamodule import SPLITS
+        from treg_lightning.data.splits import require_split
+        from treg_lightning.outputs import check_writable
+        from treg_lightning.rewards.audit import (
+            audit_split,
+            check_report_folder,
+            check_settings,
+            write_report,
+        )
 
-        check_report_folder(output_dir)
+        flags = {"k": "--k", "near_zero_below": "--near_zero_below", "bootstrap": "--bootstrap",
+                 "disagreeing": "--heatmap_pairs"}  # fmt: skip
+        check_settings(
+            flags, k=k, near_zero_below=near_zero_below, bootstrap=bootstrap,
+            disagreeing=heatmap_pairs,
+        )  # fmt: skip
+        if split not in SPLITS:
+            raise ConfigError(f"--split {split!r}: audit one of {', '.join(SPLITS)}.")
+        if isinstance(datamodule, PreferenceDataModule):
+            require_split(datamodule.split_plan(), split, f"treg audit --split {split}")
+        check_report_folder(output_dir)  # a file, or a folder holding a report: refused
+        check_writable([("--output_dir", output_dir)])
+        if second is not None and isinstance(datamodule, PreferenceDataModule):
+            second.check_models(datamodule.annotation_context(), setting="--second")
         self.annotate(model, datamodule)  # the checks, the processes, the cache
-        from treg_lightning.rewards.audit import audit_split, write_report
-
         result, rows = audit_split(
             datamodule, split, second, k=k, near_zero_below=near_zero_below,
             bootstrap=bootstrap, seed=seed, disagreeing=heatmap_pairs,
