@@ -90,3 +90,19 @@ def test_one_process_per_side_over_its_lengths(tmp_path):
         assert r["ok"] and (r["max_length"], r["micro_batch"]) == (int(length), batch)
         assert r["elapsed_s"] >= 0.3 and r["steps"] >= 1 and r["peak_rss_bytes"] > 0
         assert r["pairs"] == r["steps"] * batch
+
+
+def test_every_side_trains_on_the_committed_hh_lengths(tmp_path):
+    """The pool of each workload: ``--pool-steps`` x micro-batch pairs drawn from
+    bench/data/hh_lengths.json (no file outside the checkout), cut to the workload's length,
+    the same pairs for every side."""
+    args = train_vs_trl.parse_args(["--size", "tiny", "--pool-steps", "3", "--seed", "5"])
+    bench = train_vs_trl.settings_from_args(args)
+    side = {"side": "trl", "workloads": [[48, 2]], "find_max_batch": False}
+    spec = train_vs_trl.side_spec(args, bench, side, tmp_path, None)
+    ours = train_vs_trl.side_spec(args, bench, {**side, "side": "ours"}, tmp_path, None)
+    rows = spec["workloads"][0]["rows"]
+    want = [pair_lengths.truncate(n, 48) for n in pair_lengths.load_table()]
+    assert [pair_lengths.triple(r) for r in rows] == pair_lengths.sample(6, 48, seed=5)
+    assert all(pair_lengths.triple(r) in want for r in rows)
+    assert ours["workloads"][0]["rows"] == rows
