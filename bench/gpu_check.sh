@@ -138,10 +138,15 @@ step "cuda tests" "$TESTS"
 
 # ---- 3. against TRL --------------------------------------------------------------------------
 DEADLINE=$((START + BUDGET - SUMMARY_S))  # the searches also leave the later sides their time
-log "train_vs_trl.py --plan $OUT/plan.json (budget left $(left) s)"
-timeout "$((DEADLINE - $(date +%s)))" "$PY" bench/train_vs_trl.py --plan "$OUT/plan.json" \
-    --deadline "$DEADLINE" --out "$OUT/train_vs_trl.json" > "$OUT/train_vs_trl.log" 2>&1
-BENCH_STATUS=$?
+if ((DEADLINE - $(date +%s) > 0)); then
+    log "train_vs_trl.py --plan $OUT/plan.json (budget left $(left) s)"
+    timeout "$((DEADLINE - $(date +%s)))" "$PY" bench/train_vs_trl.py --plan "$OUT/plan.json" \
+        --deadline "$DEADLINE" --out "$OUT/train_vs_trl.json" > "$OUT/train_vs_trl.log" 2>&1
+    BENCH_STATUS=$?
+else
+    BENCH_STATUS=124
+    : > "$OUT/train_vs_trl.log"
+fi
 grep -v -i -e "warn" -e "it/s" -e "examples/s" "$OUT/train_vs_trl.log" | tail -n 40
 log "train_vs_trl.py exit status $BENCH_STATUS (124: stopped by the budget; partial JSON kept)"
 step benchmark "$BENCH_STATUS"
@@ -201,7 +206,7 @@ for line in (out / "steps.tsv").read_text().splitlines():
                   "estimate_s": estimates.get(name)})
 for name, processes in report.get("processes", {}).items():
     for p in processes:
-        steps.append({"name": f"side {name}", "actual_s": round(p["wall_s"], 1),
+        steps.append({"name": f"side {name}", "actual_s": round(p.get("wall_s", 0), 1),
                       "status": "ok" if p["ok"] else "failed",
                       "estimate_s": estimates.get(f"side {name}")})
 (out / "steps.json").write_text(json.dumps(steps, indent=2))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -108,14 +109,16 @@ def _step_flops(size: str, side: str, lengths: list[tuple[int, int, int]]) -> fl
 
 def workload_s(size: str, side: str, max_length: int, micro_batch: int, bench: dict) -> float:
     """One workload inside a side's process: set-up, reference precompute over the pool,
-    first step, warm-up steps, the timed window."""
+    first step, warm-up steps, the timed window (whole passes over the pool)."""
     a = ASSUMPTIONS
     pool = pair_lengths.sample(bench["pool_steps"] * micro_batch, max_length, seed=0)
     step_s = _step_flops(size, side, pool) / bench["pool_steps"] / a["sustained_flops"]
     precompute_s = step_s / 4 if side in ("ours", "ours-unshared", "trl-precompute") else 0
     setup = a["trainer_setup_s"][RUNNER[side]]
     warm = a["first_step_s"] + bench["warmup_steps"] * step_s
-    return setup + bench["pool_steps"] * precompute_s + warm + max(bench["window_s"], step_s)
+    one_pass = bench["pool_steps"] * step_s
+    window = math.ceil(bench["window_s"] / one_pass) * one_pass
+    return setup + bench["pool_steps"] * precompute_s + warm + window
 
 
 def side_s(side: dict, bench: dict) -> float:

@@ -326,8 +326,8 @@ def print_table(title: str, results: dict) -> None:
 
 
 def search_deadline(args, side: str) -> float | None:
-    """When a side's largest-micro-batch search must stop: the run's deadline less the
-    estimated time of the plan's later mandatory steps; None (no limit) without ``--deadline``."""
+    """When a side's largest-micro-batch search must stop: the run's deadline less the plan's
+    estimates of the later sides' processes; None (no limit) without ``--deadline``."""
     if args.deadline is None:
         return None
     reserve = gpu_plan.reserve_after(json.loads(args.plan.read_text()), side) if args.plan else 0
@@ -346,9 +346,13 @@ def benchmark(args, bench: dict, model_dir: Path, num_params: int, workdir: Path
         for side in bench["sides"]:
             name = side["side"]
             left = (args.deadline - time.time()) if args.deadline else args.timeout
-            spec = side_spec(args, bench, side, model_dir, search_deadline(args, name))
-            print(f"[repeat {repeat + 1}] {name}: {len(spec['workloads'])} workloads", flush=True)
-            raw = run_side(spec, workdir, min(args.timeout, left), bench["in_process"])
+            if left <= 0:
+                raw = {"ok": False, "error": "not run: the deadline had passed"}
+            else:
+                spec = side_spec(args, bench, side, model_dir, search_deadline(args, name))
+                count = len(spec["workloads"])
+                print(f"[repeat {repeat + 1}] {name}: {count} workloads", flush=True)
+                raw = run_side(spec, workdir, min(args.timeout, left), bench["in_process"])
             rss_base = raw.get("rss_after_imports_bytes", 0)
             for key, result in raw.get("workloads", {}).items():
                 result = summarize(result, num_params, dtype, device, rss_base)

@@ -65,8 +65,10 @@ def _is_oom(error: BaseException) -> bool:
 
 
 def _window(step, batches, warmup: int, window_s: float) -> dict:
-    """Run ``warmup`` steps, then steps until ``window_s`` wall seconds passed (at least one),
-    cycling ``batches``; returns the timed batches and the window's wall and CPU seconds."""
+    """Run ``warmup`` steps, then steps until ``window_s`` wall seconds passed, cycling
+    ``batches`` and ending on a whole number of passes over them, so that every side times the
+    same pairs (at least one pass); returns the timed batches and the window's wall and CPU
+    seconds."""
     source = cycle(batches)
     start = time.perf_counter()
     for _ in range(warmup):
@@ -74,7 +76,7 @@ def _window(step, batches, warmup: int, window_s: float) -> dict:
     _sync()
     wall, cpu = time.perf_counter(), time.process_time()
     warmup_s, timed = wall - start, []
-    while not timed or time.perf_counter() - wall < window_s:
+    while len(timed) % len(batches) or not timed or time.perf_counter() - wall < window_s:
         batch = next(source)
         step(batch)
         _sync()
@@ -360,8 +362,11 @@ class Trl:
 
         warmup, window_s = self.spec["warmup_steps"], self.spec["window_s"]
 
+        passes = len(rows) // micro_batch  # TRL's sequential sampler cycles the pool
+
         class WindowClock(TrainerCallback):
-            """Stamps each step; stops training once the timed window is long enough."""
+            """Stamps each step; stops training once the timed window is long enough and ends
+            on a whole number of passes over the pool (as ``_window`` does)."""
 
             def __init__(self):
                 self.stamps = []
@@ -369,7 +374,8 @@ class Trl:
             def on_step_end(self, args, state, control, **kwargs):
                 _sync()
                 self.stamps.append((time.perf_counter(), time.process_time()))
-                if len(self.stamps) > warmup:
+                timed = len(self.stamps) - warmup
+                if timed > 0 and timed % passes == 0:
                     if self.stamps[-1][0] - self.stamps[warmup - 1][0] >= window_s:
                         control.should_training_stop = True
 

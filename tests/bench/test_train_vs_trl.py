@@ -56,9 +56,10 @@ def test_live_reference_and_full_head_count_as_computed():
     assert "mfu" not in train_vs_trl.summarize(dict(result), 100, "bfloat16", "NVIDIA A10", 0)
 
 
-def test_window_runs_until_its_seconds(monkeypatch):
-    """Each step takes 3 fake seconds: 2 warm-up steps, then steps until >= 10 s: 4 timed
-    steps (12 s), cycling the 3 batches: b2, b0, b1, b2."""
+def test_window_runs_until_its_seconds_on_whole_passes(monkeypatch):
+    """Each step takes 3 fake seconds: 2 warm-up steps (b0, b1), then steps until >= 10 s on a
+    whole number of passes over the 3 batches (so every side times the same pairs): 12 s after 4
+    steps is not a whole pass, 6 steps (18 s) are: b2, b0, b1, b2, b0, b1."""
     now = [0.0]
     monkeypatch.setattr(vs_trl_runners.time, "perf_counter", lambda: now[0])
 
@@ -66,8 +67,8 @@ def test_window_runs_until_its_seconds(monkeypatch):
         now[0] += 3.0
 
     window = vs_trl_runners._window(step, ["b0", "b1", "b2"], warmup=2, window_s=10.0)
-    assert window["timed_batches"] == ["b2", "b0", "b1", "b2"]
-    assert (window["elapsed_s"], window["warmup_s"]) == (12.0, 6.0)
+    assert window["timed_batches"] == ["b2", "b0", "b1", "b2", "b0", "b1"]
+    assert (window["elapsed_s"], window["warmup_s"]) == (18.0, 6.0)
 
 
 def test_one_process_per_side_over_its_lengths(tmp_path):
