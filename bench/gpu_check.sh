@@ -52,6 +52,9 @@ else
     PY=python3
 fi
 mkdir -p "$OUT"
+# A previous run's files would pass for this run's in the summary.
+rm -f "$OUT"/{plan.json,environment.json,gpu-tests.log,flex-tests.log,train_vs_trl.json} \
+    "$OUT"/{train_vs_trl.log,steps.json}
 START=$(date +%s)
 left() { echo $((BUDGET - ($(date +%s) - START))); }
 log() { echo "[gpu_check $(($(date +%s) - START)) s] $*" | tee -a "$OUT/summary.txt"; }

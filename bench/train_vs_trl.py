@@ -6,8 +6,8 @@ decay, gradient-norm clipping at 1.0 (TRL's default, done on our side too). Pair
 from ``bench/data/hh_lengths.json`` (HH-RLHF, see ``derive_hh_lengths.py``), the same file on
 every machine. Each side runs in its own process (its peak memory is its own), loads the model
 once and loops over its workloads (max length, micro-batch): warm-up steps, then a timed window
-of at least ``--window-s`` seconds cycling a pool of ``--pool-steps`` micro-batches
-(``vs_trl_runners.py``).
+of at least ``--window-s`` seconds cycling a pool of ``--pool-steps`` micro-batches and ending on
+whole passes over it, so every side times the same pairs (``vs_trl_runners.py``).
 
 - **ours**: :class:`treg_lightning.module.PreferenceModule` (``compute_loss``, the module's own
   code path: one policy forward over chosen + rejected, chunked token log-probs,

@@ -89,11 +89,21 @@ def _window(step, batches, warmup: int, window_s: float) -> dict:
     }
 
 
-def _counts(timed_batches, shared: bool, padded_positions, reference: bool, **work_kw):
-    """Pair tokens, hardware FLOPs (flops.py) and padding of the timed batches."""
+def timed_work(
+    shape,
+    timed_batches,
+    shared: bool,
+    padded_positions,
+    checkpointing: bool,
+    reference: bool,
+    compact_head: bool = True,
+) -> dict:
+    """What the timed batches computed: pair tokens, positions (with padding), real decoder
+    tokens, attention pairs, lm_head positions and hardware FLOPs (flops.py), for a side that
+    shares the prompt or not, checkpoints or not, runs a live reference or not."""
     rows = [r for batch in timed_batches for r in batch]
     work = sum(
-        (flops.pair_work(*pair_lengths.triple(r), shared=shared, **work_kw) for r in rows),
+        (flops.pair_work(*pair_lengths.triple(r), shared, compact_head) for r in rows),
         flops.Work(),
     )
     return {
@@ -104,15 +114,8 @@ def _counts(timed_batches, shared: bool, padded_positions, reference: bool, **wo
         "nonpadding_computed_tokens": work.tokens,
         "head_tokens": work.head_tokens,
         "attention_pairs": work.attention_pairs,
-        "work": work,
-        "reference": reference,
-    }
-
-
-def _flops(shape, counts: dict, checkpointing: bool) -> int:
-    work = counts.pop("work")
-    reference = work if counts.pop("reference") else None
-    return flops.training_flops(shape, work, checkpointing, reference)
+        "flops": flops.training_flops(shape, work, checkpointing, work if reference else None),
+    }  # fmt: skip
 
 
 # ---- ours -----------------------------------------------------------------------------------
@@ -215,14 +218,14 @@ class Ours:
         setup_s = time.perf_counter() - start - precompute_s
         window = _window(step, batches, self.spec["warmup_steps"], self.spec["window_s"])
         padded = pair_lengths.shared_padded_tokens if self.shared else pair_lengths.padded_tokens
-        counts = _counts(window.pop("timed_batches"), self.shared, padded, False)
+        counts = timed_work(
+            shape, window.pop("timed_batches"), self.shared, padded, self.checkpointing, False
+        )
         if self.spec["packing"]:
             counts["computed_tokens"] = counts["nonpadding_computed_tokens"]
-        hardware_flops = _flops(shape, counts, self.checkpointing)
         result = {
             **window,
             **counts,
-            "flops": hardware_flops,
             "setup_s": setup_s,
             "reference_precompute_s": precompute_s,
             "reference_precompute_pairs": len(rows),
@@ -397,20 +400,20 @@ class Trl:
         (w_end, c_end), (w_start, c_start) = clock.stamps[-1], clock.stamps[warmup - 1]
         batches = [rows[i : i + micro_batch] for i in range(0, len(rows), micro_batch)]
         timed = [batches[i % len(batches)] for i in range(warmup, len(clock.stamps))]
-        counts = _counts(
+        counts = timed_work(
+            shape,
             timed,
             False,
             pair_lengths.padded_tokens,
+            facts["gradient_checkpointing"],
             facts["reference_model"],
-            compact_head=self.compact_head,
+            self.compact_head,
         )
-        hardware_flops = _flops(shape, counts, facts["gradient_checkpointing"])
         return {
             "elapsed_s": w_end - w_start,
             "cpu_s": c_end - c_start,
             "warmup_s": w_start - start - setup_s - sum(precompute),
             **counts,
-            "flops": hardware_flops,
             "setup_s": setup_s,
             "reference_precompute_s": sum(precompute),
             "resident_bytes": resident,

@@ -27,11 +27,12 @@ def test_mfu_counts_what_the_shared_layout_computed():
     2560; 28288 FLOPs. Over 2 s on an H100 SXM: 14144 FLOP/s, MFU 14144 / 989e12. Pair tokens
     6 + 10 = 16, 8 per second."""
     rows = pair_lengths.make_rows([(3, 2, 1), (5, 1, 4)], vocab_size=10, seed=0)
-    counts = vs_trl_runners._counts([rows], True, pair_lengths.shared_padded_tokens, False)
+    counts = vs_trl_runners.timed_work(
+        TINY, [rows], True, pair_lengths.shared_padded_tokens, checkpointing=True, reference=False
+    )
     assert (counts["nonpadding_computed_tokens"], counts["attention_pairs"]) == (18, 78)
+    assert counts["flops"] == 28288
     result = {"ok": True, "elapsed_s": 2.0, "cpu_s": 4.0, "peak_cuda_bytes": 10**9, **counts}
-    result["flops"] = vs_trl_runners._flops(TINY, result, checkpointing=True)
-    assert result["flops"] == 28288
     out = train_vs_trl.summarize(result, 100, "bfloat16", "NVIDIA H100 80GB HBM3", rss_base=0)
     assert out["hardware_flops_per_s"] == 14144
     assert out["mfu"] == pytest.approx(14144 / 989e12, rel=1e-12)
@@ -46,12 +47,11 @@ def test_live_reference_and_full_head_count_as_computed():
     9 x 80 = 720, x4 = 2880; reference forward 2992 + 720 = 3712; total 18560. No MFU for a
     float32 run or an unknown card."""
     rows = pair_lengths.make_rows([(3, 2, 1)], vocab_size=10, seed=0)
-    counts = vs_trl_runners._counts(
-        [rows], False, pair_lengths.padded_tokens, True, compact_head=False
+    counts = vs_trl_runners.timed_work(
+        TINY, [rows], False, pair_lengths.padded_tokens, True, reference=True, compact_head=False
     )
+    assert counts["flops"] == 18560
     result = {"ok": True, "elapsed_s": 1.0, "cpu_s": 1.0, "peak_rss_bytes": 10**9, **counts}
-    result["flops"] = vs_trl_runners._flops(TINY, result, checkpointing=True)
-    assert result["flops"] == 18560
     assert "mfu" not in train_vs_trl.summarize(dict(result), 100, "float32", "cpu", 0)
     assert "mfu" not in train_vs_trl.summarize(dict(result), 100, "bfloat16", "NVIDIA A10", 0)
 
