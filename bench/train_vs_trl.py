@@ -93,6 +93,8 @@ def build_model_dir(size: str, seed: int, folder: Path) -> int:
     model.save_pretrained(folder)
     num_params = sum(p.numel() for p in model.parameters())
     del model
+    if torch.cuda.is_available():  # the sides' processes need the card, not this one's cache
+        torch.cuda.empty_cache()
     # TRL needs a tokenizer (pad/eos ids); the data is pre-tokenized so any vocab of the right
     # size does: "<pad>", "<s>", "</s>", then w3 ... w{V-1}.
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, config.vocab_size)}
