@@ -7,10 +7,11 @@
 # Versions are this repository's tested ones. flash-attn is not fetched: PyPI has no wheel of it,
 # so the GPU check runs sdpa (and flex_attention) instead.
 #
-#   bench/fetch_gpu_wheels.sh [DEST]      # DEST default: wheels/ (git-ignored), about 45 MB
+#   bench/fetch_gpu_wheels.sh [DEST]      # DEST default: wheels/ (git-ignored), about 56 MB
 #
-# Then carry DEST to the GPU machine with the checkout and run bench/gpu_check.sh there; it
-# installs from it with `pip install --no-index --find-links wheels/ ...`.
+# Then carry wheels/ to the GPU machine with the checkout (it is git-ignored: copy it, or have
+# whatever ships the work tree carry the ignored path `wheels`) and run bench/gpu_check.sh
+# there; it installs from it with `pip install --no-index --find-links wheels/ ...`.
 # GPU_PYTHON (default 3.12, the GPU image's Python) selects the wheels' Python version.
 set -euo pipefail
 cd "$(dirname "$0")/.."

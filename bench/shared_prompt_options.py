@@ -2,11 +2,12 @@
 
 Every option computes the same ``{chosen,rejected}_token_logps`` of a batch of pairs and one
 backward through a loss on them (forward + backward of the policy, chunked log-probs), on the
-``train_vs_trl.py`` model shape of ``--size`` with pair lengths drawn from HH-RLHF (same sampling,
-truncation and length grouping as train_vs_trl.py). Each round runs one batch through every
-option in turn; the table gives each option's median seconds per step and its speed-up over the
-unshared padded batch (the module's default before shared prompts) as the median of the per-round
-ratios, which compare the same batch and shrug off a round slowed by other jobs.
+``train_vs_trl.py`` model shape of ``--size`` with pair lengths drawn from HH-RLHF
+(``pair_lengths.py``: same sampling, truncation and length grouping as train_vs_trl.py). Each
+round runs one batch through every option in turn; the table gives each option's median seconds
+per step and its speed-up over the unshared padded batch (the module's default before shared
+prompts) as the median of the per-round ratios, which compare the same batch and shrug off a
+round slowed by other jobs.
 
 - ``unshared-padded``: chosen and rejected stacked, ``[2B, T]``, sdpa (``concat_pairs``);
 - ``unshared-packed``: all ``2B`` sequences in one row, block-diagonal bool mask, sdpa;
@@ -25,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import statistics
 import sys
 import time
@@ -35,8 +35,9 @@ from types import MethodType
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import pair_lengths as bench_pairs  # noqa: E402  (bench/pair_lengths.py)
 import timing  # noqa: E402  (bench/timing.py)
-import train_vs_trl as tvt  # noqa: E402
+from model_sizes import SIZES  # noqa: E402
 from treg_lightning.data.collate import (  # noqa: E402
     LengthGroupedSampler,
     PreferenceCollator,
@@ -65,7 +66,7 @@ def build_model(size: str, attn: str, dtype: torch.dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        **tvt.SIZES[size]["model"], max_position_embeddings=8192, tie_word_embeddings=True,
+        **SIZES[size]["model"], max_position_embeddings=8192, tie_word_embeddings=True,
         attn_implementation=attn,
     )  # fmt: skip
     torch.manual_seed(0)
@@ -171,7 +172,7 @@ def step(fn, model, batch, chunk) -> tuple[float, tuple]:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--size", default="cpu", choices=sorted(tvt.SIZES))
+    p.add_argument("--size", default="cpu", choices=sorted(SIZES))
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--rounds", type=int, default=5, help="timed rounds (after one warm-up)")
@@ -193,20 +194,18 @@ def main(argv=None) -> dict:
     global CPU_TIME
     CPU_TIME = args.cpu_time
 
-    rng = random.Random(args.seed)
-    table = tvt.real_lengths()
     count = (args.rounds + 1) * args.micro_batch
-    lengths = [tvt.truncate(n, args.max_length, 1.0, args.response_scale)
-               for n in tvt.sample_lengths(count, rng, table)]  # fmt: skip
-    vocab = tvt.SIZES[args.size]["model"]["vocab_size"]
-    rows = tvt.make_rows(lengths, vocab, rng)
+    lengths = bench_pairs.sample(count, args.max_length, args.seed,
+                                  response_scale=args.response_scale)  # fmt: skip
+    vocab = SIZES[args.size]["model"]["vocab_size"]
+    rows = bench_pairs.make_rows(lengths, vocab, args.seed)
     # Batches of similar length, as PreferenceDataModule serves them (LengthGroupedSampler).
     sampler = LengthGroupedSampler(pair_lengths(rows), args.micro_batch, seed=args.seed,
                                    megabatch_size=args.rounds + 1)  # fmt: skip
     rows = [rows[i] for i in sampler]
-    collator = PreferenceCollator(pad_token_id=tvt.PAD_ID)
+    collator = PreferenceCollator(pad_token_id=bench_pairs.PAD_ID)
     batches = [collator(rows[i : i + args.micro_batch]) for i in range(0, count, args.micro_batch)]
-    dtype = getattr(torch, tvt.SIZES[args.size]["dtype"])
+    dtype = getattr(torch, SIZES[args.size]["dtype"])
     sdpa, flex = build_model(args.size, "sdpa", dtype), None
     if args.checkpointing:  # as in training (kv-cache then fails: transformers drops the cache)
         sdpa.gradient_checkpointing_enable({"use_reentrant": False})
@@ -241,12 +240,14 @@ def main(argv=None) -> dict:
             else:
                 times[name].append(seconds)
     base = times.get("unshared-padded")
-    per_batch = [tvt.real_tokens(rows[i : i + args.micro_batch])
-                 for i in range(args.micro_batch, count, args.micro_batch)]  # fmt: skip
+    # Real tokens of both sequences of each pair (the prompt twice), per timed batch.
+    size = args.micro_batch
+    per_batch = [sum(2 * p + c + r for p, c, r in map(bench_pairs.triple, rows[i : i + size]))
+                 for i in range(size, count, size)]  # fmt: skip
     report = {
         "size": args.size, "max_length": args.max_length, "micro_batch": args.micro_batch,
         "response_scale": args.response_scale, "rounds": args.rounds, "cpu_time": args.cpu_time,
-        "length_source": str(tvt.HH_RLHF) if table else "lognormal stand-in",
+        "length_source": "bench/data/hh_lengths.json",
         "load_average": os.getloadavg(), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "checkpointing": args.checkpointing,
         "errors": errors, "options": {},

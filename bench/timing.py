@@ -13,6 +13,9 @@ import time
 from collections.abc import Callable
 
 MIN_WINDOW_S = 20.0  # seconds of timed work per side and repeat, where the work can be repeated
+# On a GPU a step's time hardly moves with other processes' load; 10 s of steps (dozens of them
+# at the GPU check's sizes) measure the kernels rather than launch overhead.
+MIN_GPU_WINDOW_S = 10.0
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -46,7 +49,7 @@ def short_window_note(seconds: float, what: str, min_seconds: float = MIN_WINDOW
         return None
     return (
         f"note: {what} was timed over {seconds:.1f} s only (< {min_seconds:.0f} s): its figure "
-        "moves with the machine's load; time it longer (more --steps or --rounds)."
+        "moves with the machine's load; time it longer (--window-s / --min-seconds)."
     )
 
 
