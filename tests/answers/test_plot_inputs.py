@@ -167,3 +167,22 @@ def test_tensorboard_events_without_tensorboard_installed(tmp_path, out, capsys)
         f"{folder} holds TensorBoard event files, and reading them needs the tensorboard "
         "package: pip install 'treg-lightning[tensorboard]'."
     )
+
+
+def test_module_entry_point_exits_2_without_a_traceback(tmp_path):
+    """`python -m treg_lightning.answers.plots <folder without metrics>` as a user runs it."""
+    import subprocess
+    import sys
+
+    from builders import checkout_env
+
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    command = [sys.executable, "-m", "treg_lightning.answers.plots", str(folder)]
+    done = subprocess.run(
+        command, cwd=tmp_path, env=checkout_env(), capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert f"error: {folder} holds no metrics.csv (CSVLogger)" in done.stderr
+    assert not (tmp_path / "curves.png").exists()
