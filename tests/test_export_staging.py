@@ -124,7 +124,7 @@ def test_overwrite_leaves_no_file_of_the_earlier_kind(
     capsys.readouterr()
     ckpt, extra = kinds[second]
     export(ckpt, tiny_model_dir, out, *extra, "--overwrite=true")
-    assert "kept 1 entries of yours that no export writes: notes.txt" in capsys.readouterr().out
+    assert "kept your files that no export writes: notes.txt" in capsys.readouterr().out
     assert snapshot(out) == {**snapshot(fresh[second]), "notes.txt": b"my notes"}
     assert siblings(out) == []
     expected = logits(fresh[second], second, tiny_model_dir)
@@ -146,7 +146,7 @@ def test_user_files_and_folders_are_kept_and_named(earlier, trained, tiny_model_
     capsys.readouterr()
     export(trained, tiny_model_dir, earlier, "--overwrite=true")
     out = capsys.readouterr().out
-    assert "kept 3 entries of yours that no export writes: .gitattributes, eval, notes.txt" in out
+    assert "kept your files that no export writes: .gitattributes, eval, notes.txt" in out
     assert (earlier / "notes.txt").read_text() == "my notes"
     assert results.read_text() == '{"win_rate": 0.5}'
     assert (earlier / ".gitattributes").read_text() == "*.safetensors filter=lfs\n"

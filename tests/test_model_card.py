@@ -282,3 +282,16 @@ def test_hub_ids_are_named_in_the_metadata(tiny_model_dir):
     assert "PeftModel.from_pretrained(base" in text
     assert "- Training pairs: `Anthropic/hh-rlhf`" in text
     assert "- Training pairs: not recorded in the checkpoint" in model_card(policy, None, None)
+
+
+def test_checkpoint_record_of_a_sharded_folder(tmp_path):
+    """A sharded (FSDP2 / FSDP) checkpoint keeps its step and data in `meta.pt`."""
+    from treg_lightning.training.model_card import checkpoint_record, trained_data
+
+    folder = tmp_path / "epoch=1-step=6.ckpt"
+    folder.mkdir()
+    meta = {"global_step": 6, "epoch": 1, "datamodule_hyper_parameters": {"source": "a.jsonl"}}
+    torch.save(meta, folder / "meta.pt")
+    record = checkpoint_record(folder)
+    assert (record["global_step"], record["epoch"], trained_data(record)) == (6, 1, "a.jsonl")
+    assert checkpoint_record(tmp_path / "empty") == {}

@@ -126,10 +126,7 @@ class TRegTrainer(Trainer):
         what = "LoRA adapter" if adapter_only else "policy"
         print(f"{what} written to {folder.resolve()}", flush=True)
         if kept:
-            print(
-                f"kept {len(kept)} entries of yours that no export writes: {', '.join(kept)}",
-                flush=True,
-            )
+            print(f"kept your files that no export writes: {', '.join(kept)}", flush=True)
         return folder
 
     # ---- predict: answers of the policy (logic in treg_lightning.answers.predictions) ----------
