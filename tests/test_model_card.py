@@ -147,6 +147,11 @@ def test_metrics_at_step_from_a_hand_written_csv(tmp_path):
     epoch_only = tmp_path / "epoch.csv"
     epoch_only.write_text("epoch,step,train/loss_epoch\n0,1,0.85\n1,3,0.65\n")
     assert metrics_at_step(epoch_only, {"global_step": 4}).values == {"train/loss": (0.65, 4)}
+    no_step = metrics_lines_text(metrics_at_step(metrics_csv, {}))
+    assert no_step.startswith(
+        f"The checkpoint records no global step: each metric's last value in {metrics_csv}:"
+    )
+    assert "| train/loss | 0.6 | 4 |" in no_step
     nothing = metrics_at_step(metrics_csv, {"global_step": 0})
     assert (
         metrics_lines_text(nothing) == f"{metrics_csv} holds no metric logged up to global step 0."

@@ -290,14 +290,23 @@ def metrics_lines(metrics: StepMetrics | None) -> list[str]:
     """The section of the exported step's metrics: its step, where they were read, a table."""
     if metrics is None or metrics.source is None:
         return ["No metrics.csv of the run was found beside the checkpoint."]
-    at = "the exported step" if metrics.step is None else f"global step {metrics.step}"
-    if metrics.epoch is not None:
-        at += f" (epoch {metrics.epoch})"
+    if metrics.step is None:  # a checkpoint written outside Lightning's loop
+        head = "The checkpoint records no global step: each metric's last value in "
+        head += str(metrics.source)
+    else:
+        at = f"global step {metrics.step}"
+        if metrics.epoch is not None:
+            at += f" (epoch {metrics.epoch})"
+        if not metrics.values:
+            return [f"{metrics.source} holds no metric logged up to {at}."]
+        head = (
+            f"The weights of {at}; each metric's last value logged up to that step, "
+            f"from {metrics.source}"
+        )
     if not metrics.values:
-        return [f"{metrics.source} holds no metric logged up to {at}."]
+        return [f"{metrics.source} holds no metric values."]
     lines = [
-        f"The weights of {at}; each metric's last value logged up to that step, "
-        f"from {metrics.source}:",
+        f"{head}:",
         "",
         "| metric | value | logged at step |",
         "|---|---|---|",
