@@ -25,12 +25,17 @@ from treg_lightning.losses import (
     TokenRewardRegularizer,
 )
 from treg_lightning.module import PreferenceModule
-from treg_lightning.training.model_card import (
+from treg_lightning.training.card_metrics import (
     StepMetrics,
-    card_metadata,
-    hub_id,
+    checkpoint_record,
     live_metrics,
     metrics_at_step,
+    trained_data,
+)
+from treg_lightning.training.model_card import (
+    card_metadata,
+    hub_id,
+    metrics_lines,
     model_card,
     read_front_matter,
 )
@@ -159,8 +164,6 @@ def test_metrics_at_step_from_a_hand_written_csv(tmp_path):
 
 
 def metrics_lines_text(metrics: StepMetrics) -> str:
-    from treg_lightning.training.model_card import metrics_lines
-
     return "\n".join(metrics_lines(metrics))
 
 
@@ -291,8 +294,6 @@ def test_hub_ids_are_named_in_the_metadata(tiny_model_dir):
 
 def test_checkpoint_record_of_a_sharded_folder(tmp_path):
     """A sharded (FSDP2 / FSDP) checkpoint keeps its step and data in `meta.pt`."""
-    from treg_lightning.training.model_card import checkpoint_record, trained_data
-
     folder = tmp_path / "epoch=1-step=6.ckpt"
     folder.mkdir()
     meta = {"global_step": 6, "epoch": 1, "datamodule_hyper_parameters": {"source": "a.jsonl"}}

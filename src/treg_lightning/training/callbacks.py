@@ -86,11 +86,8 @@ class ExportOnFitEnd(Callback):
         paths = self.paths(log_dir)
         if paths["export_dir"] is not None:
             from treg_lightning.models.save import staged_folder
-            from treg_lightning.training.model_card import (
-                live_metrics,
-                model_card,
-                write_model_card,
-            )
+            from treg_lightning.training.card_metrics import live_metrics
+            from treg_lightning.training.model_card import model_card, write_model_card
 
             export_dir = Path(paths["export_dir"])
             # Rank 0 writes into a temporary sibling swapped in at the end (an earlier export
