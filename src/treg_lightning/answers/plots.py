@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import fnmatch
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,6 +19,8 @@ from typing import Any
 
 import matplotlib
 from matplotlib.figure import Figure  # no pyplot: no global backend switch for the caller
+
+from treg_lightning.errors import ConfigError, MissingFileError, UserError
 
 CURVES = (
     ("loss", "loss"),
@@ -29,49 +32,117 @@ CURVES = (
 Series = dict[str, list[tuple[int, float]]]
 
 
+EVENTS = "events.out.tfevents.*"  # TensorBoard's event files
+
+
 def _latest(paths: list[Path]) -> Path | None:
     return max(paths, key=lambda p: p.stat().st_mtime) if paths else None
 
 
 def read_metrics(log: str | Path) -> Series:
-    """``{metric: [(step, value), ...]}`` of a ``metrics.csv``, a folder holding one (the newest
-    ``version_*`` wins) or a folder of TensorBoard event files."""
-    path = Path(log)
-    csv_file = path if path.is_file() else _latest(sorted(path.rglob("metrics.csv")))
-    if csv_file is not None and csv_file.suffix == ".csv":
+    """``{metric: [(step, value), ...]}`` of a ``metrics.csv``, a TensorBoard event file, or a
+    folder holding either (the newest ``metrics.csv``, e.g. of the last ``version_*``, wins).
+
+    Raises:
+        MissingFileError: ``log`` does not exist, or is a folder holding neither.
+        ConfigError: ``log`` is a file of another kind, or a ``metrics.csv`` with a value that is
+            not a number (naming the row and column).
+    """
+    path = Path(log).expanduser()
+    if path.is_file():
+        if path.suffix == ".csv":
+            return _read_csv(path)
+        if fnmatch.fnmatchcase(path.name, EVENTS):
+            return _read_events(path)
+        raise ConfigError(
+            f"{path} is neither a metrics.csv (CSVLogger) nor a TensorBoard event file "
+            f"({EVENTS}): give the run's log folder (trainer.logger save_dir) or its metrics.csv."
+        )
+    if not path.is_dir():
+        raise MissingFileError(
+            f"{path} does not exist: give the run's log folder (trainer.logger save_dir, e.g. "
+            "outputs/demo/logs/version_0) or its metrics.csv."
+        )
+    csv_file = _latest(sorted(path.rglob("metrics.csv")))
+    if csv_file is not None:
         return _read_csv(csv_file)
-    events = sorted(path.rglob("events.out.tfevents.*")) if path.is_dir() else []
+    events = sorted(path.rglob(EVENTS))
     if events:
         return _read_events(_latest(events).parent)
-    from treg_lightning.errors import MissingFileError
-
     raise MissingFileError(
-        f"{path} holds no metrics.csv (CSVLogger) and no TensorBoard event file: give the "
-        "run's log folder (trainer.logger save_dir) or its metrics.csv."
+        f"{path} holds no metrics.csv (CSVLogger) and no TensorBoard event file ({EVENTS}), "
+        "in it or in its subfolders: give the run's log folder (trainer.logger save_dir) or "
+        "its metrics.csv."
     )
 
 
 def _read_csv(path: Path) -> Series:
     series: Series = {}
     with path.open(newline="") as f:
-        for row in csv.DictReader(f):
-            step = int(float(row.get("step") or 0))
-            for key, value in row.items():
-                if key in ("step", "epoch") or value in ("", None):
-                    continue
-                series.setdefault(key, []).append((step, float(value)))
+        for line, row in enumerate(csv.DictReader(f), start=2):  # line 1: the header
+            values = {k: _number(path, line, k, v) for k, v in row.items() if v not in ("", None)}
+            step = int(values.pop("step", 0))
+            values.pop("epoch", None)
+            for key, value in values.items():
+                series.setdefault(key, []).append((step, value))
     return series
 
 
-def _read_events(folder: Path) -> Series:
+def _number(path: Path, line: int, key: str | None, value: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"{path} line {line}, column {key!r}: {value!r} is not a number, and a CSVLogger "
+            "metrics.csv holds numbers only: give the run's metrics.csv (or its log folder)."
+        ) from None
+
+
+def _read_events(source: Path) -> Series:
+    """The scalars of a TensorBoard event file, or of the event files of a folder."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError(
+            f"{source} holds TensorBoard event files, and reading them needs the tensorboard "
+            "package: pip install 'treg-lightning[tensorboard]'."
+        )
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    accumulator = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    accumulator = EventAccumulator(str(source), size_guidance={"scalars": 0})
     accumulator.Reload()
     return {
         tag: [(event.step, float(event.value)) for event in accumulator.Scalars(tag)]
         for tag in accumulator.Tags()["scalars"]
     }
+
+
+def plotted_keys(metric: str) -> tuple[str, ...]:
+    """The logged names a panel of ``metric`` (an entry of ``CURVES``) draws from."""
+    return (f"train/{metric}_step", f"train/{metric}", f"val/{metric}")
+
+
+def check_plottable(name: str, log: str, series: Series) -> None:
+    """Refuse a run whose logs hold nothing a panel draws (an empty plot is no answer).
+
+    Raises:
+        ConfigError: naming the run, its log, what it holds and what the panels read.
+    """
+    wanted = [key for metric, _ in CURVES for key in plotted_keys(metric)]
+    if any(series.get(key) for key in wanted):
+        return
+    if not series:
+        what = "holds no metric values (an empty file, or a run stopped before its first log)"
+    else:
+        held = sorted(series)
+        more = " ..." if len(held) > 8 else ""
+        what = f"holds none of the metrics the plot draws (it has {held[:8]}{more})"
+    panels = ", ".join(metric for metric, _ in CURVES)
+    raise ConfigError(
+        f"run {name!r}: {log} {what}. Each panel draws train/<metric>_step (or train/<metric>) "
+        f"and val/<metric> for <metric> in {panels}, as PreferenceModule logs them: give the "
+        "log of a `treg fit` run that logged at least one step (trainer.log_every_n_steps)."
+    )
 
 
 def _smooth(values: list[float], window: int) -> list[float]:
@@ -192,7 +263,11 @@ def _save(fig, path: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    """``python -m treg_lightning.answers.plots LOG [NAME=LOG ...] --out curves.png``."""
+    """``python -m treg_lightning.answers.plots LOG [NAME=LOG ...] --out curves.png``.
+
+    Every log is read and checked before anything is drawn; a bad one ends the command with
+    ``error:`` naming it, and exit status 2.
+    """
     parser = argparse.ArgumentParser(
         prog="python -m treg_lightning.answers.plots",
         description="Draw training curves (loss, reward accuracy, margin, T-REG term) from "
@@ -203,18 +278,43 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--title", default=None)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = parser.parse_args(argv)
-    if Path(args.out).exists() and not args.overwrite:
+    out = Path(args.out).expanduser()
+    if out.is_dir():
+        parser.error(f"{args.out} (--out) is a folder: give the PNG file to write, e.g. "
+                     f"{Path(args.out) / 'curves.png'}.")  # fmt: skip
+    if out.exists() and not args.overwrite:
         parser.error(
             f"{args.out} (--out) exists; the plot would replace it. Choose another --out or "
             "pass --overwrite."
         )
-    runs = {}
+    runs: dict[str, Series] = {}
+    logs: dict[str, str] = {}
     for item in args.logs:
-        name, _, log = item.rpartition("=") if "=" in item else (Path(item).name, "", item)
-        runs[name] = read_metrics(log)
-    path = plot_curves(runs, args.out, args.title)
+        name, log = run_name(item)
+        if name in runs:
+            parser.error(
+                f"{logs[name]} and {log} are both named {name!r} (a run is named after its "
+                f"folder or file): name them, e.g. a={logs[name]} b={log}."
+            )
+        try:
+            runs[name] = read_metrics(log)
+            check_plottable(name, log, runs[name])
+        except UserError as error:
+            parser.error(str(error))
+        logs[name] = log
+    path = plot_curves(runs, out, args.title)
     print(f"training curves written to {path.resolve()}")
     return path
+
+
+def run_name(item: str) -> tuple[str, str]:
+    """``(name, log)`` of a ``logs`` argument: ``NAME=PATH``, or a path named after its last
+    part (a path that exists is never split, even with ``=`` in it)."""
+    if "=" in item and not Path(item).expanduser().exists():
+        name, _, log = item.partition("=")
+        if name and log:
+            return name, log
+    return Path(item).name or item, item
 
 
 if __name__ == "__main__":

@@ -86,9 +86,12 @@ class PreferenceLossModule(nn.Module, metaclass=ABCMeta):
     A user loss need not derive from it: any ``nn.Module`` class with a ``needs_reference``
     attribute (the :class:`PreferenceLoss` protocol) counts as a subclass, so
     ``class_path: my_pkg.MyLoss`` still works; it is just not listed.
+
+    ``card_tag``: the Hub tag an exported model card gives the loss (``"dpo"``); None: none.
     """
 
     needs_reference: bool
+    card_tag: str | None = None
 
     @abstractmethod
     def forward(self, pair: PairScores) -> LossOutput:

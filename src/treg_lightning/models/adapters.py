@@ -88,6 +88,29 @@ class QLoRA:
         )
 
 
+ADALORA_REFUSED = (
+    "model.peft is a peft.AdaLoraConfig: AdaLoRA is not supported. It reallocates its ranks in "
+    "an update_and_allocate call after every optimizer step, which treg's training loop does not "
+    "make (its ranks would never be allocated). Use class_path: peft.LoraConfig (a fixed rank r)."
+)
+
+
+def refuse_adalora(class_type: type, *args: Any, **kwargs: Any) -> Any:
+    """The parser's instantiator of ``peft.AdaLoraConfig``: refuses any AdaLoRA config before
+    its constructor runs (which fails first on a missing ``total_step``, in peft's words)."""
+    raise ConfigError(ADALORA_REFUSED)
+
+
+def config_instantiators() -> list[tuple[Any, type]]:
+    """``(instantiator, class)`` pairs the ``treg`` parser registers (``add_instantiator``):
+    LoRA configs refused while the config is read, before any model or data loads."""
+    if importlib.util.find_spec("peft") is None:
+        return []
+    from peft import AdaLoraConfig
+
+    return [(refuse_adalora, AdaLoraConfig)]
+
+
 def check_adapter_settings(peft: Any, quantization: QLoRA | None) -> None:
     """At start-up: ``model.peft`` is a LoRA config, and a 4-bit base comes with adapters."""
     if peft is not None and not isinstance(peft, LoraConfig):
@@ -116,12 +139,7 @@ def check_lora_values(config: Any) -> None:
     from peft import AdaLoraConfig
 
     if isinstance(config, AdaLoraConfig):
-        raise ConfigError(
-            "model.peft is a peft.AdaLoraConfig: AdaLoRA reallocates its ranks in a "
-            "update_and_allocate call after every optimizer step, which treg's training loop "
-            "does not make (its ranks would never be allocated). Use class_path: "
-            "peft.LoraConfig (a fixed rank r)."
-        )
+        raise ConfigError(ADALORA_REFUSED)
     r = config.r
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise ConfigError(

@@ -106,16 +106,41 @@ def _is_linear(module: nn.Module) -> bool:
 
 
 def _check_head_untouched(model: nn.Module) -> None:
+    """Refuse an adapter or a trained copy on the output projection (at start-up: the check of
+    ``model.peft`` builds the wrapped model on the meta device).
+
+    The chunked log-probs read the head's ``weight`` directly, never calling the head, so an
+    adapter on it (``target_modules``) would take no part in training. A trained copy
+    (``modules_to_save``) is not an adapter: vocab x hidden weights with their gradients and
+    optimizer states (``treg plan`` counts adapters only), and where the head is tied to the
+    input embedding (SmolLM2, Gemma) FSDP2 stops on the shared weight after the annotate pass.
+    """
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils import ModulesToSaveWrapper
 
-    head = model.get_base_model().get_output_embeddings()
-    if isinstance(head, (BaseTunerLayer, ModulesToSaveWrapper)):
-        raise ValueError(
-            "The LoRA config puts an adapter (or modules_to_save) on the output projection "
-            "(lm_head). treg-lightning's chunked log-probs read lm_head.weight directly, so that "
-            "adapter would be ignored: leave lm_head out of target_modules and modules_to_save."
+    from treg_lightning.errors import ConfigError
+
+    base = model.get_base_model()
+    head = base.get_output_embeddings()
+    if not isinstance(head, (BaseTunerLayer, ModulesToSaveWrapper)):
+        return
+    name = next((n for n, m in base.named_modules() if m is head), "lm_head").rsplit(".", 1)[-1]
+    if isinstance(head, ModulesToSaveWrapper):
+        raise ConfigError(
+            f"model.peft.modules_to_save names the output projection ({name}), which is not "
+            f"supported with LoRA: it would train a full copy of {name} (vocab x hidden weights, "
+            "with their gradients and optimizer states: not an adapter, and not counted by treg "
+            "plan), and where it is tied to the input embedding (SmolLM2, Gemma, ...) FSDP2 "
+            f"cannot shard the two apart. Leave {name} out of modules_to_save (the adapters of "
+            "the decoder layers train the policy); to train the output projection too, train "
+            "without LoRA (model.peft: null)."
         )
+    raise ConfigError(
+        f"model.peft.target_modules puts an adapter on the output projection ({name}), which is "
+        f"not supported: the log-probs are computed in chunks from {name}.weight, the frozen "
+        f"base weight, so that adapter would take no part in training. Leave {name} out of "
+        "target_modules (all-linear leaves it out by itself)."
+    )
 
 
 @contextmanager

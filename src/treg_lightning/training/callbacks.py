@@ -64,6 +64,10 @@ class ExportOnFitEnd(Callback):
         for name, path in paths.items():
             allow = "ExportOnFitEnd overwrite: true"
             check_not_overwriting(path, f"ExportOnFitEnd {name}", self.overwrite, allow)
+        if paths["export_dir"] is not None:  # a README of the user's the card would replace
+            from treg_lightning.models.save import check_replaceable
+
+            check_replaceable(paths["export_dir"], "ExportOnFitEnd export_dir")
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.adapter_only and getattr(pl_module, "peft", None) is None:
@@ -82,23 +86,25 @@ class ExportOnFitEnd(Callback):
         paths = self.paths(log_dir)
         if paths["export_dir"] is not None:
             from treg_lightning.models.save import staged_folder
-            from treg_lightning.training.model_card import (
-                model_card,
-                plain_metrics,
-                write_model_card,
-            )
+            from treg_lightning.training.card_metrics import live_metrics
+            from treg_lightning.training.model_card import model_card, write_model_card
 
             export_dir = Path(paths["export_dir"])
             # Rank 0 writes into a temporary sibling swapped in at the end (an earlier export
             # stays intact if this one fails); the other ranks only take part in the gather.
-            staging = staged_folder(export_dir) if trainer.is_global_zero else nullcontext()
+            setting = "ExportOnFitEnd export_dir"
+            staging = (
+                staged_folder(export_dir, setting=setting)
+                if trainer.is_global_zero
+                else nullcontext()
+            )
             with staging as target:
                 folder = export_module(  # collective
                     pl_module, target or export_dir, tokenizer, self.adapter_only
                 )
                 if folder is not None:
                     source = getattr(trainer.datamodule, "source", None)
-                    metrics = plain_metrics(trainer.callback_metrics)
+                    metrics = live_metrics(trainer)
                     card = model_card(pl_module, source, metrics, self.adapter_only)
                     write_model_card(folder, card)
             if folder is not None:

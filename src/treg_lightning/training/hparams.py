@@ -78,7 +78,7 @@ def _describe_dataclass(value: Any) -> dict[str, Any] | None:
     cls = type(value)
     try:
         default = cls()
-    except TypeError:  # required fields: describe every init field
+    except (TypeError, ValueError):  # required fields, or defaults its checks refuse
         default = None
     init_args = {}
     for item in dataclasses.fields(value):

@@ -1,13 +1,16 @@
 """The Hugging Face model card (``README.md``) of an exported policy.
 
 YAML metadata first (``base_model``, ``library_name``, ``tags``, ``datasets``, as the Hub reads
-them), then the method, the loss and regularizer settings, the data, the run's final metrics
-(where its ``metrics.csv`` is found) and the library version.
+them), then the method (the loss, and the T-REG regularizer with its targets where it is on), the
+data the weights were trained on, the metrics of the exported step and the library version.
+
+``treg export`` reads the data and the metrics from the checkpoint it exports
+(:mod:`treg_lightning.training.card_metrics`), never from its own config.
 """
 
 from __future__ import annotations
 
-import math
+import inspect
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,11 +18,18 @@ from typing import Any
 import yaml
 
 from treg_lightning import __version__
+from treg_lightning.models.save import CARD_MARK
+from treg_lightning.training.card_metrics import (
+    StepMetrics,
+    checkpoint_record,
+    metrics_at_step,
+    metrics_beside,
+    trained_data,
+)
 
 LIBRARY_NAME = "transformers"  # what loads the folder (AutoModelForCausalLM.from_pretrained)
 BASE_TAGS = ("treg-lightning", "preference-optimization")
-# The tag of each shipped loss class.
-LOSS_TAGS = {"DPOLoss": "dpo", "SimPOLoss": "simpo", "IPOLoss": "ipo"}
+TREG_PAPER = "https://arxiv.org/abs/2412.02685"
 # SmolLM2 alias of treg_lightning.models.loading, as its hub id.
 ALIAS_HUB_IDS = {"smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
@@ -37,60 +47,106 @@ def hub_id(name: str | None) -> str | None:
     return name
 
 
-def _class_name(setting: Any) -> str | None:
-    if isinstance(setting, Mapping):
-        path = setting.get("class_path")
-        return str(path).rsplit(".", 1)[-1] if path else None
-    if setting is None:
-        return None
-    return type(setting).__name__
+# ---- the method: loss, regularizer, targets --------------------------------------------------
 
 
-def _init_args(setting: Any) -> dict[str, Any]:
-    if isinstance(setting, Mapping):
-        return dict(setting.get("init_args") or {})
-    return {k: v for k, v in vars(setting).items() if not k.startswith("_") and _plain(v)}
+def treg_on(module) -> bool:
+    """Whether the run trains with the T-REG term (a regularizer with ``alpha > 0``)."""
+    regularizer = getattr(module, "regularizer", None)
+    return regularizer is not None and float(getattr(regularizer, "alpha", 0) or 0) > 0
 
 
-def _plain(value: Any) -> bool:
-    return isinstance(value, (int, float, str, bool, type(None)))
+def _setting(module, name: str) -> tuple[Any, Mapping[str, Any]]:
+    """The live object of ``name`` (``loss``, ``regularizer``) and its saved init args."""
+    saved = dict(getattr(module, "hparams", {}) or {}).get(name)
+    init_args = saved.get("init_args") if isinstance(saved, Mapping) else None
+    return getattr(module, name, None), dict(init_args or {})
 
 
-def final_metrics(metrics_csv: str | Path | None) -> dict[str, float]:
-    """The last finite value of each metric in a ``CSVLogger`` ``metrics.csv``; {} without one."""
-    if metrics_csv is None or not Path(metrics_csv).is_file():
-        return {}
-    from treg_lightning.answers.plots import read_metrics
+def _constructor_args(value: Any, saved: Mapping[str, Any]) -> dict[str, Any]:
+    """The constructor arguments of ``value``: its attributes of the same names, else the saved
+    init args (a user class that keeps them under other names)."""
+    try:
+        params = list(inspect.signature(type(value).__init__).parameters)[1:]
+    except (TypeError, ValueError):
+        params = []
+    args = {}
+    for name in params:
+        if hasattr(value, name):
+            args[name] = getattr(value, name)
+        elif name in saved:
+            args[name] = saved[name]
+    return args
 
-    last = {}
-    for key, points in read_metrics(metrics_csv).items():
-        finite = [value for _, value in points if math.isfinite(value)]
-        if finite:
-            last[key] = finite[-1]
-    return dict(sorted(last.items()))
+
+def _shown(value: Any) -> str:
+    if isinstance(value, (int, float, str, bool, type(None))):
+        return str(value)
+    if isinstance(value, Mapping) and value.get("class_path"):
+        return str(value["class_path"]).rsplit(".", 1)[-1]
+    return type(value).__name__
 
 
-def metrics_beside(ckpt_path: str | Path | None) -> Path | None:
-    """The ``metrics.csv`` of the run that wrote ``ckpt_path`` (``<log_dir>/checkpoints/x.ckpt``
-    -> ``<log_dir>/metrics.csv``), or None."""
-    if ckpt_path is None:
-        return None
-    for folder in Path(ckpt_path).expanduser().resolve().parents[:3]:
-        if (folder / "metrics.csv").is_file():
-            return folder / "metrics.csv"
-    return None
+def _settings_line(title: str, value: Any, saved: Mapping[str, Any]) -> str:
+    args = _constructor_args(value, saved)
+    shown = ", ".join(f"`{k}={_shown(v)}`" for k, v in sorted(args.items()))
+    return f"- {title}: `{type(value).__name__}`" + (f" ({shown})" if shown else "")
+
+
+def _summary(value: Any) -> str:
+    """The first line of the docstring of ``value``'s class, in Markdown code style."""
+    doc = inspect.getdoc(type(value)) or ""
+    return doc.splitlines()[0].replace("``", "`") if doc else ""
+
+
+def method_lines(module) -> list[str]:
+    """The loss, and the regularizer with its targets (what they are, the default named as
+    such), or that the run trains without T-REG."""
+    loss, loss_args = _setting(module, "loss")
+    lines = [_settings_line("Loss", loss, loss_args)] if loss is not None else []
+    regularizer, reg_args = _setting(module, "regularizer")
+    if regularizer is None:
+        return [*lines, "- Regularizer: none (no T-REG term)"]
+    if not treg_on(module):
+        return [*lines, f"- Regularizer: off (`{type(regularizer).__name__}` with `alpha=0`)"]
+    lines.append(_settings_line("Regularizer", regularizer, reg_args))
+    targets = getattr(regularizer, "targets", None)
+    if targets is not None:
+        from treg_lightning.losses.targets import SelfGeneratedRewards
+
+        # `targets: null` in the run's config stands for SelfGeneratedRewards.
+        default = reg_args.get("targets") is None or type(targets) is SelfGeneratedRewards
+        how = " (the default)" if default else ""
+        lines.append(f"  - targets: `{type(targets).__name__}`{how}: {_summary(targets)}")
+    return lines
+
+
+def intro(module) -> str:
+    """The card's first sentence: T-REG is named only where the run trained with it."""
+    loss, _ = _setting(module, "loss")
+    name = f"`{type(loss).__name__}`" if loss is not None else "a sequence-level loss"
+    if treg_on(module):
+        return (
+            f"Preference optimization with {name} and token-level reward regularization "
+            f"(T-REG, {TREG_PAPER}), trained with treg-lightning {__version__}."
+        )
+    return (
+        f"Preference optimization with {name}, without token-level reward regularization, "
+        f"trained with treg-lightning {__version__}."
+    )
+
+
+# ---- the card --------------------------------------------------------------------------------
 
 
 def card_metadata(module, data_source: str | None = None) -> dict[str, Any]:
-    """The YAML metadata: ``base_model`` / ``datasets`` where they are Hub ids."""
-    hparams = dict(getattr(module, "hparams", {}) or {})
-    loss = hparams.get("loss", getattr(module, "loss", None))
-    regularizer = hparams.get("regularizer", getattr(module, "regularizer", None))
+    """The YAML metadata: tags from the loss object (its ``card_tag``), the regularizer and
+    LoRA; ``base_model`` / ``datasets`` where they are Hub ids."""
     tags = list(BASE_TAGS)
-    loss_tag = LOSS_TAGS.get(_class_name(loss) or "")
+    loss_tag = getattr(getattr(module, "loss", None), "card_tag", None)
     if loss_tag:
-        tags.append(loss_tag)
-    if regularizer is not None and float(_init_args(regularizer).get("alpha", 0) or 0) > 0:
+        tags.append(str(loss_tag))
+    if treg_on(module):
         tags.append("treg")
     if getattr(module, "peft", None) is not None:
         tags.append("lora")
@@ -104,34 +160,56 @@ def card_metadata(module, data_source: str | None = None) -> dict[str, Any]:
     return metadata
 
 
-def _settings_lines(title: str, setting: Any) -> list[str]:
-    name = _class_name(setting)
-    if name is None:
-        return [f"- {title}: none"]
-    args = _init_args(setting)
-    shown = ", ".join(f"`{k}={v}`" for k, v in sorted(args.items()) if _plain(v))
-    return [f"- {title}: `{name}`" + (f" ({shown})" if shown else "")]
+def metrics_lines(metrics: StepMetrics | None) -> list[str]:
+    """The section of the exported step's metrics: its step, where they were read, a table."""
+    if metrics is None or metrics.source is None:
+        return ["No metrics.csv of the run was found beside the checkpoint."]
+    if metrics.step is None:  # a checkpoint written outside Lightning's loop
+        head = "The checkpoint records no global step: each metric's last value in "
+        head += str(metrics.source)
+    else:
+        at = f"global step {metrics.step}"
+        if metrics.epoch is not None:
+            at += f" (epoch {metrics.epoch})"
+        if not metrics.values:
+            return [f"{metrics.source} holds no metric logged up to {at}."]
+        head = (
+            f"The weights of {at}; each metric's last value logged up to that step, "
+            f"from {metrics.source}"
+        )
+    if not metrics.values:
+        return [f"{metrics.source} holds no metric values."]
+    lines = [
+        f"{head}:",
+        "",
+        "| metric | value | logged at step |",
+        "|---|---|---|",
+    ]
+    for key, (value, step) in metrics.values.items():
+        lines.append(f"| {key} | {value:.6g} | {'' if step is None else step} |")
+    return lines
 
 
 def model_card(
     module,
     data_source: str | None = None,
-    metrics: Mapping[str, float] | None = None,
+    metrics: StepMetrics | None = None,
     adapter_only: bool = False,
 ) -> str:
     """The text of the card for ``module``'s policy, trained on ``data_source``.
 
     Args:
-        module: the :class:`~treg_lightning.module.PreferenceModule` (its hyperparameters).
-        data_source: ``data.source`` of the run ("demo", a file, a hub id).
-        metrics: the run's final metrics (:func:`final_metrics`); none: the section says so.
+        module: the :class:`~treg_lightning.module.PreferenceModule` of the run (its loss,
+            regularizer, LoRA setting and hyperparameters).
+        data_source: ``data.source`` the weights were trained on ("demo", a file, a hub id);
+            None: not recorded.
+        metrics: the metrics of the exported step (:func:`metrics_at_step`,
+            :func:`live_metrics`); None: the section says none were found.
         adapter_only: the folder holds the LoRA adapter alone.
     """
-    hparams = dict(getattr(module, "hparams", {}) or {})
-    loss = hparams.get("loss", getattr(module, "loss", None))
-    regularizer = hparams.get("regularizer", getattr(module, "regularizer", None))
     metadata = card_metadata(module, data_source)
     model_name = getattr(module, "model_name", None)
+    data = f"`{data_source}`" if data_source is not None else "not recorded in the checkpoint"
     lines = [
         "---",
         yaml.safe_dump(metadata, sort_keys=False).rstrip(),
@@ -139,62 +217,43 @@ def model_card(
         "",
         f"# Policy trained from {model_name} with treg-lightning",
         "",
-        "Preference optimization (DPO / IPO / SimPO) with token-level reward regularization "
-        "(T-REG), trained with treg-lightning " + __version__ + ".",
+        intro(module),
         "",
         "## Method",
         "",
-        *_settings_lines("Loss", loss),
-        *_settings_lines("Regularizer", regularizer),
+        *method_lines(module),
     ]
     if getattr(module, "peft", None) is not None:
         what = "the adapter alone" if adapter_only else "adapters merged into the base weights"
         lines.append(f"- LoRA: {what}")
-    lines += ["", "## Data", "", f"- Training pairs: `{data_source}`", "", "## Final metrics", ""]
-    if metrics:
-        lines += ["| metric | value |", "|---|---|"]
-        lines += [f"| {key} | {value:.6g} |" for key, value in metrics.items()]
-    else:
-        lines.append("No metrics.csv of the run was found beside the checkpoint.")
+    lines += ["", "## Data", "", f"- Training pairs: {data}", ""]
+    lines += ["## Metrics at the exported step", "", *metrics_lines(metrics)]
+    lines += ["", "## Use", "", "```python", *_load_lines(model_name, adapter_only), "```"]
+    lines += ["", f"{CARD_MARK} {__version__}.", ""]
+    return "\n".join(lines)
+
+
+def _load_lines(model_name: str | None, adapter_only: bool) -> list[str]:
     if adapter_only:
-        load = [
+        return [
             "from peft import PeftModel",
             "from transformers import AutoModelForCausalLM",
             f'base = AutoModelForCausalLM.from_pretrained("{model_name}")',
             'model = PeftModel.from_pretrained(base, "<this folder>")',
         ]
-    else:
-        load = [
-            "from transformers import AutoModelForCausalLM",
-            'model = AutoModelForCausalLM.from_pretrained("<this folder>")',
-        ]
-    lines += ["", "## Use", "", "```python", *load, "```"]
-    lines += [
-        "",
-        f"Written by treg-lightning {__version__}.",
-        "",
+    return [
+        "from transformers import AutoModelForCausalLM",
+        'model = AutoModelForCausalLM.from_pretrained("<this folder>")',
     ]
-    return "\n".join(lines)
 
 
-def plain_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """``trainer.callback_metrics`` (tensors) as sorted finite floats."""
-    out = {}
-    for key, value in metrics.items():
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            continue
-        if math.isfinite(number):
-            out[key] = number
-    return dict(sorted(out.items()))
-
-
-def write_card(folder, module, datamodule, ckpt_path, adapter_only: bool = False) -> Path:
-    """The card of ``treg export``: the metrics from the ``metrics.csv`` beside ``ckpt_path``."""
-    source = getattr(datamodule, "source", None)
-    metrics = final_metrics(metrics_beside(ckpt_path))
-    return write_model_card(folder, model_card(module, source, metrics, adapter_only))
+def write_card(folder, module, ckpt_path, adapter_only: bool = False) -> Path:
+    """The card of ``treg export``: the data and the metrics of the checkpoint's own run and step
+    (:func:`checkpoint_record`, :func:`metrics_at_step`), never the export's config."""
+    record = checkpoint_record(ckpt_path)
+    metrics = metrics_at_step(metrics_beside(ckpt_path), record)
+    card = model_card(module, trained_data(record), metrics, adapter_only)
+    return write_model_card(folder, card)
 
 
 def write_model_card(folder: str | Path, text: str) -> Path:

@@ -93,16 +93,20 @@ class TRegTrainer(Trainer):
         """Write the policy of a checkpoint as a Hugging Face folder (safetensors + tokenizer).
 
         A LoRA run (``model.peft``) is written with its adapters merged into the base weights of
-        ``model.model`` (a plain folder, no peft needed to load it), or the adapter alone.
+        ``model.model`` (a plain folder, no peft needed to load it), or the adapter alone. The
+        model card (``README.md``) names the data and the metrics of the checkpoint's own run
+        and step, read from the checkpoint and the ``metrics.csv`` beside it.
 
         Args:
             ckpt_path: a ``.ckpt`` file or a sharded checkpoint folder (FSDP2 / FSDP).
             output_dir: the folder written; ``from_pretrained(output_dir)`` loads it. A folder
                 that already holds files is refused unless ``overwrite`` is set.
-            overwrite: write into a non-empty ``output_dir``, replacing its files (weight
-                files of an earlier export are removed, so two models never mix). The export
-                is written into a temporary sibling folder and swapped in at the end, so a
-                failed export leaves the earlier one intact.
+            overwrite: replace an earlier export in ``output_dir`` as a whole: the new export is
+                written into an empty temporary sibling folder and swapped in at the end, so the
+                folder holds no file of the earlier one (merged or adapter-only: two models never
+                mix) and a failed export leaves the earlier one intact. Files of yours that no
+                export writes (notes, results) are kept and named; a ``README.md`` that is not a
+                treg-lightning model card is refused, before anything loads.
             adapter_only: write the LoRA adapter alone (``adapter_config.json`` + safetensors;
                 ``PeftModel.from_pretrained(base, output_dir)`` loads it).
         """
@@ -112,14 +116,17 @@ class TRegTrainer(Trainer):
 
         if ckpt_path is None:
             raise ConfigError("export needs --ckpt_path (a .ckpt file or a checkpoint folder).")
-        # Written beside output_dir and swapped in at the end: a failed export (or --overwrite)
-        # leaves an earlier export intact.
-        with staged_folder(output_dir) as staging:
+        kept: list[str] = []
+        # Checks output_dir first, before anything loads; written beside it and swapped in at the
+        # end: a failed export leaves an earlier one intact.
+        with staged_folder(output_dir, kept) as staging:
             export_checkpoint(model, ckpt_path, staging, adapter_only)
-            write_card(staging, model, datamodule, ckpt_path, adapter_only)
+            write_card(staging, model, ckpt_path, adapter_only)
         folder = Path(output_dir).expanduser()
         what = "LoRA adapter" if adapter_only else "policy"
         print(f"{what} written to {folder.resolve()}", flush=True)
+        if kept:
+            print(f"kept your files that no export writes: {', '.join(kept)}", flush=True)
         return folder
 
     # ---- predict: answers of the policy (logic in treg_lightning.answers.predictions) ----------
