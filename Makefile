@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test test-fast lint format bench mutation demo clean
+.PHONY: install test test-fast lint format bench mutation demo docs clean
 
 install: $(STAMP)
 
@@ -52,5 +52,11 @@ demo: install
 	$(BIN)/treg predict --config configs/demo.yaml --model.model $$run/policy \
 		--output $$run/answers.jsonl --max_new_tokens 96
 
+# The documentation site: docs/ (task pages), bench/README.md and the API reference from the
+# docstrings, into site/; --strict turns every warning (a broken link, a griffe docstring warning)
+# into an error.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) .pytest_cache outputs
+	rm -rf $(VENV) .pytest_cache outputs site

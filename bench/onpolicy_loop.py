@@ -1,4 +1,4 @@
-"""Two rounds of iterative on-policy T-REG on CPU with SmolLM2-135M-Instruct (the README recipe).
+"""Two rounds of iterative on-policy T-REG on CPU with SmolLM2-135M-Instruct (docs/onpolicy.md).
 
     judge: a DPO LoRA fit on the first 40 demo pairs (its implicit reward scores the samples)
     round r: treg pairs (policy r, 8 held-out demo prompts, k = 3, 48 new tokens, the shipped

@@ -150,8 +150,9 @@ def test_demo_config_is_cpu_sized():
     assert c["trainer"]["accelerator"] == "cpu"
     assert c["model"]["model"] == "smollm2" and c["model"]["torch_dtype"] == "float32"
     assert c["data"]["source"] == "demo" and c["data"]["max_length"] <= 256
-    # 40 pairs and 15 steps took 1 min 48 s end to end on 2 CPU cores (README); the budget of
-    # `make demo` is 5 minutes, so the demo stays within these bounds.
+    # 40 pairs and 15 steps, then the answers to 10 prompts, took 2 min 15 s with `time make demo`
+    # on 2 CPU cores (docs/quickstart.md); the budget of `make demo` is 5 minutes, so the demo
+    # stays within these bounds.
     assert c["trainer"]["max_steps"] <= 20 and c["data"]["limit"] <= 48
 
 
@@ -167,7 +168,7 @@ def _differences(a, b, path=""):
 
 def test_demo_lora_is_the_demo_with_adapters():
     """demo_lora.yaml is demo.yaml plus the adapters, their learning rate and its own output
-    folder: the side-by-side run in the README compares LoRA with full training, nothing else."""
+    folder: the side-by-side run in docs/lora.md compares LoRA with full training, nothing else."""
     full = print_config("--config", str(CONFIGS / "demo.yaml"))
     lora = print_config("--config", str(CONFIGS / "demo_lora.yaml"))
     differences = _differences(full, lora)

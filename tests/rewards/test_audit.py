@@ -152,10 +152,10 @@ def pair(rejected, marks, chosen=(0.0,)) -> dict:
 
 
 def test_auroc_is_per_response_so_an_offset_between_responses_counts_for_nothing():
-    """The README's definition: a negatively marked token has a lower r_hat than an unmarked
-    token *of the same response*. In both responses the marked token has the *higher* r_hat:
-    0.0 each, mean 0.0. Pooling the four tokens would count B's marked token (-0.2) below A's
-    unmarked one (0.1) as credit: 1 of the 4 (marked, unmarked) pairs, 0.25."""
+    """The definition in docs/token-rewards.md: a negatively marked token has a lower r_hat
+    than an unmarked token *of the same response*. In both responses the marked token has the
+    *higher* r_hat: 0.0 each, mean 0.0. Pooling the four tokens would count B's marked token
+    (-0.2) below A's unmarked one (0.1) as credit: 1 of the 4 (marked, unmarked) pairs, 0.25."""
     rows = [pair([0.1, 0.2], [NAN, -1.0]), pair([-0.3, -0.2], [NAN, -1.0])]
     result = audit_rows(rows, bootstrap=0)
     assert result["metrics"]["auroc_negative"]["value"] == 0.0
@@ -232,12 +232,14 @@ def test_audit_rows_refuses_settings_out_of_range(setting, expected):
         audit_rows(ROWS, **setting)
 
 
-def test_readme_defines_the_figures_as_computed():
-    """The README's reading guide says what these tests count: per response, ties one half,
-    a constant source at chance, intervals only over more than one pair."""
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    section = readme[readme.index("### Auditing token rewards") :]
-    section = " ".join(section[: section.index("\n## ")].split())
+def test_docs_define_the_figures_as_computed():
+    """The audit's reading guide (docs/token-rewards.md) says what these tests count: per
+    response, ties one half, a constant source at chance, intervals only over more than one
+    pair."""
+    page = (Path(__file__).resolve().parents[2] / "docs" / "token-rewards.md").read_text()
+    section = page[page.index("## Auditing token rewards") :]
+    end = section.find("\n## ", 1)
+    section = " ".join((section if end < 0 else section[:end]).split())
     for phrase in (
         "a negatively marked token has a lower `r_hat` than an unmarked token",
         "of the same response",

@@ -104,7 +104,7 @@ class ContrastiveTemplate:
         """Token ids of the better and worse contexts, each ending with the generation prompt.
 
         Args:
-            tokenizer: a tokenizer with a chat template.
+            tokenizer (transformers.PreTrainedTokenizerBase): a tokenizer with a chat template.
             prompt_messages: the conversation, ``[{"role", "content"}, ...]`` ending with a
                 user turn.
             response_text: the response being scored (shown in ``revise`` mode only).

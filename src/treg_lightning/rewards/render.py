@@ -259,7 +259,7 @@ def render_heatmap(
         rows: token-reward cache rows (``prompt_ids``, ``chosen_ids``, ``rejected_ids``,
             ``chosen_token_rewards`` / ``rejected_token_rewards`` or the older
             ``chosen_rewards`` / ``rejected_rewards``; ``index`` if present).
-        tokenizer: the tokenizer that produced the ids.
+        tokenizer (transformers.PreTrainedTokenizerBase): the tokenizer that produced the ids.
         path: output ``.html`` file.
         n: number of pairs shown.
 

@@ -161,7 +161,7 @@ class TRegTrainer(Trainer):
         Lightning's ``Trainer.predict`` (the prediction loop over ``predict_step``).
 
         Args:
-            dataloaders: Lightning's prediction loop over these instead (not a ``treg`` flag).
+            dataloaders (Any): Lightning's prediction loop over these instead (not a ``treg`` flag).
             return_predictions: passed to Lightning's prediction loop.
             weights_only: passed to Lightning's prediction loop.
             ckpt_path: weights to generate with: a ``.ckpt`` file or a sharded checkpoint
