@@ -36,6 +36,7 @@ from treg_lightning.models.varlen_attention import (
     flash_attn_varlen_func,
     runs_varlen,
 )
+from treg_lightning.training.checks import check_module_settings
 
 LAYERS = 2
 pytestmark = pytest.mark.gpu_emulation
@@ -162,6 +163,7 @@ def test_attention_choice_for_packing(monkeypatch):
     monkeypatch.setattr(loading, "torch_varlen_available", lambda: False)
     assert loading.choose_attn_implementation(None, "cuda", "llama") == "sdpa"
     loading.check_attn_implementation(TORCH_VARLEN)  # a name transformers knows
+    check_module_settings(1024, True, TORCH_VARLEN)  # packing: true is accepted with it
     assert runs_varlen(TORCH_VARLEN) and runs_varlen("kernels-community/flash-attn2")
     assert not runs_varlen("sdpa") and not runs_varlen(None)
 
