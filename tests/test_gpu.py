@@ -4,8 +4,8 @@ Skipped without CUDA, except under ``TREG_GPU_DRY_RUN=1`` (``bench/gpu_check.sh 
 which runs every test on CPU with tiny shapes, so that a first GPU run cannot die on a typo.
 
 - bf16 chunked log-probs against a float32 reference, at a 128k vocabulary on CUDA;
-- packing equals padded (sdpa; each varlen kernel, flash-attn's and torch's own, where it runs,
-  else skipped with the reason);
+- packing equals padded (sdpa; each varlen kernel, flash-attn's and torch's own, skipped with
+  the reason where it cannot run; their stand-ins on the dry run);
 - the shared prompt equals the unshared path (sdpa rows and packed, and flex_attention, the GPU
   route for the shared layout);
 - a few bf16 FSDP2 steps (ModelParallelStrategy, one device) of Llama-3.2-1B's shape.
@@ -13,6 +13,7 @@ which runs every test on CPU with tiny shapes, so that a first GPU run cannot di
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -181,25 +182,45 @@ def test_packing_equals_padded():
     _assert_close(_values_and_grads(_packed, model, batch), want, batch, 2e-4, 2e-3)
 
 
-# The varlen kernels packing runs on a GPU, and why one may not run here (their CPU emulations:
-# tests/forward/test_flash_emulation.py and tests/forward/test_torch_varlen.py).
+# The varlen kernels packing runs on a GPU, and why one may not run there. On the CPU dry run
+# their stand-ins run instead (the emulations: tests/forward/test_flash_emulation.py and
+# tests/forward/test_torch_varlen.py), so the test's own code runs before the first GPU call.
 VARLEN_KERNELS = {
     "flash_attention_2": (flash_attn_available, "flash-attn is not installed"),
     TORCH_VARLEN: (torch_varlen_available, "torch's varlen_attn needs an Ampere or newer GPU"),
 }
 
 
+@contextlib.contextmanager
+def _varlen_model(kernel, monkeypatch):
+    """A bf16 model on ``kernel``: the real one on CUDA, the stand-in on the CPU dry run."""
+    if CUDA:
+        yield _model(kernel, torch.bfloat16)
+        return
+    from torch.nn.attention import varlen
+
+    from stand_in_kernels import kept_flash_cache, stand_in_flash_attn
+    from stand_in_kernels import varlen_attn as stand_in_varlen
+
+    monkeypatch.setattr(varlen, "varlen_attn", stand_in_varlen)
+    with kept_flash_cache(), stand_in_flash_attn(monkeypatch):
+        model = _model("sdpa", torch.bfloat16)
+        model.config._attn_implementation = kernel  # transformers would look for the wheel
+        yield model
+
+
 @pytest.mark.parametrize("kernel", sorted(VARLEN_KERNELS))
-def test_packing_through_a_varlen_kernel(kernel):
-    """bf16 packed rows through the real kernel: log-probs within twice the bf16 padded sdpa
-    path's own distance from float32, gradients likewise (relative to their largest entry)."""
+def test_packing_through_a_varlen_kernel(kernel, monkeypatch):
+    """bf16 packed rows through the kernel: log-probs within twice the bf16 padded sdpa path's
+    own distance from float32, gradients likewise (relative to their largest entry)."""
     available, reason = VARLEN_KERNELS[kernel]
-    if not CUDA or not available():
-        pytest.skip(f"{kernel}: {reason if CUDA else 'no CUDA device'}")
+    if CUDA and not available():
+        pytest.skip(f"{kernel}: {reason}")
     batch = _batch()
     want = _values_and_grads(_padded, _model("sdpa"), batch)
     bf16_padded = _values_and_grads(_padded, _model("sdpa", torch.bfloat16), batch)
-    packed = _values_and_grads(_packed, _model(kernel, torch.bfloat16), batch)
+    with _varlen_model(kernel, monkeypatch) as model:
+        packed = _values_and_grads(_packed, model, batch)
     for side in SIDES:
         mask = batch[f"{side}_response_mask"]
         noise = (bf16_padded[0][side] - want[0][side])[mask].abs().max()

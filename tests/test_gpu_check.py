@@ -22,7 +22,7 @@ def test_gpu_check_dry_run(tmp_path):
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     tests = (out / "gpu-tests.log").read_text()
-    assert "5 passed" in tests and "skipped" not in tests, tests[-2000:]
+    assert "7 passed" in tests and "skipped" not in tests, tests[-2000:]
     report = json.loads((out / "train_vs_trl.json").read_text())
     runs = report["runs"]["32"]
     for side in ("ours", "ours-unshared", "trl", "trl-precompute"):

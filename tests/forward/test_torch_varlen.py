@@ -87,21 +87,23 @@ def test_padded_batch_through_torch_varlen(stand_in_varlen):
     assert_same(got, want, batch, TOLERANCE[torch.float64])
 
 
-def test_left_padded_generation_through_torch_varlen(stand_in_varlen):
-    """Batched greedy decoding with left padding (as predict runs it): the prompts unpadded
-    into segments, then one query per row against its cached keys (bottom-right causal). The
-    tokens and scores of sdpa."""
+@pytest.mark.parametrize("left_padded", [False, True], ids=["full_rows", "left_padded"])
+def test_generation_through_torch_varlen(stand_in_varlen, left_padded):
+    """Batched greedy decoding: the prompt forward (left padding, as predict runs it, is
+    unpadded into segments; full rows are one segment each), then one query per row against
+    its cached keys (bottom-right causal). The tokens and scores of sdpa."""
     ids = torch.randint(1, VOCAB, (2, 6), generator=torch.Generator().manual_seed(3))
     attention = torch.ones_like(ids)
-    attention[1, :2] = 0  # the second prompt is 4 tokens, left-padded
+    attention[1, :2] = 0 if left_padded else 1  # the second prompt: 4 tokens, left-padded
     settings = {"max_new_tokens": 4, "do_sample": False, "output_scores": True}
     settings |= {"return_dict_in_generate": True, "pad_token_id": 0, "attention_mask": attention}
     want = tiny_llama(VOCAB, 0, torch.float64).generate(ids, **settings)
     got = torch_varlen_llama(torch.float64).generate(ids, **settings)
     assert torch.equal(got.sequences, want.sequences)
     torch.testing.assert_close(torch.stack(got.scores), torch.stack(want.scores))
-    assert stand_in_varlen[0]["cu_q"] == [0, 6, 10]  # the prefill, padding left out
-    assert any(c["max_q"] == 1 for c in stand_in_varlen)  # decode steps
+    assert stand_in_varlen[0]["cu_q"] == ([0, 6, 10] if left_padded else [0, 6, 12])
+    decode = [c for c in stand_in_varlen if c["max_q"] == 1]
+    assert decode and all(c["window"] == (-1, 0) for c in decode)
 
 
 def test_sliding_window_reaches_torch_varlen(stand_in_varlen):

@@ -108,13 +108,15 @@ class _ChunkedTokenLogps(torch.autograd.Function):
             grad_logits *= grad_token_logps[:, None]
             if tanh is not None:  # chain rule through z = cap * tanh(l / cap)
                 grad_logits *= 1 - tanh * tanh
-            if grad_hidden is not None:
-                grad_hidden += _mm(grad_logits, weight[cols], weight.dtype)
-            if grad_weight is not None:  # one GEMM over all rows: accumulated in float32
-                grad_weight[cols] = _mm(grad_logits.T, hidden, weight.dtype)
             if grad_bias is not None:
                 grad_bias[cols] = grad_logits.sum(0)
+            operand = grad_logits.to(weight.dtype)  # the GEMMs' operand: rounded once
             del logits, tanh, grad_logits  # one block at a time, not two
+            if grad_hidden is not None:
+                grad_hidden += _mm(operand, weight[cols], weight.dtype)
+            if grad_weight is not None:  # one GEMM over all rows: accumulated in float32
+                grad_weight[cols] = _mm(operand.T, hidden, weight.dtype)
+            del operand
         if grad_hidden is not None:
             grad_hidden = grad_hidden.to(hidden.dtype)
         return grad_hidden, grad_weight, grad_bias, None, None, None
