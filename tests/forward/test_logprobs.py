@@ -146,6 +146,7 @@ class GemmLog(TorchDispatchMode):
         return out
 
 
+@pytest.mark.gpu_emulation
 def test_bfloat16_gemm_operands_and_float32_logits(monkeypatch):
     """bf16 compute on the GPU path (its float32-output GEMM emulated): every product of the
     forward and backward takes bf16 operands and returns float32 (no float32 GEMM, and no
