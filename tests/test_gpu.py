@@ -4,7 +4,8 @@ Skipped without CUDA, except under ``TREG_GPU_DRY_RUN=1`` (``bench/gpu_check.sh 
 which runs every test on CPU with tiny shapes, so that a first GPU run cannot die on a typo.
 
 - bf16 chunked log-probs against a float32 reference, at a 128k vocabulary on CUDA;
-- packing equals padded (sdpa, and flash-attention varlen when flash-attn is installed);
+- packing equals padded (sdpa; each varlen kernel, flash-attn's and torch's own, skipped with
+  the reason where it cannot run; their stand-ins on the dry run);
 - the shared prompt equals the unshared path (sdpa rows and packed, and flex_attention, the GPU
   route for the shared layout);
 - a few bf16 FSDP2 steps (ModelParallelStrategy, one device) of Llama-3.2-1B's shape.
@@ -12,6 +13,7 @@ which runs every test on CPU with tiny shapes, so that a first GPU run cannot di
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -28,6 +30,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from treg_lightning.forward.logprobs import token_logps_from_hidden
 from treg_lightning.forward.packing import pack_batch, packed_model_inputs, unpack_pairs
 from treg_lightning.models.loading import flash_attn_available
+from treg_lightning.models.varlen_attention import TORCH_VARLEN, torch_varlen_available
 
 CUDA = torch.cuda.is_available()
 DRY_RUN = os.environ.get("TREG_GPU_DRY_RUN") == "1"
@@ -172,21 +175,62 @@ def _assert_close(got, want, batch, atol, grad_tol):
 
 
 def test_packing_equals_padded():
-    """float32 sdpa (exact up to kernel rounding); bf16 flash-attention varlen when installed,
-    within twice the bf16 padded path's own distance from float32."""
+    """float32 sdpa: packed rows with the block-diagonal mask, exact up to kernel rounding."""
     batch = _batch()
     model = _model("sdpa")
     want = _values_and_grads(_padded, model, batch)
     _assert_close(_values_and_grads(_packed, model, batch), want, batch, 2e-4, 2e-3)
-    if not (CUDA and flash_attn_available()):
+
+
+# The varlen kernels packing runs on a GPU, and why one may not run there. On the CPU dry run
+# their stand-ins run instead (the emulations: tests/forward/test_flash_emulation.py and
+# tests/forward/test_torch_varlen.py), so the test's own code runs before the first GPU call.
+VARLEN_KERNELS = {
+    "flash_attention_2": (flash_attn_available, "flash-attn is not installed"),
+    TORCH_VARLEN: (torch_varlen_available, "torch's varlen_attn needs an Ampere or newer GPU"),
+}
+
+
+@contextlib.contextmanager
+def _varlen_model(kernel, monkeypatch):
+    """A bf16 model on ``kernel``: the real one on CUDA, the stand-in on the CPU dry run."""
+    if CUDA:
+        yield _model(kernel, torch.bfloat16)
         return
+    from torch.nn.attention import varlen
+
+    from stand_in_kernels import kept_flash_cache, stand_in_flash_attn
+    from stand_in_kernels import varlen_attn as stand_in_varlen
+
+    monkeypatch.setattr(varlen, "varlen_attn", stand_in_varlen)
+    with kept_flash_cache(), stand_in_flash_attn(monkeypatch):
+        model = _model("sdpa", torch.bfloat16)
+        model.config._attn_implementation = kernel  # transformers would look for the wheel
+        yield model
+
+
+@pytest.mark.parametrize("kernel", sorted(VARLEN_KERNELS))
+def test_packing_through_a_varlen_kernel(kernel, monkeypatch):
+    """bf16 packed rows through the kernel: log-probs within twice the bf16 padded sdpa path's
+    own distance from float32, gradients likewise (relative to their largest entry)."""
+    available, reason = VARLEN_KERNELS[kernel]
+    if CUDA and not available():
+        pytest.skip(f"{kernel}: {reason}")
+    batch = _batch()
+    want = _values_and_grads(_padded, _model("sdpa"), batch)
     bf16_padded = _values_and_grads(_padded, _model("sdpa", torch.bfloat16), batch)
-    flash = _values_and_grads(_packed, _model("flash_attention_2", torch.bfloat16), batch)
+    with _varlen_model(kernel, monkeypatch) as model:
+        packed = _values_and_grads(_packed, model, batch)
     for side in SIDES:
         mask = batch[f"{side}_response_mask"]
         noise = (bf16_padded[0][side] - want[0][side])[mask].abs().max()
-        error = (flash[0][side] - want[0][side])[mask].abs().max()
+        error = (packed[0][side] - want[0][side])[mask].abs().max()
         assert error <= 2 * noise + 1e-3, (side, error, noise)
+    for name, grad in want[1].items():
+        scale = grad.abs().max()
+        noise = (bf16_padded[1][name] - grad).abs().max() / scale
+        error = (packed[1][name] - grad).abs().max() / scale
+        assert error <= 2 * noise + 1e-3, (name, error, noise)
 
 
 def _token_logps(lm, model_inputs, score_mask, chunk_size, softcap):
@@ -235,23 +279,53 @@ FSDP_SCRIPT = textwrap.dedent(
     from treg_lightning.losses import SimPOLoss, TokenRewardRegularizer
     from treg_lightning.module import PreferenceModule
 
-    shape, out_path, steps = json.loads(sys.argv[1]), sys.argv[2], 3
+    shape, out_path, steps, accumulate = json.loads(sys.argv[1]), sys.argv[2], 3, 2
     cuda = torch.cuda.is_available()
 
     class RandomLlama(PreferenceModule):
         def load_model(self, name_or_path):
             config = LlamaConfig(**shape["model"], tie_word_embeddings=True)
-            with torch.device("cuda" if cuda else "cpu"):
-                return LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
+            with torch.device("cuda" if cuda else "cpu"):  # float32 masters, as shipped
+                return LlamaForCausalLM._from_config(config, dtype=torch.float32)
+
+    def full(tensor):
+        return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+    def local_dtype(tensor):
+        return str((tensor.to_local() if hasattr(tensor, "to_local") else tensor).dtype)
 
     class Record(L.Callback):
-        losses, stamps = [], []
+        # Watches layer 0's q_proj: its dtypes in the forward, and the first AdamW step.
+        losses, stamps, seen, dtypes = [], [], set(), {}
+
+        def on_train_start(self, trainer, pl_module):
+            policy = pl_module.policy
+            layer = policy.model.layers[0]
+            self.q_proj = getattr(layer, "_checkpoint_wrapped_module", layer).self_attn.q_proj
+            self.q_proj.register_forward_pre_hook(
+                lambda m, args: self.seen.add((str(args[0].dtype), str(m.weight.dtype)))
+            )
+            self.before = full(self.q_proj.weight).detach().double().cpu()
+            self.dtypes["sharded"] = sorted({local_dtype(p) for p in policy.parameters()})
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if trainer.global_step == 0:
+                self.grad = full(self.q_proj.weight.grad).detach().double().cpu()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             self.losses.append(float(outputs["loss"]))
             if cuda:
                 torch.cuda.synchronize()
             self.stamps.append(time.perf_counter())
+            if trainer.global_step == 1 and not hasattr(self, "after"):
+                self.after = full(self.q_proj.weight).detach().double().cpu()
+
+        def on_train_end(self, trainer, pl_module):
+            states = trainer.optimizers[0].state.values()
+            self.dtypes["optimizer"] = sorted(
+                {local_dtype(v) for s in states for k, v in s.items() if k != "step"}
+            )
+            self.dtypes["forward"] = sorted(self.seen)
 
     generator = torch.Generator().manual_seed(0)
     batch, prompt, response = shape["batch"], shape["prompt"], shape["response"]
@@ -267,26 +341,33 @@ FSDP_SCRIPT = textwrap.dedent(
         mask[:, prompt:] = True
         data[f"{side}_response_mask"] = mask
         data[f"{side}_token_rewards"] = torch.where(mask, 0.2, 0.0)
-    # The same batch each step: the loss must fall.
-    loader = torch.utils.data.DataLoader([data] * steps, batch_size=None)
+    loader = torch.utils.data.DataLoader([data] * steps * accumulate, batch_size=None)
     module = RandomLlama(
         "random-llama", loss=SimPOLoss(beta=2.0), regularizer=TokenRewardRegularizer(alpha=0.25),
-        torch_dtype="bfloat16", gradient_checkpointing=True, scheduler=None,
+        torch_dtype="float32", fsdp_param_dtype="bfloat16", gradient_checkpointing=True,
+        scheduler=None,
         optimizer=lambda params: torch.optim.AdamW(params, lr=shape["lr"], weight_decay=0.0),
     )
     record = Record()
     trainer = L.Trainer(
         accelerator="gpu" if cuda else "cpu", devices=1, max_steps=steps, logger=False,
         strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1),
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-        limit_val_batches=0, callbacks=[record],
+        accumulate_grad_batches=accumulate, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
+        callbacks=[record],
     )
     trainer.fit(module, train_dataloaders=loader)
-    stamps = record.stamps
+    stamps = record.stamps[::accumulate]  # one per optimizer step
+    lr, w0, w1, g = shape["lr"], record.before, record.after, record.grad
+    expected = w0 - lr * g / (g.abs() + 1e-8)  # AdamW's first step, bias-corrected
+    ulp = torch.finfo(torch.float32).eps * w0.abs()
     result = {"losses": record.losses, "step_s": [b - a for a, b in zip(stamps, stamps[1:])],
-              "tokens_per_step": 2 * batch * (prompt + response),
+              "tokens_per_step": 2 * batch * (prompt + response) * accumulate,
               "params": sum(p.numel() for p in module.policy.parameters()),
-              "sharded": type(module.policy).__name__}
+              "sharded": type(module.policy).__name__, "dtypes": record.dtypes,
+              "update_error_over_lr": float(((w1 - expected).abs() - ulp).max() / lr),
+              "moved": float(((w1 - w0).abs() > 0.99 * lr)[g.abs() > 1e-6].float().mean()),
+              "below_bf16": float((w1.bfloat16() == w0.bfloat16()).float().mean())}
     if cuda:
         result["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
         result["device"] = torch.cuda.get_device_name()
@@ -302,13 +383,16 @@ ONE_B = {
     "batch": 4, "prompt": 256, "response": 256, "lr": 1e-5,
 }  # fmt: skip
 TINY = {"model": {**MODEL, "max_position_embeddings": 256}, "batch": 2, "prompt": 8,
-        "response": 8, "lr": 1e-2}  # fmt: skip
+        "response": 8, "lr": 1e-5}  # fmt: skip
 
 
 def test_fsdp2_bf16_steps_of_the_1b_shape(tmp_path):
-    """Three bf16 steps of Llama-3.2-1B's shape (random weights, SimPO + T-REG, checkpointing,
-    the shared prompt) under FSDP2 on one device, in a subprocess: finite losses that fall on
-    a repeated batch. Prints step time and peak memory."""
+    """Three optimizer steps of 2 accumulated micro-batches, Llama-3.2-1B's shape (random
+    weights, SimPO + T-REG, checkpointing, the shared prompt) under FSDP2 on one device with
+    the shipped precision: float32 masters and AdamW states, bfloat16 compute. The first AdamW
+    step lands in the float32 masters as lr * g / (|g| + eps) although it is below bfloat16's
+    resolution for most weights (so this does not pass by luck, as "the loss falls" could).
+    Prints step time and peak memory."""
     shape = ONE_B if BIG else TINY
     out = tmp_path / "fsdp.json"
     script = tmp_path / "fsdp_steps.py"
@@ -321,6 +405,11 @@ def test_fsdp2_bf16_steps_of_the_1b_shape(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(out.read_text())
     print(f"FSDP2 bf16 steps: {result}")
-    losses = result["losses"]
-    assert len(losses) == 3 and all(map(math.isfinite, losses))
-    assert losses[-1] < losses[0], losses
+    assert len(result["losses"]) == 6 and all(map(math.isfinite, result["losses"]))
+    assert result["dtypes"] == {
+        "sharded": ["torch.float32"],
+        "optimizer": ["torch.float32"],
+        "forward": [["torch.bfloat16", "torch.bfloat16"]],
+    }
+    assert result["update_error_over_lr"] < 1e-3 and result["moved"] == 1.0
+    assert result["below_bf16"] > 0.5

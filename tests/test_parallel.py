@@ -271,6 +271,7 @@ def test_fsdp2_packing_equals_padded_single_process(runs):
     )
 
 
+@pytest.mark.gpu_emulation
 @needs("simpo-1", "bf16-2")
 def test_fsdp2_bf16_parameters_close_to_float32(runs):
     """fsdp_param_dtype=bfloat16 on CPU gloo: the layers compute with bfloat16 weights while

@@ -405,6 +405,12 @@ class PreferenceModule(L.LightningModule):
         # Dropout masks (lora_dropout) from the run's seed, step and rank: a resumed run draws
         # the masks of the run that never stopped (checkpoints hold no random state).
         seed_step(self.global_step, batch_idx, self.global_rank)
+        if self._fsdp_mesh() is not None:
+            from treg_lightning.models.parallel import set_gradient_sync
+
+            # FSDP2 syncs gradients only on the micro-batch that ends an accumulation window
+            # (Lightning's no-sync context covers DDP only); the loop's own rule tells which.
+            set_gradient_sync(self.policy, not self.trainer.fit_loop._should_accumulate())
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, outputs = self.compute_loss(batch, "train")

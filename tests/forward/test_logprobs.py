@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from treg_lightning.forward.logprobs import token_logps_from_hidden
 from treg_lightning.pairs import sequence_logps
@@ -122,12 +123,41 @@ def test_float32_close_to_float64_reference():
         torch.testing.assert_close(got, expected.float(), atol=2e-5, rtol=1e-4)
 
 
-def test_bfloat16_matches_naive_bfloat16_path():
-    """bf16 hidden and weight; logits are upcast to float32 after the bf16 matmul, as in the
-    naive path, so values agree to float32 accuracy; gradients come back in bf16 (about 3
-    significant digits; our weight gradient is accumulated in float32, the naive one in bf16,
-    so they differ by up to ~0.4% of the largest entry)."""
+class GemmLog(TorchDispatchMode):
+    """Records every matrix product (``aten.mm`` overload, operand dtypes, result dtype) and
+    serves ``aten.mm.dtype`` on CPU: CUDA's product of half-precision matrices into a float32
+    result, emulated by a float32 product of the same values (products of bf16 values are
+    exact in float32, so only the summation order can differ)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten.mm.dtype:
+            a, b, out_dtype = args
+            out = torch.mm(a.to(out_dtype), b.to(out_dtype))
+        else:
+            out = func(*args, **kwargs)
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):
+            operands = [a.dtype for a in args if isinstance(a, torch.Tensor)]
+            self.calls.append((str(func), *operands, out.dtype))
+        return out
+
+
+@pytest.mark.gpu_emulation
+def test_bfloat16_gemm_operands_and_float32_logits(monkeypatch):
+    """bf16 compute on the GPU path (its float32-output GEMM emulated): every product of the
+    forward and backward takes bf16 operands and returns float32 (no float32 GEMM, and no
+    logits rounded to bf16), so the values equal a float64 reference computed from the same
+    bf16 numbers to float32 accuracy (rounding the logits to bf16 first costs ~0.05 here);
+    gradients come back in bf16, within bf16 rounding of the reference. The CPU path (operands
+    rounded to bf16, multiplied in float32) gives the same values."""
+    from treg_lightning.forward import logprobs
+
     leaves, input_ids, mask, upstream = make_inputs(dtype=torch.bfloat16)
+    reference = [t.detach().double().requires_grad_(True) for t in leaves]
 
     def chunked(hidden, weight):
         return token_logps_from_hidden(hidden, weight, input_ids, mask, 5)
@@ -135,14 +165,37 @@ def test_bfloat16_matches_naive_bfloat16_path():
     def naive(hidden, weight):
         return naive_token_logps(hidden, weight, input_ids, mask)
 
-    ours, our_grads = values_and_grads(chunked, leaves, upstream)
-    want, want_grads = values_and_grads(naive, leaves, upstream)
+    monkeypatch.setattr(logprobs, "_float32_output_gemm", lambda device: True)
+    with GemmLog() as log:
+        ours, our_grads = values_and_grads(chunked, leaves, upstream)
+    # 14 scored rows (6 + 4 + 4): 3 chunks of 5 rows; backward slices of 5 * 37 // 14 = 13
+    # vocabulary columns: 3 slices of the 37.
+    chunks, slices = 3, 3
+    assert log.calls == [("aten.mm.dtype", torch.bfloat16, torch.bfloat16, torch.float32)] * (
+        chunks + 3 * slices  # forward logits; backward logits, hidden and weight gradients
+    )
+    want, want_grads = values_and_grads(naive, reference, upstream)
     assert ours.dtype == torch.float32
-    torch.testing.assert_close(ours, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.double(), want, atol=2e-5, rtol=0)
     for got, expected in zip(our_grads, want_grads, strict=True):
         assert got.dtype == torch.bfloat16
-        scale = expected.float().abs().max()
-        torch.testing.assert_close(got.float() / scale, expected.float() / scale, atol=1e-2, rtol=0)
+        scale = expected.abs().max()
+        torch.testing.assert_close(got.double() / scale, expected / scale, atol=1e-2, rtol=0)
+    monkeypatch.setattr(logprobs, "_float32_output_gemm", lambda device: False)
+    cpu, cpu_grads = values_and_grads(chunked, leaves, upstream)
+    torch.testing.assert_close(cpu, ours, atol=1e-6, rtol=0)
+    for got, expected in zip(cpu_grads, our_grads, strict=True):
+        torch.testing.assert_close(got, expected, atol=0, rtol=1e-2)
+
+
+def test_float32_compute_stays_float32():
+    """A float32 model multiplies in float32: nothing is rounded down to a half type."""
+    leaves, input_ids, mask, upstream = make_inputs(dtype=torch.float32)
+    with GemmLog() as log:
+        values_and_grads(
+            lambda h, w: token_logps_from_hidden(h, w, input_ids, mask, 5), leaves, upstream
+        )
+    assert log.calls and {c[1:] for c in log.calls} == {(torch.float32,) * 3}
 
 
 def test_all_masked_rows_and_batches():

@@ -288,6 +288,7 @@ def _varlen_reference_attention(module, query, key, value, attention_mask, scali
     return torch.cat(spans, dim=2).transpose(1, 2).contiguous(), None
 
 
+@pytest.mark.gpu_emulation
 def test_varlen_kwargs_reach_the_attention_kernel():
     """The flash path without flash-attn: a registered attention function named like a flash
     kernel gets exactly what flash_attn_varlen_func would (cu_seqlens, max_seqlen, no mask), and

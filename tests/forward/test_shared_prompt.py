@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import warnings
 from pathlib import Path
 
 import pytest
@@ -204,32 +203,6 @@ def test_shared_equals_unshared_float64(packing, attn, exact_float64_norm):
     for name, grad in want[2].items():
         assert grad.abs().max() > 0, name
         torch.testing.assert_close(got[2][name], grad, atol=tolerance, rtol=tolerance, msg=name)
-
-
-def test_block_mask_attends_like_the_dense_mask():
-    """The flex-attention BlockMask of the packed layout (its GPU use; tiles of 4 tokens, so
-    full, partial and empty tiles occur) gives the attention of the dense mask. Eager
-    flex_attention, forward only: on this CPU torch flex has no backward, and transformers'
-    compiled flex kernel fails to build (the CUDA test in tests/test_gpu.py trains through it)."""
-    from torch.nn.attention.flex_attention import flex_attention
-
-    from treg_lightning.forward.shared_prompt import shared_prompt_block_mask
-
-    layout = shared_prompt_layout(_batch(), packed=True)
-    rows, width = layout["input_ids"].shape
-    generator = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(rows, 2, width, 8, generator=generator, dtype=torch.float64)
-               for _ in range(3))  # fmt: skip
-    block_mask = shared_prompt_block_mask(layout, block_size=4)
-    sparsity = block_mask.sparsity()
-    assert 0 < sparsity < 100  # some tiles are skipped, some computed
-    with warnings.catch_warnings():  # flex_attention outside torch.compile: unfused, fine here
-        warnings.simplefilter("ignore")
-        out = flex_attention(q, k, v, block_mask=block_mask)
-    dense = torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, attn_mask=shared_prompt_mask(layout)
-    )
-    torch.testing.assert_close(out, dense, atol=1e-12, rtol=1e-12)
 
 
 def _reordered(batch, order, extra_padding):

@@ -8,7 +8,8 @@ Three layouts of the same pairs, equal in values and gradients; each returns per
   chosen one (:mod:`treg_lightning.forward.shared_prompt`), so each prompt is computed once;
 - padded: chosen stacked over rejected, ``[2B, T]``, right-padded to the longer side
   (:func:`concat_pairs`);
-- packed (default with flash-attention): all ``2B`` sequences' real tokens in one row ``[1, N]``
+- packed (default with a varlen kernel: flash-attention, or torch's ``torch_varlen`` where
+  flash-attn is missing): all ``2B`` sequences' real tokens in one row ``[1, N]``
   (:mod:`treg_lightning.forward.packing`), no padding computed.
 
 Why the shared prompt is the default where it is (``PreferenceModule(shared_prompt=None)``):
@@ -22,12 +23,13 @@ model at the long lengths ran slower in training (0.90x), where the attention ov
 shared row outweighs the prompt saved; real model shapes have a wider hidden size. One row per
 pair beat all pairs in one packed row (a dense ``[N, N]`` mask; 1.08x with checkpointing).
 
-Not the default with flash-attention: its varlen kernel takes contiguous causal segments only
-and cannot let the rejected response skip the chosen one in one call, so the module packs
-instead. On such a GPU, ``attn_implementation="flex_attention"`` runs the shared layout in one
-call with a sparse ``BlockMask`` (``packing=True`` puts all pairs in one row, whose empty tiles
-it skips); two varlen calls per layer (``[prompt, chosen]`` against itself, rejected queries
-against ``[prompt, rejected]``, bottom-right causal) would be the other way, not implemented.
+Not the default with flash-attention (flash-attn's or torch's varlen kernel): it takes
+contiguous causal segments only and cannot let the rejected response skip the chosen one in one
+call, so the module packs instead. On such a GPU, ``attn_implementation="flex_attention"`` runs
+the shared layout in one call with a sparse ``BlockMask`` (``packing=True`` puts all pairs in
+one row, whose empty tiles it skips); two varlen calls per layer (``[prompt, chosen]`` against
+itself, rejected queries against ``[prompt, rejected]``, bottom-right causal) would be the other
+way, not implemented.
 Reusing the prompt's KV cache instead was slower here (0.91x) and does not work with gradient
 checkpointing (transformers drops the cache then).
 """
@@ -48,6 +50,7 @@ from treg_lightning.forward.shared_prompt import (
     shared_prompt_model_inputs,
     unpack_shared,
 )
+from treg_lightning.models.varlen_attention import runs_varlen
 from treg_lightning.pairs import SIDES, field
 
 
@@ -105,8 +108,9 @@ def packed_token_logps(
 
 
 def uses_flash_attention(lm: nn.Module) -> bool:
-    """Whether ``lm`` runs a flash-attention kernel (varlen: packing saves the padding)."""
-    return "flash" in str(getattr(lm.config, "_attn_implementation", ""))
+    """Whether ``lm`` runs a flash-attention varlen kernel, flash-attn's or torch's own
+    (``torch_varlen``): packing saves the padding there."""
+    return runs_varlen(getattr(lm.config, "_attn_implementation", None))
 
 
 def uses_shared_prompt(lm: nn.Module, setting: bool | None, batch: dict | None = None) -> bool:

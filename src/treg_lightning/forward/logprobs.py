@@ -1,10 +1,24 @@
 """Per-token log-probabilities without materializing ``[batch, seq, vocab]`` float32 logits.
 
-Only the positions whose token is scored (response tokens) go through the ``lm_head``, in chunks
-of ``chunk_size`` rows. A custom autograd function keeps just the hidden states and one
-log-sum-exp per row for the backward pass and recomputes each chunk's logits there, so peak
-memory holds one ``[chunk_size, vocab]`` float32 block instead of all of them. Values and
-gradients equal ``log_softmax(logits).gather(...)`` (see tests/forward/test_logprobs.py).
+Only the positions whose token is scored (response tokens) go through the ``lm_head``. A custom
+autograd function keeps just their hidden states and one log-sum-exp per row for the backward
+pass, and computes the logits in blocks of about ``chunk_size x vocab`` float32 values: the
+forward in chunks of ``chunk_size`` rows (a row's log-sum-exp needs its whole vocabulary), the
+backward in vocabulary slices of all rows (a slice's logits follow from the saved log-sum-exp).
+So peak memory holds one such block instead of all logits, and no float32 ``[vocab, hidden]``
+gradient accumulator: each slice's weight gradient is one GEMM over all rows, written once.
+
+Precision, for a model computing in bfloat16 (or float16): every GEMM takes its operands in
+that dtype and accumulates in float32, as tensor cores do, and the logits come out of the GEMM
+in float32 (``torch.mm(..., out_dtype=float32)`` on CUDA), never rounded to bfloat16 first; the
+backward's logit gradients are rounded to bfloat16 as GEMM operands, like any bf16 layer's.
+Without such a GEMM (CPU) the operands are rounded to the compute dtype and multiplied in float32,
+which gives the same products. float32 and float64 models compute in their own dtype.
+
+Exactness: values and gradients equal ``log_softmax(logits).gather(...)`` up to the rounding of
+the compute dtype (float64: 1e-12, tests/forward/test_logprobs.py
+``test_chunked_equals_naive_float64``; bfloat16 against a float64 reference:
+``test_bfloat16_gemm_operands_and_float32_logits``).
 
 Gemma-2 applies final-logit soft-capping, ``z = cap * tanh(logits / cap)``, before the softmax:
 pass ``softcap=cap``.
@@ -18,16 +32,33 @@ from treg_lightning.models.unwrap import base_causal_lm, decoder_and_head
 
 
 def _logit_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Logits are upcast to float32 (float64 inputs stay float64, for exact tests)."""
+    """Logits are float32 (float64 inputs stay float64, for exact tests)."""
     return torch.promote_types(dtype, torch.float32)
 
 
-def _chunk_logits(hidden, weight, bias, softcap):
-    """Float32 logits of one chunk (after soft-capping) and, for the backward pass, tanh."""
-    logits = hidden @ weight.T
+def _float32_output_gemm(device: torch.device) -> bool:
+    """Whether torch multiplies half-precision matrices into a float32 result on ``device``
+    (``torch.mm(..., out_dtype=torch.float32)``, tensor cores accumulating in float32: CUDA)."""
+    return device.type == "cuda"
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
+    """``a @ b`` with operands in ``compute_dtype`` and the result in its logit dtype (float32
+    for bfloat16 / float16): one rounding of the operands, none of the result."""
+    out_dtype = _logit_dtype(compute_dtype)
+    a, b = a.to(compute_dtype), b.to(compute_dtype)
+    if compute_dtype == out_dtype:
+        return a @ b
+    if _float32_output_gemm(a.device):
+        return torch.mm(a, b, out_dtype=out_dtype)
+    return a.to(out_dtype) @ b.to(out_dtype)  # products of bf16 values are exact in float32
+
+
+def _block_logits(hidden, weight, bias, softcap):
+    """Logits of a block (after soft-capping) in the logit dtype and, for the backward, tanh."""
+    logits = _mm(hidden, weight.T, weight.dtype)
     if bias is not None:
         logits = logits + bias
-    logits = logits.to(_logit_dtype(logits.dtype))
     if softcap is None:
         return logits, None
     tanh = torch.tanh(logits / softcap)
@@ -38,12 +69,12 @@ class _ChunkedTokenLogps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk_size, softcap):
         n = hidden.shape[0]
-        dtype = _logit_dtype(hidden.dtype)
+        dtype = _logit_dtype(weight.dtype)
         token_logps = torch.empty(n, dtype=dtype, device=hidden.device)
         logsumexp = torch.empty(n, dtype=dtype, device=hidden.device)
         for start in range(0, n, chunk_size):
             rows = slice(start, start + chunk_size)
-            logits, _ = _chunk_logits(hidden[rows], weight, bias, softcap)
+            logits, _ = _block_logits(hidden[rows], weight, bias, softcap)
             logsumexp[rows] = torch.logsumexp(logits, dim=-1)
             target_logits = logits.gather(-1, targets[rows, None]).squeeze(-1)
             token_logps[rows] = target_logits - logsumexp[rows]
@@ -55,32 +86,39 @@ class _ChunkedTokenLogps(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_token_logps):
         hidden, weight, bias, targets, logsumexp = ctx.saved_tensors
-        grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
-        acc_dtype = logsumexp.dtype  # accumulate weight gradients in float32 (or float64)
-        grad_weight = torch.zeros_like(weight, dtype=acc_dtype) if ctx.needs_input_grad[1] else None
-        grad_bias = torch.zeros_like(bias, dtype=acc_dtype) if ctx.needs_input_grad[2] else None
-        for start in range(0, hidden.shape[0], ctx.chunk_size):
-            rows = slice(start, start + ctx.chunk_size)
-            logits, tanh = _chunk_logits(hidden[rows], weight, bias, ctx.softcap)
+        n, vocab = hidden.shape[0], weight.shape[0]
+        acc_dtype = logsumexp.dtype  # float32 (float64 for float64 inputs)
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_hidden = hidden.new_zeros(hidden.shape, dtype=acc_dtype) if need_hidden else None
+        grad_weight = torch.empty_like(weight) if need_weight else None
+        grad_bias = torch.empty_like(bias) if need_bias else None
+        rows = torch.arange(n, device=hidden.device)
+        # Vocabulary slices of all n rows, as many values per block as a forward chunk.
+        width = max(1, min(vocab, ctx.chunk_size * vocab // max(n, 1)))
+        for start in range(0, vocab, width):
+            cols = slice(start, start + width)
+            slice_bias = bias[cols] if bias is not None else None
+            logits, tanh = _block_logits(hidden, weight[cols], slice_bias, ctx.softcap)
             # d logp / d z_j = onehot_j - softmax_j, scaled by the incoming gradient.
-            # In place: logits is this chunk's own tensor, and at a 128k vocabulary every
-            # extra [chunk, vocab] float32 temporary costs half a gigabyte.
-            grad_logits = logits.sub_(logsumexp[rows, None]).exp_().neg_()
-            grad_logits.scatter_add_(-1, targets[rows, None], torch.ones_like(grad_logits[:, :1]))
-            grad_logits *= grad_token_logps[rows, None]
+            # In place: logits is this block's own tensor, and at a 128k vocabulary every
+            # extra block-sized float32 temporary costs half a gigabyte.
+            grad_logits = logits.sub_(logsumexp[:, None]).exp_().neg_()
+            here = (targets >= start) & (targets < start + grad_logits.shape[1])
+            grad_logits[rows[here], targets[here] - start] += 1
+            grad_logits *= grad_token_logps[:, None]
             if tanh is not None:  # chain rule through z = cap * tanh(l / cap)
                 grad_logits *= 1 - tanh * tanh
-            if grad_hidden is not None:
-                grad_hidden[rows] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
-            if grad_weight is not None:
-                grad_weight.addmm_(grad_logits.T, hidden[rows].to(acc_dtype))
             if grad_bias is not None:
-                grad_bias += grad_logits.sum(0)
-            del logits, tanh, grad_logits  # one [chunk, vocab] block at a time, not two
-        if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
-        if grad_bias is not None:
-            grad_bias = grad_bias.to(bias.dtype)
+                grad_bias[cols] = grad_logits.sum(0)
+            operand = grad_logits.to(weight.dtype)  # the GEMMs' operand: rounded once
+            del logits, tanh, grad_logits  # one block at a time, not two
+            if grad_hidden is not None:
+                grad_hidden += _mm(operand, weight[cols], weight.dtype)
+            if grad_weight is not None:  # one GEMM over all rows: accumulated in float32
+                grad_weight[cols] = _mm(operand.T, hidden, weight.dtype)
+            del operand
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden.to(hidden.dtype)
         return grad_hidden, grad_weight, grad_bias, None, None, None
 
 

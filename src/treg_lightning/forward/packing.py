@@ -6,9 +6,10 @@ computes. Packing concatenates the real tokens of all ``2B`` sequences (chosen o
 rejected ones, each in batch order) into one row ``[1, N]``, ``N`` = total real tokens, and keeps
 the sequences apart in attention:
 
-- flash-attention 2 (varlen): ``cu_seqlens`` / ``max_seqlen`` go to the kernel as transformers'
-  ``cu_seq_lens_q/k`` and ``max_length_q/k`` kwargs (see :func:`packed_model_inputs`), so no mask
-  is built and no padding is computed;
+- varlen kernels (flash-attention 2, or torch's own ``varlen_attn`` as ``torch_varlen`` where
+  flash-attn is not installed, :mod:`treg_lightning.models.varlen_attention`): ``cu_seqlens`` /
+  ``max_seqlen`` go to the kernel as transformers' ``cu_seq_lens_q/k`` and ``max_length_q/k``
+  kwargs (see :func:`packed_model_inputs`), so no mask is built and no padding is computed;
 - sdpa / eager (CPU, tests): a causal block-diagonal ``[1, 1, N, N]`` mask
   (:func:`block_diagonal_mask`); correct but quadratic in ``N``, so it is a check, not a speed-up.
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from treg_lightning.models.varlen_attention import runs_varlen
 from treg_lightning.pairs import SIDES, TOKEN_FIELDS, field
 
 # Per-token fields of the contract's batch that are packed (when present on both sides); the
@@ -190,10 +192,10 @@ def packed_model_inputs(
 
     Args:
         packed: output of :func:`pack_batch`.
-        attn_implementation: the model's ``config._attn_implementation``. Flash-attention
-            implementations (``"flash_attention_2"``, ``"flash_attention_3"``, kernels-hub flash
-            variants) get the varlen kwargs and no mask; ``"sdpa"`` a bool block-diagonal mask;
-            ``"eager"`` an additive one.
+        attn_implementation: the model's ``config._attn_implementation``. Varlen kernels
+            (``"flash_attention_2"``, ``"flash_attention_3"``, kernels-hub flash variants,
+            ``"torch_varlen"``) get the varlen kwargs and no mask; ``"sdpa"`` a bool
+            block-diagonal mask; ``"eager"`` an additive one.
         dtype: the model's compute dtype (only used for the eager additive mask).
     """
     kwargs = {
@@ -203,7 +205,7 @@ def packed_model_inputs(
         "use_cache": False,
     }
     cu_seqlens, total_length = packed["cu_seqlens"], packed["input_ids"].shape[1]
-    if "flash" in attn_implementation:
+    if runs_varlen(attn_implementation):
         kwargs.update(
             cu_seq_lens_q=cu_seqlens,
             cu_seq_lens_k=cu_seqlens,
@@ -217,6 +219,7 @@ def packed_model_inputs(
     else:
         raise ValueError(
             f"packed_model_inputs: no packed attention for attn_implementation="
-            f"{attn_implementation!r}; use flash_attention_2, sdpa or eager, or padded batches."
+            f"{attn_implementation!r}; use flash_attention_2, torch_varlen, sdpa or eager, or "
+            "padded batches."
         )
     return kwargs

@@ -250,7 +250,8 @@ def shared_prompt_model_inputs(
     """Keyword arguments for the base model on a shared-prompt layout.
 
     ``"sdpa"``: a bool mask; ``"eager"``: an additive one in ``dtype``; ``"flex_attention"``: a
-    BlockMask. Flash-attention (varlen) cannot express the mask in one call: ValueError.
+    BlockMask. A varlen kernel (flash-attention, ``torch_varlen``) cannot express the mask in
+    one call: ValueError.
     """
     kwargs = {
         "input_ids": layout["input_ids"],
@@ -265,8 +266,9 @@ def shared_prompt_model_inputs(
         kwargs["attention_mask"] = shared_prompt_block_mask(layout)
     else:
         raise ValueError(
-            f"shared prompt: no mask for attn_implementation={attn_implementation!r}. Flash-"
-            "attention's varlen kernel cannot let the rejected response skip the chosen one; use "
-            "attn_implementation flex_attention or sdpa, or set model.shared_prompt: false."
+            f"shared prompt: no mask for attn_implementation={attn_implementation!r}. A varlen "
+            "kernel (flash-attention, torch_varlen) cannot let the rejected response skip the "
+            "chosen one; use attn_implementation flex_attention or sdpa, or set "
+            "model.shared_prompt: false."
         )
     return kwargs

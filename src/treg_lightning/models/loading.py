@@ -37,6 +37,7 @@ from treg_lightning.models.kinds import (
     is_adapter_folder,
     wrong_kind_error,
 )
+from treg_lightning.models.varlen_attention import TORCH_VARLEN, torch_varlen_available
 
 SMOLLM2_ALIAS = "smollm2"
 SMOLLM2_FOLDER = "smollm2-135m-instruct"
@@ -122,6 +123,23 @@ def flash_attn_available() -> bool:
     return is_flash_attn_2_available()
 
 
+def varlen_attn_implementation(
+    model_type: str, compute_dtype: torch.dtype | None = None
+) -> str | None:
+    """The padding-free (varlen) attention of this CUDA machine, the one packing runs on:
+    flash-attn's ``flash_attention_2`` when installed, else torch's own kernel
+    (:data:`~treg_lightning.models.varlen_attention.TORCH_VARLEN`) for models without attention
+    soft-capping (torch's kernel has none). None when neither runs here, or when
+    ``compute_dtype`` is given and is not float16 / bfloat16 (both kernels refuse float32)."""
+    if compute_dtype is not None and compute_dtype not in (torch.float16, torch.bfloat16):
+        return None
+    if flash_attn_available():
+        return "flash_attention_2"
+    if model_type not in _EAGER_WITHOUT_FLASH and torch_varlen_available():
+        return TORCH_VARLEN
+    return None
+
+
 def choose_attn_implementation(requested: str | None, device_type: str, model_type: str) -> str:
     """Pick the attention kernel.
 
@@ -132,7 +150,8 @@ def choose_attn_implementation(requested: str | None, device_type: str, model_ty
         model_type: ``config.model_type`` of the model.
 
     Returns:
-        ``"flash_attention_2"`` on CUDA when flash-attn is installed; otherwise ``"eager"`` for
+        On CUDA the varlen kernel of :func:`varlen_attn_implementation` (``"flash_attention_2"``
+        when flash-attn is installed, else ``"torch_varlen"``); otherwise ``"eager"`` for
         models with attention soft-capping (Gemma-2, which sdpa gets wrong), else ``"sdpa"``.
     """
     if requested not in (None, "auto"):
@@ -143,9 +162,15 @@ def choose_attn_implementation(requested: str | None, device_type: str, model_ty
                 "installed/usable: `pip install flash-attn` on a CUDA machine, or leave "
                 "attn_implementation unset to pick automatically."
             )
+        if requested == TORCH_VARLEN and not (device_type == "cuda" and torch_varlen_available()):
+            raise ConfigError(
+                f"attn_implementation={TORCH_VARLEN!r} runs torch's varlen attention, which needs "
+                "a CUDA GPU of the Ampere generation or newer (and a torch that ships "
+                "torch.nn.attention.varlen); use sdpa here, or leave attn_implementation unset."
+            )
         return requested
-    if device_type == "cuda" and flash_attn_available():
-        return "flash_attention_2"
+    if device_type == "cuda" and (varlen := varlen_attn_implementation(model_type)):
+        return varlen
     if model_type in _EAGER_WITHOUT_FLASH:
         return "eager"
     return "sdpa"

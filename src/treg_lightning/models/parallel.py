@@ -117,6 +117,24 @@ def is_sharded(model: nn.Module) -> bool:
     return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
+def set_gradient_sync(model: nn.Module, sync: bool) -> None:
+    """Turn the gradient reduce-scatter of every FSDP2 unit of ``model`` on or off.
+
+    FSDP2 reduce-scatters each unit's gradients after every backward pass; under gradient
+    accumulation that is once per micro-batch, while only the sum at the optimizer step is
+    needed. Off (``sync=False``) for the micro-batches that accumulate, FSDP2 keeps the unsharded
+    gradients (in its ``reduce_dtype``, float32) and reduce-scatters their sum in the backward of
+    the micro-batch that syncs: one collective per unit per optimizer step, at the memory of one
+    unsharded float32 copy of the trainable parameters' gradients meanwhile (Lightning's own
+    ``block_backward_sync`` does the same for DDP only). Nothing for an unsharded ``model``.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_requires_gradient_sync(sync, recurse=False)
+
+
 DEFAULT_DECODER_LAYERS = (
     "LlamaDecoderLayer",
     "Gemma2DecoderLayer",

@@ -12,6 +12,7 @@ from __future__ import annotations
 from torch import nn
 
 from treg_lightning.errors import ConfigError
+from treg_lightning.models.varlen_attention import runs_varlen
 from treg_lightning.rewards.source import TokenRewardSource
 from treg_lightning.training.hparams import real_class
 
@@ -65,11 +66,10 @@ def check_module_settings(
             "model.logp_chunk_size must be >= 1 (tokens per chunk of logits in the log-prob "
             f"pass), got {logp_chunk_size}."
         )
-    kernel = str(attn_implementation)
     if (
         packing
         and attn_implementation not in (None, "auto", "eager", "sdpa")
-        and "flash" not in kernel
+        and not runs_varlen(attn_implementation)
     ):
         raise ConfigError(
             f"model.packing: true runs packed rows with flash-attention (varlen), sdpa or eager "
