@@ -27,8 +27,9 @@ from treg_lightning.models.loading import (
     load_tokenizer,
     parse_dtype,
 )
+from treg_lightning.passes import distributed
 from treg_lightning.rewards.annotate import ContrastiveScorer, check_same_vocab
-from treg_lightning.rewards.cache import compute_fingerprint, distributed, load_or_build
+from treg_lightning.rewards.cache import compute_fingerprint, load_or_build
 from treg_lightning.rewards.prompts import ContrastiveTemplate
 from treg_lightning.rewards.source import AnnotationContext, TokenRewardSource, cache_folder_for
 
@@ -163,7 +164,7 @@ class _ProgressBar:
         self.tokens = 0
 
     def start(self, pairs: int) -> None:
-        if distributed()[0] != 0 or pairs == 0:
+        if distributed().rank != 0 or pairs == 0:
             return
         from tqdm.auto import tqdm
 

@@ -183,15 +183,20 @@ class TRegTrainer(Trainer):
                 model, dataloaders, datamodule, return_predictions, ckpt_path, weights_only
             )
         from treg_lightning.answers.generation import SamplingSettings, TransformersBackend
-        from treg_lightning.answers.predictions import PredictJob, PredictSettings, run_predict
+        from treg_lightning.answers.predictions import (
+            AnswerJob,
+            PredictJob,
+            PredictSettings,
+            run_predict,
+        )
 
         sampling = SamplingSettings(max_new_tokens, temperature, top_p, seed)
         settings = PredictSettings(
             output, overwrite, generator, sampling, batch_size, shard_size, progress
         )
         backend = backend if backend is not None else TransformersBackend()
-        job = PredictJob(model, datamodule, ckpt_path, prompts, split, limit, settings, backend)
-        return run_predict(self, job)
+        answers = AnswerJob(model, datamodule, ckpt_path, prompts, split, limit, backend)
+        return run_predict(self, PredictJob(answers, settings))
 
     # ---- evaluate: one table row per run (logic in treg_lightning.answers.evaluation) ---------
 
