@@ -1,5 +1,6 @@
-"""`python passes_ranks_script.py SCENARIO RANK OUT`: one of two gloo ranks of a pass in which one
-rank fails (see ``SCENARIOS``). Run twice, as rank 0 and rank 1, by tests/test_passes.py.
+"""`python passes_ranks_script.py SCENARIO RANK OUT [ARGS]`: one of two gloo ranks of a pass in
+which one rank fails (see ``SCENARIOS``). Run twice, as rank 0 and rank 1, by
+tests/test_passes.py.
 
 NCCL tells no rank that another one has died, so a failed rank looks alive to its peers; gloo
 closes the dead rank's connections, and the peers would learn of the failure from that. To run
@@ -91,7 +92,31 @@ def cache_save() -> None:
         load_or_build(rows(), out / "cache", "f" * 64, score_chunk, chunk_pairs=2)
 
 
-SCENARIOS = {"step": step, "merge": merge, "annotate": annotate, "cache_save": cache_save}
+def export() -> None:
+    """``TRegTrainer.export`` on both ranks (``sys.argv[4]``: the model, ``[5]``: the checkpoint):
+    rank 0 writes, the other rank waits; each rank that exports leaves ``exported-by-<rank>``.
+    A checkpoint that rank 0 cannot read is the injected failure."""
+    from treg_lightning.models import export as export_module
+    from treg_lightning.module import PreferenceModule
+    from treg_lightning.training.trainer import TRegTrainer
+
+    real = export_module.export_checkpoint
+
+    def recorded(*args, **kwargs):
+        (out / f"exported-by-{rank}").touch()
+        try:
+            return real(*args, **kwargs)
+        except Exception as error:
+            fail("", error)
+
+    with mock.patch.object(export_module, "export_checkpoint", recorded):
+        trainer = TRegTrainer(accelerator="cpu", devices=1, logger=False)
+        trainer.export(PreferenceModule(sys.argv[4]), ckpt_path=sys.argv[5],
+                       output_dir=str(out / "export"))  # fmt: skip
+
+
+SCENARIOS = {"step": step, "merge": merge, "annotate": annotate, "cache_save": cache_save,
+             "export": export}  # fmt: skip
 
 
 def linger_while_peers_run() -> None:

@@ -207,13 +207,48 @@ BOUND_S = 60  # from the failure to the end of both processes; the process group
 @pytest.mark.gpu_emulation
 @pytest.mark.parametrize("scenario", sorted(FAILURES))
 def test_a_failing_rank_ends_both_ranks_within_seconds(scenario, tmp_path):
+    codes, texts = _two_ranks(scenario, tmp_path)
+    assert (tmp_path / "failed-at").exists(), texts  # the failure was injected
+    own, reported = FAILURES[scenario]
+    failing = FAILING_RANK[scenario]
+    assert codes == [1, 1], texts
+    assert own in texts[failing], texts[failing][-3000:]
+    assert reported in texts[1 - failing], texts[1 - failing][-3000:]
+
+
+@pytest.mark.gpu_emulation
+def test_export_on_two_ranks_is_written_by_rank_0_while_the_other_waits(tiny_model_dir, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ckpt = tmp_path / "run.ckpt"
+    torch.save({"state_dict": {f"policy.{k}": v for k, v in model.state_dict().items()}}, ckpt)
+    codes, texts = _two_ranks("export", tmp_path / "good", tiny_model_dir, ckpt)
+    assert codes == [0, 0], texts
+    assert sorted(p.name for p in (tmp_path / "good").glob("exported-by-*")) == ["exported-by-0"]
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "good" / "export")
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(exported.state_dict()[name], value, rtol=0, atol=0)
+    # A checkpoint rank 0 cannot read: both ranks stop, rank 1 with rank 0's error.
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    codes, texts = _two_ranks("export", tmp_path / "bad", tiny_model_dir, bad)
+    assert codes == [1, 1] and (tmp_path / "bad" / "failed-at").exists(), texts
+    assert f"rank 0 stopped at export: --ckpt_path {bad}" in texts[1], texts[1][-3000:]
+    assert "exported-by-1" not in {p.name for p in (tmp_path / "bad").iterdir()}
+
+
+def _two_ranks(scenario: str, out: Path, *args) -> tuple[list[int], list[str]]:
+    """Run the scenario on ranks 0 and 1; their exit statuses and outputs."""
+    out.mkdir(exist_ok=True)
     env = checkout_env(OMP_NUM_THREADS="1")
     for key in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR"):
         env.pop(key, None)
-    logs = [tmp_path / f"rank{r}.log" for r in (0, 1)]
+    logs = [out / f"rank{r}.log" for r in (0, 1)]
     processes = [
         subprocess.Popen(
-            [sys.executable, str(SCRIPT), scenario, str(r), str(tmp_path)],
+            [sys.executable, str(SCRIPT), scenario, str(r), str(out), *map(str, args)],
             env=env,
             stdout=log.open("w"),
             stderr=subprocess.STDOUT,
@@ -222,28 +257,22 @@ def test_a_failing_rank_ends_both_ranks_within_seconds(scenario, tmp_path):
         for r, log in enumerate(logs)
     ]
     try:
-        _wait_for_both(processes, tmp_path / "failed-at")
+        _wait_for_both(processes, out / "failed-at")
     finally:
         for process in processes:
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
-    own, reported = FAILURES[scenario]
-    failing = FAILING_RANK[scenario]
-    texts = [log.read_text() for log in logs]
-    assert all(p.returncode == 1 for p in processes), texts
-    assert own in texts[failing], texts[failing][-3000:]
-    assert reported in texts[1 - failing], texts[1 - failing][-3000:]
+    return [p.returncode for p in processes], [log.read_text() for log in logs]
 
 
 def _wait_for_both(processes: list[subprocess.Popen], failed_at: Path) -> None:
     """Wait (reaping, so a lingering rank sees its peer gone) until both processes end; fail if
-    they outlive the failure by more than ``BOUND_S``."""
+    they outlive a failure by more than ``BOUND_S``."""
     start = time.monotonic()
     while None in [p.poll() for p in processes]:  # polls (reaps) every process
         if failed_at.exists():
             waited = time.time() - float(failed_at.read_text() or "inf")
             assert waited < BOUND_S, f"ranks still running {waited:.0f} s after the failure"
-        assert time.monotonic() - start < 240, "no failure within 240 s of the start"
+        assert time.monotonic() - start < 240, "the ranks ran for 240 s"
         time.sleep(0.1)
-    assert failed_at.exists(), "the failure was never injected"

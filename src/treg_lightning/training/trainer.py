@@ -28,6 +28,7 @@ from treg_lightning.answers.onpolicy import pairs_command
 from treg_lightning.data.datamodule import PreferenceDataModule
 from treg_lightning.errors import ConfigError
 from treg_lightning.outputs import disk_full_hint
+from treg_lightning.passes import distributed
 from treg_lightning.rewards.source import TokenRewardSource
 
 
@@ -112,14 +113,23 @@ class TRegTrainer(Trainer):
 
         if ckpt_path is None:
             raise ConfigError("export needs --ckpt_path (a .ckpt file or a checkpoint folder).")
-        # Written beside output_dir and swapped in at the end: a failed export (or --overwrite)
-        # leaves an earlier export intact.
-        with staged_folder(output_dir) as staging:
-            export_checkpoint(model, ckpt_path, staging, adapter_only)
-            write_card(staging, model, datamodule, ckpt_path, adapter_only)
         folder = Path(output_dir).expanduser()
-        what = "LoRA adapter" if adapter_only else "policy"
-        print(f"{what} written to {folder.resolve()}", flush=True)
+
+        def write() -> None:
+            # Written beside output_dir and swapped in at the end: a failed export (or
+            # --overwrite) leaves an earlier export intact.
+            with staged_folder(output_dir) as staging:
+                export_checkpoint(model, ckpt_path, staging, adapter_only)
+                write_card(staging, model, datamodule, ckpt_path, adapter_only)
+            what = "LoRA adapter" if adapter_only else "policy"
+            print(f"{what} written to {folder.resolve()}", flush=True)
+
+        # One writer: rank 0, while the other ranks of a process group wait for it (and stop
+        # with its error if it fails); a process of a multi-process strategy whose group is
+        # not set up (e.g. under torchrun) writes only as rank 0.
+        ranks = distributed()
+        if ranks.world_size > 1 or self.global_rank == 0:
+            ranks.on_rank_zero("export", write)
         return folder
 
     # ---- predict: answers of the policy (logic in treg_lightning.answers.predictions) ----------
