@@ -58,6 +58,20 @@ def step() -> None:
     ranks.barrier("after")
 
 
+def nested() -> None:
+    """Rank 1 raises inside an outer step before an inner one, in which rank 0 waits (as when
+    one rank fails to load its evaluator while the other waits for the cache's lock)."""
+    from treg_lightning.passes import distributed
+
+    ranks = distributed()
+    with ranks.step("outer"):
+        if ranks.rank == 1:
+            fail("boom before the inner step on rank 1")
+        ranks.barrier("inner")
+        ranks.barrier("inner-2")
+    ranks.barrier("after")
+
+
 def merge() -> None:
     """Rank 0 raises while merging; rank 1 waits for the merge."""
     from treg_lightning.passes import distributed
@@ -115,8 +129,8 @@ def export() -> None:
                        output_dir=str(out / "export"))  # fmt: skip
 
 
-SCENARIOS = {"step": step, "merge": merge, "annotate": annotate, "cache_save": cache_save,
-             "export": export}  # fmt: skip
+SCENARIOS = {"step": step, "nested": nested, "merge": merge, "annotate": annotate,
+             "cache_save": cache_save, "export": export}  # fmt: skip
 
 
 def linger_while_peers_run() -> None:

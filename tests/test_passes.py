@@ -185,6 +185,9 @@ def test_reports_of_a_step_become_one_error_on_every_rank():
     assert isinstance(user.value, UserError)  # the CLI prints it alone, exit status 2
     with pytest.raises(RuntimeError, match="reached different steps"):
         _raise_failure("s", [("s", None), ("t", None)])
+    # A rank that failed in an outer step while the others waited in an inner one.
+    with pytest.raises(RankFailedError, match="rank 1 failed at outer with OSError: gone"):
+        _raise_failure("inner", [("inner", None), ("outer", ("OSError", "gone", False))])
 
 
 # --- a failing rank ends every rank (2 gloo processes) ---------------------------------------
@@ -193,6 +196,8 @@ def test_reports_of_a_step_become_one_error_on_every_rank():
 FAILURES = {
     "step": ("Injected: boom in the step on rank 1", "rank 1 failed at work with Injected: boom "
              "in the step on rank 1"),
+    "nested": ("Injected: boom before the inner step on rank 1", "rank 1 failed at outer with "
+               "Injected: boom before the inner step on rank 1"),
     "merge": ("Injected: boom in the merge on rank 0", "rank 0 failed at merge with Injected: "
               "boom in the merge on rank 0"),
     "annotate": ("Injected: boom while scoring a chunk on rank 1", "rank 1 failed at "
@@ -200,7 +205,7 @@ FAILURES = {
     "cache_save": ("no space left on device while writing", "rank 0 stopped at cache-save: no "
                    "space left on device while writing"),
 }  # fmt: skip
-FAILING_RANK = {"step": 1, "merge": 0, "annotate": 1, "cache_save": 0}
+FAILING_RANK = {"step": 1, "nested": 1, "merge": 0, "annotate": 1, "cache_save": 0}
 BOUND_S = 60  # from the failure to the end of both processes; the process group waits 5 min
 
 

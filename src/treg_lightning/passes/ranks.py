@@ -10,7 +10,10 @@ that another one has died.
 
 Every line a rank runs between two steps must sit inside a step, so that a failure there is
 reported: a pass is written as consecutive ``with ranks.step(...)`` blocks, and work done by
-rank 0 alone (the merge) as :meth:`Ranks.on_rank_zero`.
+rank 0 alone (the merge) as :meth:`Ranks.on_rank_zero`. Steps nest (a pass inside a verb's
+step): a rank that fails in the outer step while the others wait in an inner one meets them in
+that inner step's exchange, and an error is reported once, by the innermost step it leaves.
+A step's block holds no other collective than the steps inside it.
 """
 
 from __future__ import annotations
@@ -54,8 +57,12 @@ class Ranks:
         try:
             yield
         except BaseException as error:
-            with contextlib.suppress(Exception):  # the peers may be gone: keep our own error
-                _exchange(name, error, self.world_size)
+            # Told once: a step inside this one may have told every rank already (the ranks
+            # then raise together, so none of them waits in this step's exchange).
+            if not getattr(error, "told_every_rank", False):
+                with contextlib.suppress(Exception):  # the peers may be gone: keep our error
+                    _exchange(name, error, self.world_size)
+                _mark_told(error)
             raise
         _raise_failure(name, _exchange(name, None, self.world_size))
 
@@ -103,18 +110,29 @@ def _exchange(name: str, error: BaseException | None, world_size: int) -> list[_
     return reports
 
 
+def _mark_told(error: BaseException) -> None:
+    with contextlib.suppress(AttributeError):  # an exception class with __slots__
+        error.told_every_rank = True
+
+
 def _raise_failure(name: str, reports: list[_Report]) -> None:
+    """Raise on this rank what the reports of a step say: the first failing rank's error (at
+    the step it failed in: an outer one when it failed outside the step the others were in)."""
+    failed = [(rank, step, failure) for rank, (step, failure) in enumerate(reports) if failure]
     names = {step for step, _ in reports}
-    if names != {name}:
-        raise RuntimeError(f"the ranks reached different steps of the pass: {sorted(names)}.")
-    failed = [(rank, failure) for rank, (_, failure) in enumerate(reports) if failure is not None]
-    if not failed:
+    if not failed and names == {name}:
         return
-    rank, (kind, message, user) = failed[0]
-    others = f" (and {len(failed) - 1} more ranks)" if len(failed) > 1 else ""
-    if user:
-        raise RankRefusedError(f"rank {rank}{others} stopped at {name}: {message}")
-    raise RankFailedError(
-        f"rank {rank}{others} failed at {name} with {kind}: {message} (its own output has the "
-        "traceback)."
-    )
+    if not failed:  # a bug: the ranks run different code
+        error = RuntimeError(f"the ranks reached different steps of the pass: {sorted(names)}.")
+    else:
+        rank, step, (kind, message, user) = failed[0]
+        others = f" (and {len(failed) - 1} more ranks)" if len(failed) > 1 else ""
+        if user:
+            error = RankRefusedError(f"rank {rank}{others} stopped at {step}: {message}")
+        else:
+            error = RankFailedError(
+                f"rank {rank}{others} failed at {step} with {kind}: {message} (its own output "
+                "has the traceback)."
+            )
+    _mark_told(error)  # every rank raises it now: no outer step reports it again
+    raise error

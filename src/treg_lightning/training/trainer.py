@@ -73,10 +73,12 @@ class TRegTrainer(Trainer):
 
     def _annotate(self, datamodule: LightningDataModule) -> None:
         self.strategy.setup_environment()  # process group, device
-        if self.local_rank == 0:
-            datamodule.prepare_data()
-        self.strategy.barrier("annotate-prepare")
-        caches = datamodule.annotate()
+        ranks = distributed(self.global_rank, self.world_size)
+        with ranks.step("annotate-prepare"):
+            if self.local_rank == 0:
+                datamodule.prepare_data()
+        with ranks.step("annotate"):  # e.g. one rank cannot load the evaluator: all stop
+            caches = datamodule.annotate()
         for split, dataset in caches.items():
             files = getattr(dataset, "cache_files", None) or [{}]
             where = Path(files[0].get("filename", "?")).parent

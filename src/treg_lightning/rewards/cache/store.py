@@ -60,13 +60,7 @@ def build_lock(cache_dir: Path, hold: bool = True):
 def read_meta(cache_dir: str | Path) -> dict[str, Any]:
     """The ``meta.json`` of a finished cache; :class:`CacheError` if unreadable or foreign."""
     path = Path(cache_dir) / "meta.json"
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise CacheError(
-            f"Token-reward cache at {cache_dir} is damaged: {path} is unreadable ({err}). "
-            "Delete the folder and rerun the annotation."
-        ) from err
+    meta = _read_json(path, f"Token-reward cache at {cache_dir}")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CacheError(
             f"{path} is not a treg-lightning token-reward cache (no format={FORMAT!r}); point "
@@ -157,6 +151,16 @@ def _mismatch(cache_dir: Path, stored: Mapping[str, Any], fp: Fingerprint, what:
     )
 
 
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CacheError(
+            f"{what} is damaged: {path} is unreadable ({err}). Delete the folder and rerun the "
+            "annotation."
+        ) from err
+
+
 def _check_buildable(cache_dir: Path, fp: Fingerprint) -> None:
     """Building may start in a missing/empty folder or resume an unfinished build of ours."""
     if not cache_dir.exists() or not any(cache_dir.iterdir()):
@@ -172,13 +176,7 @@ def _check_buildable(cache_dir: Path, fp: Fingerprint) -> None:
             f"cache_dir {cache_dir} is not empty and holds no token-reward cache (no meta.json, "
             "no unfinished work/): point cache_dir at a new or empty folder."
         )
-    try:
-        record = json.loads(record_path.read_text())
-    except (OSError, ValueError) as err:
-        raise CacheError(
-            f"Unfinished token-reward cache at {cache_dir}: {record_path} is unreadable ({err}); "
-            "delete the folder and rerun."
-        ) from err
+    record = _read_json(record_path, f"Unfinished token-reward cache at {cache_dir}")
     if record.get("fingerprint") != fp.digest:
         raise CacheError(_mismatch(cache_dir, record, fp, "The unfinished token-reward cache"))
 
