@@ -183,7 +183,12 @@ def train(size: Size, name: str, loss, regularizer, data, work: Path, seed: int)
 def answer(size: Size, policy: str, data, out: Path, overwrite: bool) -> Path:
     """Greedy answers of ``policy`` to the first ``size.answers`` held-out prompts."""
     from treg_lightning.answers.generation import SamplingSettings, TransformersBackend
-    from treg_lightning.answers.predictions import PredictJob, PredictSettings, run_predict
+    from treg_lightning.answers.predictions import (
+        AnswerJob,
+        PredictJob,
+        PredictSettings,
+        run_predict,
+    )
     from treg_lightning.cli.main import TRegTrainer
     from treg_lightning.module import PreferenceModule
 
@@ -191,10 +196,9 @@ def answer(size: Size, policy: str, data, out: Path, overwrite: bool) -> Path:
     sampling = SamplingSettings(max_new_tokens=size.max_new_tokens, temperature=0.0)
     settings = PredictSettings(str(out), overwrite, Path(policy).name, sampling, batch_size=8,
                                shard_size=8)  # fmt: skip
-    job = PredictJob(module, data, None, None, "val", size.answers, settings,
-                     TransformersBackend())  # fmt: skip
+    answers = AnswerJob(module, data, None, None, "val", size.answers, TransformersBackend())
     trainer = TRegTrainer(accelerator=size.accelerator, devices=1, logger=False)
-    return run_predict(trainer, job)
+    return run_predict(trainer, PredictJob(answers, settings))
 
 
 def run(size: Size, out: Path, work: Path, source: str, reward_model: str | None, seed: int,

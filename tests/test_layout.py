@@ -109,6 +109,11 @@ def test_no_import_cycle_between_packages():
     assert _cycle(packages) is None
 
 
+# Everything of the package but errors: the pass machinery is on the ground floor.
+ABOVE_PASSES = ("pairs", "losses", "forward", "models", "data", "rewards", "module", "metrics",
+                "outputs", "training", "answers", "plan", "cli")  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("low", "high"),
     [
@@ -117,6 +122,7 @@ def test_no_import_cycle_between_packages():
         ("treg_lightning.forward", ("data", "module", "training", "cli", "answers")),
         ("treg_lightning.rewards", ("losses", "module", "training", "cli", "answers")),
         ("treg_lightning.data", ("module", "training", "cli", "answers", "forward")),
+        ("treg_lightning.passes", tuple(ABOVE_PASSES)),
     ],
 )
 def test_lower_layers_import_nothing_above(low, high):
@@ -129,6 +135,52 @@ def test_lower_layers_import_nothing_above(low, high):
 
 def test_pairs_imports_only_torch_and_errors():
     assert GRAPH["treg_lightning.pairs"] <= {"treg_lightning.errors"}
+
+
+def test_passes_sit_on_the_ground_floor():
+    """The pass machinery imports only errors (and itself) of the package, and of the rest of
+    the world only the standard library and torch.distributed."""
+    for module, deps in GRAPH.items():
+        if module.startswith("treg_lightning.passes"):
+            assert {d for d in deps if not d.startswith("treg_lightning.passes")} <= {
+                "treg_lightning.errors"
+            }, module
+            tree = ast.parse(FILES[module].read_text())
+            roots = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+            roots |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+            outside = {r for r in roots if r.split(".")[0] not in sys.stdlib_module_names}
+            assert outside <= {"torch.distributed"} | {r for r in roots if r.startswith(PKG)}, (
+                module, outside)  # fmt: skip
+
+
+def test_one_rank_rule_and_one_atomic_rename():
+    """The rank rule (``% world_size`` / ``range(rank, n, world_size)``) and the rename of a
+    finished temporary file (``os.replace`` / ``Path.replace`` / ``os.rename``) each live in
+    one place, treg_lightning.passes; every pass and writer goes through it."""
+    rules, renames = [], []
+    for path in SRC.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            text = ast.unparse(node) if isinstance(node, (ast.BinOp, ast.Call)) else ""
+            where = path.relative_to(SRC).as_posix()
+            if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mod):
+                if ast.unparse(node.right).endswith("world_size"):  # k % world_size
+                    rules.append(where)
+            if isinstance(node, ast.Call) and text.startswith("range(") and "world_size" in text:
+                rules.append(where)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                if node.func.attr in ("replace", "rename") and _renames(node):
+                    renames.append(where)
+    assert rules == ["passes/shards.py"]
+    # models/save.py swaps a whole export folder for an earlier one (kept until the swap).
+    assert sorted(set(renames)) == ["models/save.py", "passes/atomic.py"], sorted(renames)
+
+
+def _renames(call: ast.Call) -> bool:
+    """``os.replace(a, b)``, ``os.rename(a, b)`` or ``path.replace(b)`` (not ``str.replace``)."""
+    func = call.func
+    if isinstance(func.value, ast.Name) and func.value.id == "os":
+        return True
+    return func.attr == "replace" and len(call.args) == 1 and not call.keywords
 
 
 def test_losses_load_neither_peft_nor_the_lora_module():

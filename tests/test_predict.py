@@ -19,7 +19,7 @@ import torch
 from builders import write_pairs
 from test_cli import PAIRS
 from treg_lightning.answers.generation import SamplingSettings, TransformersBackend, cut_at_stop
-from treg_lightning.answers.predictions import PredictJob, PredictSettings, run_predict
+from treg_lightning.answers.predictions import AnswerJob, PredictJob, PredictSettings, run_predict
 from treg_lightning.answers.prompt_sets import read_prompts_file
 from treg_lightning.cli.main import TRegCLI, TRegTrainer
 from treg_lightning.data.errors import DataFormatError
@@ -281,9 +281,9 @@ def predict_direct(model_dir, data, out, backend=None, temperature=0.0, overwrit
     sampling = SamplingSettings(max_new_tokens=5, temperature=temperature, seed=1)
     settings = PredictSettings(str(out), overwrite, None, sampling, batch_size=1, shard_size=2,
                                progress=False)  # fmt: skip
-    job = PredictJob(module, datamodule, None, None, "train", 7, settings,
-                     backend or TransformersBackend())  # fmt: skip
-    return run_predict(trainer, job)
+    answers = AnswerJob(module, datamodule, None, None, "train", 7,
+                        backend or TransformersBackend())  # fmt: skip
+    return run_predict(trainer, PredictJob(answers, settings))
 
 
 def test_resume_keeps_finished_shards_and_never_mixes_settings(setup, tiny_model_dir):
@@ -381,6 +381,61 @@ def test_two_ddp_processes_merge_in_prompt_order(setup, tiny_model_dir, tmp_path
     assert process.returncode == 0, log[-3000:]
     assert (tmp_path / "ddp.jsonl").read_bytes() == single.read_bytes()
     assert len(read(single)) == 3
+
+
+FAILKIT = '''
+import atexit, os, time
+from pathlib import Path
+import torch.distributed as dist
+from treg_lightning.answers.generation import TransformersBackend
+
+class FailOnRank1(TransformersBackend):
+    """Rank 1 raises at its first batch (after writing the time to `marker`), then stays alive,
+    connections open, until rank 0 (its parent under Lightning's launcher) has exited: NCCL
+    tells no rank that another has died, so a dead NCCL rank looks like this to its peers."""
+
+    def __init__(self, marker: str = "failed-at"):
+        super().__init__()
+        self.marker = marker
+
+    def generate(self, prompt_ids, sampling, key):
+        if dist.get_rank() == 1:
+            atexit.register(linger, os.getppid())
+            Path(self.marker).write_text(repr(time.time()))
+            raise RuntimeError("boom while generating on rank 1")
+        return super().generate(prompt_ids, sampling, key)
+
+def linger(parent):
+    deadline = time.monotonic() + 300
+    while os.getppid() == parent and time.monotonic() < deadline:
+        time.sleep(0.2)
+'''
+
+
+@pytest.mark.gpu_emulation
+def test_a_failing_rank_ends_both_ddp_processes_with_its_error(setup, tiny_model_dir, tmp_path):
+    """Rank 1 raises while generating its shard; rank 0 (done with its shards, waiting for the
+    merge) must stop within seconds naming that error, not wait for the process group's
+    30-minute timeout; then rank 1 ends too."""
+    (tmp_path / "failkit.py").write_text(FAILKIT)
+    marker = tmp_path / "failed-at"
+    args = base_args(tiny_model_dir, setup["data"], tmp_path / "ddp.jsonl")
+    args += [f"--prompts={setup['prompts']}", "--shard_size=1", "--trainer.devices=2",
+             "--trainer.strategy=ddp", "--backend=failkit.FailOnRank1",
+             f"--backend.marker={marker}"]  # fmt: skip
+    process = start(args, tmp_path)
+    try:  # stdout reaches its end when both ranks (they share it) have exited
+        log = process.communicate(timeout=240)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail(f"2-process predict hung:\n{process.communicate()[0][-3000:]}")
+    ended = time.time()
+    assert marker.exists(), log[-3000:]
+    assert ended - float(marker.read_text()) < 60, log[-3000:]
+    assert process.returncode == 1, log[-3000:]
+    expected = "rank 1 failed at predict-shards with RuntimeError: boom while generating on rank 1"
+    assert expected in log, log[-3000:]
+    assert not (tmp_path / "ddp.jsonl").exists()
 
 
 def _treg_status(args: list[str], capsys) -> tuple[int, str]:

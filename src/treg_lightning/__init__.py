@@ -3,7 +3,7 @@ regularization, as Lightning modules.
 
 The package face. Layout (arrows point down only; nothing imports what is above it):
 ``cli`` -> ``training`` / ``answers`` / ``plan`` -> ``module`` / ``data`` / ``rewards`` ->
-``forward`` / ``models`` -> ``losses`` -> ``pairs`` / ``errors``.
+``forward`` / ``models`` -> ``losses`` -> ``pairs`` / ``errors`` / ``passes``.
 
 Modules that an earlier version kept at the package root (``treg_lightning.adapters``,
 ``treg_lightning.generation``, ...) still import under their old names, so class paths in older

@@ -43,7 +43,7 @@ from treg_lightning.data.splits import (
 from treg_lightning.data.tokenize import PairTokenizer, tokenize_pairs
 from treg_lightning.errors import ConfigError
 from treg_lightning.models.loading import load_tokenizer
-from treg_lightning.rewards.cache import distributed
+from treg_lightning.passes import distributed
 from treg_lightning.rewards.contrastive import ContrastiveRewards
 from treg_lightning.rewards.source import AnnotationContext, TokenRewardSource
 
@@ -345,8 +345,8 @@ class PreferenceDataModule(pl.LightningDataModule):
             # under tensor parallelism); single-device strategies have no such attribute.
             kwargs = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) or {}
             return kwargs.get("num_replicas", 1), kwargs.get("rank", 0)
-        rank, world_size, _ = distributed()
-        return world_size, rank
+        ranks = distributed()
+        return ranks.world_size, ranks.rank
 
     def _dataloader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         if split not in self.datasets:

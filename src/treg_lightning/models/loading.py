@@ -19,7 +19,6 @@ import difflib
 import importlib.util
 import os
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from treg_lightning.models.kinds import (
     wrong_kind_error,
 )
 from treg_lightning.models.varlen_attention import TORCH_VARLEN, torch_varlen_available
+from treg_lightning.passes import atomic_path
 
 SMOLLM2_ALIAS = "smollm2"
 SMOLLM2_FOLDER = "smollm2-135m-instruct"
@@ -331,20 +331,16 @@ def ensure_smollm2(target: Path | None = None) -> Path:
     _require_gguf_package(gguf_path)
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp(target)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    source = ModelSource(str(gguf_path.parent), gguf_file=gguf_path.name, local=True)
     try:
-        source = ModelSource(str(gguf_path.parent), gguf_file=gguf_path.name, local=True)
-        model = _load_dequantized_gguf(source, torch.float32, "sdpa")
-        tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
-        model.save_pretrained(tmp)  # safetensors (the default)
-        tokenizer.save_pretrained(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "config.json").is_file():  # not a concurrent winner: a real error
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_path(target) as tmp:
+            model = _load_dequantized_gguf(source, torch.float32, "sdpa")
+            tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+            model.save_pretrained(tmp)  # safetensors (the default)
+            tokenizer.save_pretrained(tmp)
+    except OSError:
+        if not (target / "config.json").is_file():  # not a concurrent winner: a real error
+            raise
     return target
 
 

@@ -23,8 +23,9 @@ import torch
 from treg_lightning.errors import ConfigError
 from treg_lightning.models.loading import check_vocab_fits, load_causal_lm, parse_dtype
 from treg_lightning.models.preflight import check_model
+from treg_lightning.passes import distributed
 from treg_lightning.rewards.annotate import ContrastiveScorer
-from treg_lightning.rewards.cache import compute_fingerprint, distributed, load_or_build
+from treg_lightning.rewards.cache import compute_fingerprint, load_or_build
 from treg_lightning.rewards.prompts import ContrastiveTemplate
 from treg_lightning.rewards.source import AnnotationContext, TokenRewardSource, cache_folder_for
 
@@ -174,7 +175,7 @@ class _ProgressBar:
         self.tokens = 0
 
     def start(self, pairs: int) -> None:
-        if distributed()[0] != 0 or pairs == 0:
+        if distributed().rank != 0 or pairs == 0:
             return
         from tqdm.auto import tqdm
 

@@ -28,6 +28,7 @@ from treg_lightning.answers.onpolicy import pairs_command
 from treg_lightning.data.datamodule import PreferenceDataModule
 from treg_lightning.errors import ConfigError
 from treg_lightning.outputs import disk_full_hint
+from treg_lightning.passes import distributed
 from treg_lightning.rewards.source import TokenRewardSource
 
 
@@ -72,10 +73,12 @@ class TRegTrainer(Trainer):
 
     def _annotate(self, datamodule: LightningDataModule) -> None:
         self.strategy.setup_environment()  # process group, device
-        if self.local_rank == 0:
-            datamodule.prepare_data()
-        self.strategy.barrier("annotate-prepare")
-        caches = datamodule.annotate()
+        ranks = distributed(self.global_rank, self.world_size)
+        with ranks.step("annotate-prepare"):
+            if self.local_rank == 0:
+                datamodule.prepare_data()
+        with ranks.step("annotate"):  # e.g. one rank cannot load the evaluator: all stop
+            caches = datamodule.annotate()
         for split, dataset in caches.items():
             files = getattr(dataset, "cache_files", None) or [{}]
             where = Path(files[0].get("filename", "?")).parent
@@ -116,17 +119,26 @@ class TRegTrainer(Trainer):
 
         if ckpt_path is None:
             raise ConfigError("export needs --ckpt_path (a .ckpt file or a checkpoint folder).")
-        kept: list[str] = []
-        # Checks output_dir first, before anything loads; written beside it and swapped in at the
-        # end: a failed export leaves an earlier one intact.
-        with staged_folder(output_dir, kept) as staging:
-            export_checkpoint(model, ckpt_path, staging, adapter_only)
-            write_card(staging, model, ckpt_path, adapter_only)
         folder = Path(output_dir).expanduser()
-        what = "LoRA adapter" if adapter_only else "policy"
-        print(f"{what} written to {folder.resolve()}", flush=True)
-        if kept:
-            print(f"kept your files that no export writes: {', '.join(kept)}", flush=True)
+        kept: list[str] = []
+
+        def write() -> None:
+            # Checks output_dir first, before anything loads; written beside it and swapped in
+            # at the end: a failed export (or --overwrite) leaves an earlier one intact.
+            with staged_folder(output_dir, kept) as staging:
+                export_checkpoint(model, ckpt_path, staging, adapter_only)
+                write_card(staging, model, ckpt_path, adapter_only)
+            what = "LoRA adapter" if adapter_only else "policy"
+            print(f"{what} written to {folder.resolve()}", flush=True)
+            if kept:
+                print(f"kept your files that no export writes: {', '.join(kept)}", flush=True)
+
+        # One writer: rank 0, while the other ranks of a process group wait for it (and stop
+        # with its error if it fails); a process of a multi-process strategy whose group is
+        # not set up (e.g. under torchrun) writes only as rank 0.
+        ranks = distributed()
+        if ranks.world_size > 1 or self.global_rank == 0:
+            ranks.on_rank_zero("export", write)
         return folder
 
     # ---- predict: answers of the policy (logic in treg_lightning.answers.predictions) ----------
@@ -190,15 +202,20 @@ class TRegTrainer(Trainer):
                 model, dataloaders, datamodule, return_predictions, ckpt_path, weights_only
             )
         from treg_lightning.answers.generation import SamplingSettings, TransformersBackend
-        from treg_lightning.answers.predictions import PredictJob, PredictSettings, run_predict
+        from treg_lightning.answers.predictions import (
+            AnswerJob,
+            PredictJob,
+            PredictSettings,
+            run_predict,
+        )
 
         sampling = SamplingSettings(max_new_tokens, temperature, top_p, seed)
         settings = PredictSettings(
             output, overwrite, generator, sampling, batch_size, shard_size, progress
         )
         backend = backend if backend is not None else TransformersBackend()
-        job = PredictJob(model, datamodule, ckpt_path, prompts, split, limit, settings, backend)
-        return run_predict(self, job)
+        answers = AnswerJob(model, datamodule, ckpt_path, prompts, split, limit, backend)
+        return run_predict(self, PredictJob(answers, settings))
 
     # ---- evaluate: one table row per run (logic in treg_lightning.answers.evaluation) ---------
 

@@ -1,4 +1,5 @@
-"""The token-reward cache: fingerprints, the chunked resumable build across ranks, storage.
+"""The token-reward cache: fingerprints, the chunked resumable build across ranks (a pass of
+:mod:`treg_lightning.passes`), storage.
 
 Everything that touches the disk for token rewards lives here; scoring lives in
 :mod:`treg_lightning.rewards.annotate`, the choice of evaluator in
@@ -15,12 +16,7 @@ docs/cache-format.md. In short::
 value columns under the names of :mod:`treg_lightning.pairs` (``chosen_token_rewards``, ...).
 """
 
-from treg_lightning.rewards.cache.chunks import (
-    build_in_chunks,
-    distributed,
-    merge_chunks,
-    my_chunks,
-)
+from treg_lightning.rewards.cache.chunks import build_in_chunks, merge_chunks
 from treg_lightning.rewards.cache.fingerprint import (
     FORMAT,
     FORMAT_VERSION,
@@ -43,11 +39,9 @@ __all__ = [
     "Fingerprint",
     "build_in_chunks",
     "compute_fingerprint",
-    "distributed",
     "load_or_build",
     "merge_chunks",
     "model_identity",
-    "my_chunks",
     "read_meta",
     "rows_digest",
     "tokenizer_identity",

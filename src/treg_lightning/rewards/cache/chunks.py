@@ -1,16 +1,16 @@
-"""The resumable, distributed build of a token-reward cache: chunk files, rank split, merge.
+"""The resumable, distributed build of a token-reward cache: one pass of
+:mod:`treg_lightning.passes` whose parts are chunk files.
 
 Rows are cut into chunks of ``chunk_pairs`` consecutive pairs; chunk ``c`` is scored by rank
 ``c % world_size`` and written to ``work_dir/chunk-{c:06d}.safetensors`` with a key (a digest of
 its rows and of the build's fingerprint) in its metadata. A rerun skips every chunk whose file
 holds the right key, so a killed build continues where it stopped, and a leftover chunk of other
-inputs is scored again. Rank 0 merges all chunks into one Arrow dataset after a barrier.
+inputs is scored again. Rank 0 merges all chunks into one Arrow dataset once every rank is
+through; a rank that raises stops every rank.
 """
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,12 +18,12 @@ from typing import Any
 import datasets
 import numpy as np
 import pyarrow as pa
-import torch
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from treg_lightning.outputs import disk_full_hint
 from treg_lightning.pairs import ID_FIELDS
+from treg_lightning.passes import Parts, ShardPlan, atomic_path, distributed, foreign_part
 from treg_lightning.rewards.cache.fingerprint import rows_digest
 
 Rows = Sequence[Mapping[str, Any]]
@@ -31,28 +31,8 @@ Rows = Sequence[Mapping[str, Any]]
 Columns = dict[str, list[np.ndarray]]
 
 
-def distributed(
-    rank: int | None = None, world_size: int | None = None
-) -> tuple[int, int, Callable[[], None]]:
-    """``(rank, world_size, barrier)``: torch.distributed's when it is initialized, else
-    ``(0, 1, no-op)``; explicit ``rank`` / ``world_size`` override (tests, custom launchers)."""
-    dist = torch.distributed
-    initialized = dist.is_available() and dist.is_initialized()
-    rank = rank if rank is not None else (dist.get_rank() if initialized else 0)
-    world_size = (
-        world_size if world_size is not None else (dist.get_world_size() if initialized else 1)
-    )
-    if world_size > 1 and not initialized:
-        raise RuntimeError(
-            f"world_size={world_size} needs torch.distributed initialized (Fabric/Trainer or "
-            "init_process_group) so rank 0 can wait for the other ranks before merging."
-        )
-    return rank, world_size, (dist.barrier if initialized else lambda: None)
-
-
-def my_chunks(num_rows: int, chunk_pairs: int, rank: int, world_size: int) -> list[int]:
-    """The chunk numbers rank ``rank`` of ``world_size`` scores: ``c % world_size == rank``."""
-    return list(range(rank, -(-num_rows // chunk_pairs), world_size))
+def chunk_parts(work_dir: str | Path) -> Parts:
+    return Parts(Path(work_dir), "chunk-{:06d}.safetensors")
 
 
 def build_in_chunks(
@@ -84,44 +64,34 @@ def build_in_chunks(
     """
     if chunk_pairs < 1:
         raise ValueError(f"chunk_pairs must be >= 1, got {chunk_pairs}.")
-    rank, world_size, barrier = distributed(rank, world_size)
+    ranks = distributed(rank, world_size)
     rows = rows if isinstance(rows, list) else list(rows)
-    work_dir = Path(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
+    plan, parts = ShardPlan(len(rows), chunk_pairs), chunk_parts(work_dir)
+    parts.folder.mkdir(parents=True, exist_ok=True)
 
-    def chunk_rows(c: int) -> list:
-        return rows[c * chunk_pairs : (c + 1) * chunk_pairs]
+    def key(c: int) -> str:
+        return rows_digest(rows[plan.slice(c)], salt)
 
-    todo = [
-        c
-        for c in my_chunks(len(rows), chunk_pairs, rank, world_size)
-        if not _chunk_done(work_dir / _chunk_name(c), rows_digest(chunk_rows(c), salt))
-    ]
-    if on_start is not None:
-        on_start(sum(len(chunk_rows(c)) for c in todo))
-    for c in todo:
-        columns = score_chunk(chunk_rows(c))
-        _write_chunk(work_dir / _chunk_name(c), columns, rows_digest(chunk_rows(c), salt))
-        if on_chunk_done is not None:
-            on_chunk_done(c)
-    barrier()
-    return merge_chunks(rows, work_dir, chunk_pairs) if rank == 0 else None
+    with ranks.step("annotate-chunks"):
+        todo = parts.todo(plan, ranks, lambda c: _chunk_done(parts.path(c), key(c)))
+        if on_start is not None:
+            on_start(sum(plan.size(c) for c in todo))
+        for c in todo:
+            _write_chunk(parts.path(c), score_chunk(rows[plan.slice(c)]), key(c))
+            if on_chunk_done is not None:
+                on_chunk_done(c)
+    return ranks.on_rank_zero("annotate-merge", lambda: merge_chunks(rows, work_dir, chunk_pairs))
 
 
 def merge_chunks(rows: Rows, work_dir: str | Path, chunk_pairs: int) -> datasets.Dataset:
     """The dataset of ``rows`` with the value columns of all chunk files (raises if one is
     missing). Columns: ``index``, the id lists and the per-token values (float32)."""
-    work_dir = Path(work_dir)
+    plan, parts = ShardPlan(len(rows), chunk_pairs), chunk_parts(work_dir)
     values: dict[str, list[np.ndarray]] = {}
-    for c in range(-(-len(rows) // chunk_pairs)):
-        path = work_dir / _chunk_name(c)
-        if not path.is_file():
-            raise FileNotFoundError(f"Annotation chunk {path} is missing; rerun annotate.")
-        chunk = _read_chunk(path)
+    for c in range(plan.count):
+        chunk = parts.read(c, _read_chunk)
         if values and set(chunk) != set(values):
-            raise ValueError(
-                f"Annotation chunk {path} holds {sorted(chunk)}, not {sorted(values)}."
-            )
+            raise foreign_part(parts.path(c), f"the columns {sorted(chunk)}, not {sorted(values)}")
         for name, arrays in chunk.items():
             values.setdefault(name, []).extend(arrays)
     table = {
@@ -130,10 +100,6 @@ def merge_chunks(rows: Rows, work_dir: str | Path, chunk_pairs: int) -> datasets
         **{k: _list_array(v, np.float32) for k, v in sorted(values.items())},
     }
     return datasets.Dataset(pa.table(table))
-
-
-def _chunk_name(c: int) -> str:
-    return f"chunk-{c:06d}.safetensors"
 
 
 def _chunk_done(path: Path, key: str) -> bool:
@@ -152,14 +118,9 @@ def _write_chunk(path: Path, columns: Columns, key: str) -> None:
     for name, arrays in columns.items():
         tensors[f"{name}.values"] = np.concatenate(arrays).astype(np.float32)
         tensors[f"{name}.lengths"] = np.array([len(a) for a in arrays], np.int64)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     advice = "free space or point cache_dir elsewhere; finished chunks are kept"
-    try:
-        with disk_full_hint(path, advice):
-            save_file(tensors, str(tmp), metadata={"key": key})
-            os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # a partial chunk (disk full, error) is never left behind
+    with disk_full_hint(path, advice), atomic_path(path) as tmp:  # never a partial chunk
+        save_file(tensors, str(tmp), metadata={"key": key})
 
 
 def _read_chunk(path: Path) -> Columns:

@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import shutil
-import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -19,8 +18,9 @@ import datasets
 from treg_lightning.errors import UserError
 from treg_lightning.outputs import disk_full_hint
 from treg_lightning.pairs import ID_FIELDS
+from treg_lightning.passes import Ranks, atomic_path, distributed, write_json
 from treg_lightning.rewards.cache.checksum import table_checksum
-from treg_lightning.rewards.cache.chunks import Columns, build_in_chunks, distributed
+from treg_lightning.rewards.cache.chunks import Columns, build_in_chunks
 from treg_lightning.rewards.cache.fingerprint import FORMAT, FORMAT_VERSION, Fingerprint
 
 log = logging.getLogger(__name__)
@@ -60,13 +60,7 @@ def build_lock(cache_dir: Path, hold: bool = True):
 def read_meta(cache_dir: str | Path) -> dict[str, Any]:
     """The ``meta.json`` of a finished cache; :class:`CacheError` if unreadable or foreign."""
     path = Path(cache_dir) / "meta.json"
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise CacheError(
-            f"Token-reward cache at {cache_dir} is damaged: {path} is unreadable ({err}). "
-            "Delete the folder and rerun the annotation."
-        ) from err
+    meta = _read_json(path, f"Token-reward cache at {cache_dir}")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CacheError(
             f"{path} is not a treg-lightning token-reward cache (no format={FORMAT!r}); point "
@@ -109,39 +103,36 @@ def load_or_build(
     """
     fp = fingerprint if isinstance(fingerprint, Fingerprint) else Fingerprint(str(fingerprint))
     cache_dir = Path(cache_dir)
-    rank, _, barrier = distributed()
-    with build_lock(cache_dir, hold=rank == 0):
-        barrier()  # rank 0 holds the folder's lock before any rank looks at the folder
-        return _load_or_build_locked(
-            rows, cache_dir, fp, score_chunk, chunk_pairs, check_rows, on_start, on_chunk_done
-        )
+    ranks = distributed()
+    with contextlib.ExitStack() as held:
+        with ranks.step("cache-lock"):  # rank 0 holds the lock before any rank looks
+            held.enter_context(build_lock(cache_dir, hold=ranks.rank == 0))
+        if not (cache_dir / "meta.json").exists():
+            _build(rows, cache_dir, fp, score_chunk, chunk_pairs, on_start, on_chunk_done, ranks)
+        with ranks.step("cache-load"):
+            return _load_checked(rows, cache_dir, fp, check_rows)
 
 
-def _load_or_build_locked(
-    rows, cache_dir, fp, score_chunk, chunk_pairs, check_rows, on_start, on_chunk_done
-) -> datasets.Dataset:
-    rank, _, barrier = distributed()
-    if not (cache_dir / "meta.json").exists():
-        work_dir = cache_dir / "work"
+def _build(rows, cache_dir, fp, score_chunk, chunk_pairs, on_start, on_chunk_done, ranks: Ranks):
+    work_dir = cache_dir / "work"
+    with ranks.step("cache-check"):  # every rank has looked before rank 0 writes anything
         _check_buildable(cache_dir, fp)
-        barrier()  # every rank has looked before rank 0 writes anything
-        if rank == 0:
-            work_dir.mkdir(parents=True, exist_ok=True)
-            _write_json(work_dir / "fingerprint.json", _fp_record(fp))
-        barrier()
-        dataset = build_in_chunks(
-            rows,
-            work_dir,
-            score_chunk,
-            chunk_pairs,
-            salt=fp.digest,
-            on_start=on_start,
-            on_chunk_done=on_chunk_done,
-        )
-        if rank == 0:
-            _save(dataset, cache_dir, fp)
-        barrier()
-    return _load_checked(rows, cache_dir, fp, check_rows)
+
+    def start() -> None:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        write_json(work_dir / "fingerprint.json", _fp_record(fp), sort_keys=True)
+
+    ranks.on_rank_zero("cache-start", start)
+    dataset = build_in_chunks(
+        rows,
+        work_dir,
+        score_chunk,
+        chunk_pairs,
+        salt=fp.digest,
+        on_start=on_start,
+        on_chunk_done=on_chunk_done,
+    )
+    ranks.on_rank_zero("cache-save", lambda: _save(dataset, cache_dir, fp))
 
 
 def _fp_record(fp: Fingerprint) -> dict[str, Any]:
@@ -160,6 +151,16 @@ def _mismatch(cache_dir: Path, stored: Mapping[str, Any], fp: Fingerprint, what:
     )
 
 
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CacheError(
+            f"{what} is damaged: {path} is unreadable ({err}). Delete the folder and rerun the "
+            "annotation."
+        ) from err
+
+
 def _check_buildable(cache_dir: Path, fp: Fingerprint) -> None:
     """Building may start in a missing/empty folder or resume an unfinished build of ours."""
     if not cache_dir.exists() or not any(cache_dir.iterdir()):
@@ -175,13 +176,7 @@ def _check_buildable(cache_dir: Path, fp: Fingerprint) -> None:
             f"cache_dir {cache_dir} is not empty and holds no token-reward cache (no meta.json, "
             "no unfinished work/): point cache_dir at a new or empty folder."
         )
-    try:
-        record = json.loads(record_path.read_text())
-    except (OSError, ValueError) as err:
-        raise CacheError(
-            f"Unfinished token-reward cache at {cache_dir}: {record_path} is unreadable ({err}); "
-            "delete the folder and rerun."
-        ) from err
+    record = _read_json(record_path, f"Unfinished token-reward cache at {cache_dir}")
     if record.get("fingerprint") != fp.digest:
         raise CacheError(_mismatch(cache_dir, record, fp, "The unfinished token-reward cache"))
 
@@ -190,16 +185,11 @@ def _save(dataset: datasets.Dataset | None, cache_dir: Path, fp: Fingerprint) ->
     """Write data/ then meta.json (each atomically), then drop the work folder."""
     if not isinstance(dataset, datasets.Dataset):
         raise TypeError(f"the build must return a datasets.Dataset on rank 0, got {dataset!r}.")
-    tmp = cache_dir / f".data.tmp-{uuid.uuid4().hex[:8]}"
     advice = "free space or point cache_dir elsewhere; finished chunks are kept in work/"
-    try:
+    with atomic_path(cache_dir / "data") as tmp:
         with disk_full_hint(tmp, advice):
             dataset.save_to_disk(str(tmp))
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)  # free what the failed write took
-        raise
-    shutil.rmtree(cache_dir / "data", ignore_errors=True)  # left by a run killed right here
-    os.replace(tmp, cache_dir / "data")
+        shutil.rmtree(cache_dir / "data", ignore_errors=True)  # left by a run killed right here
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -208,14 +198,8 @@ def _save(dataset: datasets.Dataset | None, cache_dir: Path, fp: Fingerprint) ->
         "columns": dataset.column_names,
         "data_sha256": table_checksum(dataset.data.table),
     }
-    _write_json(cache_dir / "meta.json", meta)
+    write_json(cache_dir / "meta.json", meta, sort_keys=True)
     shutil.rmtree(cache_dir / "work", ignore_errors=True)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=str))
-    os.replace(tmp, path)
 
 
 def _load_checked(rows, cache_dir: Path, fp: Fingerprint, check_rows: int | None):
