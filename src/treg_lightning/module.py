@@ -421,6 +421,28 @@ class PreferenceModule(L.LightningModule):
         self.log_metrics("test", loss, outputs, batch)
         return loss
 
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Lightning's clipping, except by norm under FSDP1 (``FSDPStrategy``): Lightning's
+        ``FSDPPrecision`` refuses that, since each rank holds only a shard of every gradient.
+        The root FSDP module's ``clip_grad_norm_`` computes the norm over all shards (a
+        collective: every rank calls it here) and scales every shard by the same factor."""
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        root = self.trainer.strategy.model
+        if (
+            gradient_clip_val
+            and (gradient_clip_algorithm or "norm") == "norm"
+            and isinstance(root, FullyShardedDataParallel)
+        ):
+            root.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_optimizers(self):
         params = [p for p in self.policy.parameters() if p.requires_grad]
         if self.optimizer_factory is None:
