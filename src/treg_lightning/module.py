@@ -43,7 +43,11 @@ from treg_lightning.losses.base import LossOutput, PreferenceLossModule
 from treg_lightning.losses.treg import RegularizerOutput
 from treg_lightning.metrics import PreferenceMetrics
 from treg_lightning.models.adapters import LoraConfig, QLoRA, check_adapter_settings
-from treg_lightning.models.loading import check_attn_implementation, parse_dtype
+from treg_lightning.models.loading import (
+    check_attn_dtype,
+    check_attn_implementation,
+    parse_dtype,
+)
 from treg_lightning.pairs import SIDES, PairScores, field
 from treg_lightning.rewards.source import TokenRewardSource
 from treg_lightning.training.checks import check_module_settings, check_pair_inputs
@@ -190,6 +194,7 @@ class PreferenceModule(L.LightningModule):
             check_pair_inputs(self.loss, self.regularizer, self.live_reference, rewards)
         if self.quantization is not None and self._trainer is not None:
             self.check_device(self._trainer.strategy.root_device.type)
+        check_attn_dtype(self.attn_implementation, self.compute_dtype())
 
     def check_device(self, device_type: str) -> None:
         """Refuse, before any weights load, settings the device cannot run (QLoRA off CUDA)."""
@@ -210,6 +215,31 @@ class PreferenceModule(L.LightningModule):
         known, rewards = self.reward_source()
         return not (known and rewards is not None and rewards.provides_reference_logps)
 
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the models compute in, which decides whether flash-attention can run:
+        the autocast dtype of a ``*-mixed`` precision, else the ``param_dtype`` of FSDP1's
+        mixed precision (``FSDPStrategy``) or ``fsdp_param_dtype`` (FSDP2), else the dtype a
+        ``*-true`` precision converts the weights to, else ``torch_dtype``."""
+        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+        trainer = self._trainer
+        if trainer is None:
+            return parse_dtype(self.torch_dtype)
+        precision = str(trainer.precision)
+        half = torch.bfloat16 if precision.startswith("bf16") else torch.float16
+        if precision.endswith("-mixed"):
+            return half
+        strategy = trainer.strategy
+        if isinstance(strategy, FSDPStrategy):
+            config = strategy.mixed_precision_config
+            if config is not None and config.param_dtype is not None:
+                return config.param_dtype
+        if isinstance(strategy, ModelParallelStrategy) and self.fsdp_param_dtype:
+            return parse_dtype(self.fsdp_param_dtype)
+        if precision.endswith("-true") and precision.startswith(("bf16", "16")):
+            return half
+        return parse_dtype(self.torch_dtype)
+
     def load_model(self, name_or_path: str) -> nn.Module:
         """Load one causal LM (override to build models differently, e.g. with LoRA)."""
         from treg_lightning.models.loading import load_causal_lm
@@ -229,6 +259,7 @@ class PreferenceModule(L.LightningModule):
             attn_implementation=self.attn_implementation,
             trust_remote_code=self.trust_remote_code,
             device_type=device,
+            compute_dtype=self.compute_dtype(),
         )
 
     def configure_model(self) -> None:

@@ -110,7 +110,12 @@ def flash_attn_available() -> bool:
     return is_flash_attn_2_available()
 
 
-def choose_attn_implementation(requested: str | None, device_type: str, model_type: str) -> str:
+def choose_attn_implementation(
+    requested: str | None,
+    device_type: str,
+    model_type: str,
+    compute_dtype: str | torch.dtype,
+) -> str:
     """Pick the attention kernel.
 
     Args:
@@ -118,10 +123,17 @@ def choose_attn_implementation(requested: str | None, device_type: str, model_ty
             else (``"eager"``, ``"sdpa"``, ``"flash_attention_2"``, ...) is used as given.
         device_type: ``"cuda"``, ``"cpu"``, ...
         model_type: ``config.model_type`` of the model.
+        compute_dtype: the dtype the attention computes in: the weights' dtype, or the one the
+            run casts them to (autocast of a ``*-mixed`` precision, FSDP's ``param_dtype``).
 
     Returns:
-        ``"flash_attention_2"`` on CUDA when flash-attn is installed; otherwise ``"eager"`` for
-        models with attention soft-capping (Gemma-2, which sdpa gets wrong), else ``"sdpa"``.
+        ``"flash_attention_2"`` on CUDA when flash-attn is installed and the compute dtype is
+        float16 or bfloat16 (its kernels take no other); otherwise ``"eager"`` for models with
+        attention soft-capping (Gemma-2, which sdpa gets wrong), else ``"sdpa"``.
+
+    Raises:
+        ConfigError: a flash-attention kernel requested where it cannot run: flash-attn missing,
+            or a float32 compute dtype.
     """
     if requested not in (None, "auto"):
         check_attn_implementation(requested)
@@ -131,12 +143,31 @@ def choose_attn_implementation(requested: str | None, device_type: str, model_ty
                 "installed/usable: `pip install flash-attn` on a CUDA machine, or leave "
                 "attn_implementation unset to pick automatically."
             )
+        check_attn_dtype(requested, compute_dtype)
         return requested
-    if device_type == "cuda" and flash_attn_available():
+    if device_type == "cuda" and is_half(compute_dtype) and flash_attn_available():
         return "flash_attention_2"
     if model_type in _EAGER_WITHOUT_FLASH:
         return "eager"
     return "sdpa"
+
+
+def is_half(dtype: str | torch.dtype) -> bool:
+    """Whether ``dtype`` is float16 or bfloat16, the dtypes flash-attention kernels take."""
+    return parse_dtype(dtype) in (torch.float16, torch.bfloat16)
+
+
+def check_attn_dtype(name: str | None, compute_dtype: str | torch.dtype) -> None:
+    """Refuse a flash-attention kernel with a compute dtype it cannot take (transformers only
+    warns when the model loads; the first forward then fails)."""
+    if name is None or "flash" not in str(name) or is_half(compute_dtype):
+        return
+    raise ConfigError(
+        f"attn_implementation {name!r} computes in float16 or bfloat16 only, but this model "
+        f"computes in {parse_dtype(compute_dtype)}: load it in bfloat16 (torch_dtype), compute "
+        "in bfloat16 (trainer.precision bf16-mixed, or model.fsdp_param_dtype bfloat16 under "
+        "FSDP2), or leave attn_implementation unset to pick a kernel for the dtype."
+    )
 
 
 def check_attn_implementation(name: str | None) -> None:
@@ -188,6 +219,7 @@ def load_causal_lm(
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
     device_type: str | None = None,
+    compute_dtype: str | torch.dtype | None = None,
 ) -> PreTrainedModel:
     """Load a causal LM with a language-modelling head.
 
@@ -199,6 +231,8 @@ def load_causal_lm(
         trust_remote_code: allow model code from the hub (off by default: it runs arbitrary code).
         device_type: the device the model will run on, for the attention choice; defaults to
             ``"cuda"`` when CUDA is available, else ``"cpu"``.
+        compute_dtype: the dtype the model will compute in, for the attention choice, when the
+            run casts the weights (autocast, FSDP ``param_dtype``); None: ``torch_dtype``.
     """
     source = resolve_model_source(name_or_path)
     dtype = parse_dtype(torch_dtype)
@@ -206,7 +240,9 @@ def load_causal_lm(
     config = AutoConfig.from_pretrained(
         source.path, gguf_file=source.gguf_file, trust_remote_code=trust_remote_code
     )
-    attn = choose_attn_implementation(attn_implementation, device_type, config.model_type)
+    attn = choose_attn_implementation(
+        attn_implementation, device_type, config.model_type, compute_dtype or dtype
+    )
     if source.gguf_file is not None:
         model = _load_dequantized_gguf(source, dtype, attn)
     else:

@@ -264,7 +264,9 @@ def load_quantized_causal_lm(
     if source.gguf_file is not None:
         raise ValueError(f"{name_or_path}: QLoRA loads safetensors weights, not GGUF files.")
     config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
-    attn = choose_attn_implementation(attn_implementation, "cuda", config.model_type)
+    # Attention computes in torch_dtype: transformers casts the float32 queries that the
+    # float32 norms of a prepared k-bit model produce to the dtype it was loaded in.
+    attn = choose_attn_implementation(attn_implementation, "cuda", config.model_type, torch_dtype)
     return AutoModelForCausalLM.from_pretrained(
         source.path,
         quantization_config=quantization_config or qlora_config(torch_dtype),
