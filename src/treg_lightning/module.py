@@ -192,9 +192,26 @@ class PreferenceModule(L.LightningModule):
         known, rewards = self.reward_source(datamodule)
         if known:
             check_pair_inputs(self.loss, self.regularizer, self.live_reference, rewards)
-        if self.quantization is not None and self._trainer is not None:
-            self.check_device(self._trainer.strategy.root_device.type)
-        check_attn_dtype(self.attn_implementation, self.compute_dtype())
+        if self._trainer is not None:
+            self.check_strategy(self._trainer)
+
+    def check_strategy(self, trainer) -> None:
+        """Refuse, before any weights load, what ``trainer``'s device, strategy and precision
+        cannot run: QLoRA off CUDA, a flash-attention kernel computing in float32, LoRA under
+        FSDP1 (its adapters-only checkpoints need DDP or FSDP2). Called by the CLI on every
+        process before launching, and by ``prepare_data`` / ``configure_model``."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        strategy = trainer.strategy
+        if self.quantization is not None:
+            self.check_device(strategy.root_device.type)
+        check_attn_dtype(self.attn_implementation, self.compute_dtype(trainer))
+        if self.peft is not None and isinstance(strategy, FSDPStrategy):
+            raise ConfigError(
+                "model.peft (LoRA adapters) does not train under FSDPStrategy (FSDP1): its "
+                "checkpoints hold the adapters only, which FSDP1's state dicts cannot. Use "
+                "configs/strategy/fsdp2.yaml (FSDP2) or configs/strategy/ddp.yaml instead."
+            )
 
     def check_device(self, device_type: str) -> None:
         """Refuse, before any weights load, settings the device cannot run (QLoRA off CUDA)."""
@@ -215,14 +232,15 @@ class PreferenceModule(L.LightningModule):
         known, rewards = self.reward_source()
         return not (known and rewards is not None and rewards.provides_reference_logps)
 
-    def compute_dtype(self) -> torch.dtype:
+    def compute_dtype(self, trainer=None) -> torch.dtype:
         """The dtype the models compute in, which decides whether flash-attention can run:
         the autocast dtype of a ``*-mixed`` precision, else the ``param_dtype`` of FSDP1's
         mixed precision (``FSDPStrategy``) or ``fsdp_param_dtype`` (FSDP2), else the dtype a
-        ``*-true`` precision converts the weights to, else ``torch_dtype``."""
+        ``*-true`` precision converts the weights to, else ``torch_dtype``. ``trainer``
+        defaults to the module's own."""
         from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
-        trainer = self._trainer
+        trainer = trainer or self._trainer
         if trainer is None:
             return parse_dtype(self.torch_dtype)
         precision = str(trainer.precision)
@@ -462,14 +480,10 @@ class PreferenceModule(L.LightningModule):
         ``FSDPPrecision`` refuses that, since each rank holds only a shard of every gradient.
         The root FSDP module's ``clip_grad_norm_`` computes the norm over all shards (a
         collective: every rank calls it here) and scales every shard by the same factor."""
-        from torch.distributed.fsdp import FullyShardedDataParallel
+        from treg_lightning.models.parallel import fsdp1_root
 
-        root = self.trainer.strategy.model
-        if (
-            gradient_clip_val
-            and (gradient_clip_algorithm or "norm") == "norm"
-            and isinstance(root, FullyShardedDataParallel)
-        ):
+        root = fsdp1_root(self)
+        if root is not None and gradient_clip_val and (gradient_clip_algorithm or "norm") == "norm":
             root.clip_grad_norm_(gradient_clip_val)
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
