@@ -69,8 +69,10 @@ def test_strategy_config_composes(strategy):
 
 
 def test_fsdp1_wrap_policy_instantiates():
+    import torch
     from jsonargparse import ArgumentParser
     from lightning.pytorch.strategies import FSDPStrategy
+    from torch.distributed.fsdp import MixedPrecision
 
     from treg_lightning.models.parallel import DecoderLayerWrapPolicy
 
@@ -82,6 +84,15 @@ def test_fsdp1_wrap_policy_instantiates():
     assert isinstance(policy, DecoderLayerWrapPolicy)
     checkpointing = init.strategy._activation_checkpointing_kwargs["auto_wrap_policy"]
     assert isinstance(checkpointing, DecoderLayerWrapPolicy)
+    # bf16 compute over fp32 masters, fp32 gradient reduction, the batch's floats left fp32
+    # (Lightning's bf16-mixed alone gives bf16 for all three).
+    assert init.strategy.mixed_precision_config == MixedPrecision(
+        param_dtype=torch.bfloat16,
+        reduce_dtype=torch.float32,
+        buffer_dtype=torch.float32,
+        cast_root_forward_inputs=False,
+    )
+    assert strategy["precision"] == "bf16-mixed"
 
 
 PAPER = {

@@ -37,13 +37,13 @@ from treg_lightning.models.loading import (
 )
 def test_choose_attn_implementation(monkeypatch, requested, device, model_type, flash, expected):
     monkeypatch.setattr(models, "flash_attn_available", lambda: flash)
-    assert choose_attn_implementation(requested, device, model_type) == expected
+    assert choose_attn_implementation(requested, device, model_type, "bfloat16") == expected
 
 
 def test_forcing_flash_without_it_says_how_to_fix(monkeypatch):
     monkeypatch.setattr(models, "flash_attn_available", lambda: False)
     with pytest.raises(ValueError, match="pip install flash-attn"):
-        choose_attn_implementation("flash_attention_2", "cuda", "llama")
+        choose_attn_implementation("flash_attention_2", "cuda", "llama", "bfloat16")
 
 
 def test_parse_dtype():

@@ -43,7 +43,11 @@ from treg_lightning.losses.base import LossOutput, PreferenceLossModule
 from treg_lightning.losses.treg import RegularizerOutput
 from treg_lightning.metrics import PreferenceMetrics
 from treg_lightning.models.adapters import LoraConfig, QLoRA, check_adapter_settings
-from treg_lightning.models.loading import check_attn_implementation, parse_dtype
+from treg_lightning.models.loading import (
+    check_attn_dtype,
+    check_attn_implementation,
+    parse_dtype,
+)
 from treg_lightning.pairs import SIDES, PairScores, field
 from treg_lightning.rewards.source import TokenRewardSource
 from treg_lightning.training.checks import check_module_settings, check_pair_inputs
@@ -188,8 +192,26 @@ class PreferenceModule(L.LightningModule):
         known, rewards = self.reward_source(datamodule)
         if known:
             check_pair_inputs(self.loss, self.regularizer, self.live_reference, rewards)
-        if self.quantization is not None and self._trainer is not None:
-            self.check_device(self._trainer.strategy.root_device.type)
+        if self._trainer is not None:
+            self.check_strategy(self._trainer)
+
+    def check_strategy(self, trainer) -> None:
+        """Refuse, before any weights load, what ``trainer``'s device, strategy and precision
+        cannot run: QLoRA off CUDA, a flash-attention kernel computing in float32, LoRA under
+        FSDP1 (its adapters-only checkpoints need DDP or FSDP2). Called by the CLI on every
+        process before launching, and by ``prepare_data`` / ``configure_model``."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        strategy = trainer.strategy
+        if self.quantization is not None:
+            self.check_device(strategy.root_device.type)
+        check_attn_dtype(self.attn_implementation, self.compute_dtype(trainer))
+        if self.peft is not None and isinstance(strategy, FSDPStrategy):
+            raise ConfigError(
+                "model.peft (LoRA adapters) does not train under FSDPStrategy (FSDP1): its "
+                "checkpoints hold the adapters only, which FSDP1's state dicts cannot. Use "
+                "configs/strategy/fsdp2.yaml (FSDP2) or configs/strategy/ddp.yaml instead."
+            )
 
     def check_device(self, device_type: str) -> None:
         """Refuse, before any weights load, settings the device cannot run (QLoRA off CUDA)."""
@@ -210,6 +232,32 @@ class PreferenceModule(L.LightningModule):
         known, rewards = self.reward_source()
         return not (known and rewards is not None and rewards.provides_reference_logps)
 
+    def compute_dtype(self, trainer=None) -> torch.dtype:
+        """The dtype the models compute in, which decides whether flash-attention can run:
+        the autocast dtype of a ``*-mixed`` precision, else the ``param_dtype`` of FSDP1's
+        mixed precision (``FSDPStrategy``) or ``fsdp_param_dtype`` (FSDP2), else the dtype a
+        ``*-true`` precision converts the weights to, else ``torch_dtype``. ``trainer``
+        defaults to the module's own."""
+        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+        trainer = trainer or self._trainer
+        if trainer is None:
+            return parse_dtype(self.torch_dtype)
+        precision = str(trainer.precision)
+        half = torch.bfloat16 if precision.startswith("bf16") else torch.float16
+        if precision.endswith("-mixed"):
+            return half
+        strategy = trainer.strategy
+        if isinstance(strategy, FSDPStrategy):
+            config = strategy.mixed_precision_config
+            if config is not None and config.param_dtype is not None:
+                return config.param_dtype
+        if isinstance(strategy, ModelParallelStrategy) and self.fsdp_param_dtype:
+            return parse_dtype(self.fsdp_param_dtype)
+        if precision.endswith("-true") and precision.startswith(("bf16", "16")):
+            return half
+        return parse_dtype(self.torch_dtype)
+
     def load_model(self, name_or_path: str) -> nn.Module:
         """Load one causal LM (override to build models differently, e.g. with LoRA)."""
         from treg_lightning.models.loading import load_causal_lm
@@ -229,6 +277,7 @@ class PreferenceModule(L.LightningModule):
             attn_implementation=self.attn_implementation,
             trust_remote_code=self.trust_remote_code,
             device_type=device,
+            compute_dtype=self.compute_dtype(),
         )
 
     def configure_model(self) -> None:
@@ -426,6 +475,24 @@ class PreferenceModule(L.LightningModule):
         loss, outputs = self.compute_loss(batch, "test")
         self.log_metrics("test", loss, outputs, batch)
         return loss
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Lightning's clipping, except by norm under FSDP1 (``FSDPStrategy``): Lightning's
+        ``FSDPPrecision`` refuses that, since each rank holds only a shard of every gradient.
+        The root FSDP module's ``clip_grad_norm_`` computes the norm over all shards (a
+        collective: every rank calls it here) and scales every shard by the same factor."""
+        from treg_lightning.models.parallel import fsdp1_root
+
+        root = fsdp1_root(self)
+        if root is not None and gradient_clip_val and (gradient_clip_algorithm or "norm") == "norm":
+            root.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
         params = [p for p in self.policy.parameters() if p.requires_grad]

@@ -64,6 +64,9 @@ class RewardModelScorer:
             name_or_path, dtype=parse_dtype(torch_dtype), trust_remote_code=trust_remote_code
         )
         self.model.to(self.device).eval()
+        # Scoring decodes nothing after its forward: no key/value cache (set on the config, which
+        # every model's forward reads, remote code included).
+        self.model.config.use_cache = False
         if output_field is None and self.model.config.num_labels != 1:
             raise ConfigError(
                 f"the reward model {self.name!r} has {self.model.config.num_labels} outputs; a "

@@ -135,7 +135,7 @@ class TRegCLI(LightningCLI):
         loads."""
         if isinstance(self.model, PreferenceModule):
             self.model.check_inputs(self.datamodule)
-            self.model.check_device(self.trainer.strategy.root_device.type)
+            self.model.check_strategy(self.trainer)
             check_lora_targets(self.model)  # on the meta device, before any weights load
 
     def before_export(self) -> None:

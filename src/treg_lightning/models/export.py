@@ -60,13 +60,15 @@ def _check_adapter_only(adapter_only: bool) -> None:
 def export_module(
     module, output_dir: str | Path, tokenizer=None, adapter_only: bool = False
 ) -> Path | None:
-    """Write the live policy of ``module``; collective under FSDP2 (call on every rank).
+    """Write the live policy of ``module``; collective under FSDP1 and FSDP2 (call on every
+    rank).
 
     Returns the folder on global rank 0 and None on other ranks.
     """
-    from treg_lightning.models.parallel import is_sharded
+    from treg_lightning.models.parallel import fsdp1_policy_state, fsdp1_root, is_sharded
 
     policy = module.policy
+    root = fsdp1_root(module)
     if getattr(module, "peft", None) is not None:
         from treg_lightning.models.adapters import export_adapters, live_adapter_state
 
@@ -76,7 +78,9 @@ def export_module(
         return export_adapters(module, state, output_dir, tokenizer, adapter_only)
     _check_adapter_only(adapter_only)
     state_dict = None
-    if is_sharded(policy):
+    if root is not None:
+        state_dict = fsdp1_policy_state(root)
+    elif is_sharded(policy):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)

@@ -140,7 +140,12 @@ def varlen_attn_implementation(
     return None
 
 
-def choose_attn_implementation(requested: str | None, device_type: str, model_type: str) -> str:
+def choose_attn_implementation(
+    requested: str | None,
+    device_type: str,
+    model_type: str,
+    compute_dtype: str | torch.dtype,
+) -> str:
     """Pick the attention kernel.
 
     Args:
@@ -148,11 +153,18 @@ def choose_attn_implementation(requested: str | None, device_type: str, model_ty
             else (``"eager"``, ``"sdpa"``, ``"flash_attention_2"``, ...) is used as given.
         device_type: ``"cuda"``, ``"cpu"``, ...
         model_type: ``config.model_type`` of the model.
+        compute_dtype: the dtype the attention computes in: the weights' dtype, or the one the
+            run casts them to (autocast of a ``*-mixed`` precision, FSDP's ``param_dtype``).
 
     Returns:
-        On CUDA the varlen kernel of :func:`varlen_attn_implementation` (``"flash_attention_2"``
-        when flash-attn is installed, else ``"torch_varlen"``); otherwise ``"eager"`` for
-        models with attention soft-capping (Gemma-2, which sdpa gets wrong), else ``"sdpa"``.
+        On CUDA with a float16 / bfloat16 compute dtype, the varlen kernel of
+        :func:`varlen_attn_implementation` (``"flash_attention_2"`` when flash-attn is installed,
+        else ``"torch_varlen"``); otherwise ``"eager"`` for models with attention soft-capping
+        (Gemma-2, which sdpa gets wrong), else ``"sdpa"``.
+
+    Raises:
+        ConfigError: a varlen kernel requested where it cannot run: flash-attn missing, no
+            CUDA GPU for torch's kernel, or a float32 compute dtype (both take no other).
     """
     if requested not in (None, "auto"):
         check_attn_implementation(requested)
@@ -168,12 +180,34 @@ def choose_attn_implementation(requested: str | None, device_type: str, model_ty
                 "a CUDA GPU of the Ampere generation or newer (and a torch that ships "
                 "torch.nn.attention.varlen); use sdpa here, or leave attn_implementation unset."
             )
+        check_attn_dtype(requested, compute_dtype)
         return requested
-    if device_type == "cuda" and (varlen := varlen_attn_implementation(model_type)):
+    if device_type == "cuda" and (
+        varlen := varlen_attn_implementation(model_type, parse_dtype(compute_dtype))
+    ):
         return varlen
     if model_type in _EAGER_WITHOUT_FLASH:
         return "eager"
     return "sdpa"
+
+
+def is_half(dtype: str | torch.dtype) -> bool:
+    """Whether ``dtype`` is float16 or bfloat16, the dtypes flash-attention kernels take."""
+    return parse_dtype(dtype) in (torch.float16, torch.bfloat16)
+
+
+def check_attn_dtype(name: str | None, compute_dtype: str | torch.dtype) -> None:
+    """Refuse a varlen kernel (flash-attention, torch's varlen) with a compute dtype it cannot
+    take (transformers only warns when the model loads; the first forward then fails)."""
+    varlen = name == TORCH_VARLEN or "flash" in str(name)
+    if name is None or not varlen or is_half(compute_dtype):
+        return
+    raise ConfigError(
+        f"attn_implementation {name!r} computes in float16 or bfloat16 only, but this model "
+        f"computes in {parse_dtype(compute_dtype)}: load it in bfloat16 (torch_dtype), compute "
+        "in bfloat16 (trainer.precision bf16-mixed, or model.fsdp_param_dtype bfloat16 under "
+        "FSDP2), or leave attn_implementation unset to pick a kernel for the dtype."
+    )
 
 
 def check_attn_implementation(name: str | None) -> None:
@@ -225,6 +259,7 @@ def load_causal_lm(
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
     device_type: str | None = None,
+    compute_dtype: str | torch.dtype | None = None,
 ) -> PreTrainedModel:
     """Load a causal LM with a language-modelling head.
 
@@ -236,6 +271,8 @@ def load_causal_lm(
         trust_remote_code: allow model code from the hub (off by default: it runs arbitrary code).
         device_type: the device the model will run on, for the attention choice; defaults to
             ``"cuda"`` when CUDA is available, else ``"cpu"``.
+        compute_dtype: the dtype the model will compute in, for the attention choice, when the
+            run casts the weights (autocast, FSDP ``param_dtype``); None: ``torch_dtype``.
     """
     source = resolve_model_source(name_or_path)
     dtype = parse_dtype(torch_dtype)
@@ -246,7 +283,9 @@ def load_causal_lm(
     kind = config_kind(config)
     if kind in (SEQUENCE_CLASSIFIER, OTHER):  # AutoModelForCausalLM would add a random lm_head
         raise wrong_kind_error(str(name_or_path), kind, architecture(config), CAUSAL_LM)
-    attn = choose_attn_implementation(attn_implementation, device_type, config.model_type)
+    attn = choose_attn_implementation(
+        attn_implementation, device_type, config.model_type, compute_dtype or dtype
+    )
     if source.gguf_file is not None:
         model = _load_dequantized_gguf(source, dtype, attn)
     else:

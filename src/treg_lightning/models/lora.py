@@ -83,9 +83,7 @@ def apply_lora(model: nn.Module, config: Any, autocast_adapter_dtype: bool = Tru
     if config.task_type is None:
         config.task_type = "CAUSAL_LM"
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
-        # Casts the remaining (norm, embedding) weights for stable k-bit training; our
-        # PreferenceModule enables gradient checkpointing itself when asked to.
-        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model = prepare_kbit_model(model)
     try:
         wrapped = peft.get_peft_model(model, config, autocast_adapter_dtype=autocast_adapter_dtype)
     except ValueError as err:
@@ -99,6 +97,52 @@ def apply_lora(model: nn.Module, config: Any, autocast_adapter_dtype: bool = Tru
         ) from err
     _check_head_untouched(wrapped)
     return wrapped
+
+
+def prepare_kbit_model(model: nn.Module) -> nn.Module:
+    """peft's ``prepare_model_for_kbit_training`` (base frozen, normalization layers in float32
+    for a stable k-bit training), keeping every other weight in the dtype it was loaded in.
+
+    peft upcasts every non-quantized float16 / bfloat16 weight to float32, the embedding and the
+    output projection (``lm_head``) included: the chunked log-probs would then run the head's
+    ``[tokens, vocab]`` matmuls in float32, forward and backward, and the embedding would take
+    twice its memory. Those weights go back to their load dtype; the normalization layers stay
+    float32 as peft wants. Because those norms hand float32 hidden states on, the decoder's
+    output is cast to the head's dtype (a forward hook), where the head reads it: the chunked
+    log-probs and transformers' own ``lm_head(hidden)`` both get operands of one dtype.
+    PreferenceModule enables gradient checkpointing itself when asked to.
+    """
+    peft = require_peft()
+    loaded = {name: param.dtype for name, param in model.named_parameters()}
+    model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    for prefix, module in model.named_modules():
+        if _is_norm(module):
+            continue
+        for name, param in module.named_parameters(recurse=False):
+            dtype = loaded[f"{prefix}.{name}" if prefix else name]
+            if param.dtype != dtype:
+                param.data = param.data.to(dtype)
+    _decoder_output_in_head_dtype(model)
+    return model
+
+
+def _is_norm(module: nn.Module) -> bool:
+    # LayerNorm, LlamaRMSNorm, Gemma2RMSNorm, ...: the layers peft keeps in float32.
+    return "norm" in type(module).__name__.lower()
+
+
+def _decoder_output_in_head_dtype(model: nn.Module) -> None:
+    decoder = getattr(model, model.base_model_prefix)
+    head = model.get_output_embeddings()
+
+    def cast(module, args, output):
+        dtype = head.weight.dtype
+        if isinstance(output, tuple):
+            return (output[0].to(dtype), *output[1:])
+        output.last_hidden_state = output.last_hidden_state.to(dtype)
+        return output
+
+    decoder.register_forward_hook(cast)
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -289,7 +333,9 @@ def load_quantized_causal_lm(
     if source.gguf_file is not None:
         raise ValueError(f"{name_or_path}: QLoRA loads safetensors weights, not GGUF files.")
     config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
-    attn = choose_attn_implementation(attn_implementation, "cuda", config.model_type)
+    # Attention computes in torch_dtype: transformers casts the float32 queries that the
+    # float32 norms of a prepared k-bit model produce to the dtype it was loaded in.
+    attn = choose_attn_implementation(attn_implementation, "cuda", config.model_type, torch_dtype)
     return AutoModelForCausalLM.from_pretrained(
         source.path,
         quantization_config=quantization_config or qlora_config(torch_dtype),

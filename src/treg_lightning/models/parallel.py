@@ -135,6 +135,33 @@ def set_gradient_sync(model: nn.Module, sync: bool) -> None:
             module.set_requires_gradient_sync(sync, recurse=False)
 
 
+def fsdp1_root(module: nn.Module) -> nn.Module | None:
+    """The FSDP1 unit wrapping the LightningModule ``module`` whole under Lightning's
+    ``FSDPStrategy`` (it holds every parameter outside the wrapped decoder layers, the policy's
+    embedding and head included); None under any other strategy."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    strategy = getattr(getattr(module, "_trainer", None), "strategy", None)
+    root = getattr(strategy, "model", None)
+    return root if isinstance(root, FullyShardedDataParallel) else None
+
+
+def fsdp1_policy_state(root: nn.Module) -> dict:
+    """The whole ``policy`` weights of an FSDP1 ``root`` (:func:`fsdp1_root`), on CPU, by their
+    names in the policy; a collective (every rank calls it). Gathered from the root: the
+    policy's own state dict would read the root's parameters as this rank's shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    # Offloaded to CPU, on rank 0 only (the others get nothing): a whole 8B model per GPU would
+    # not fit. Parameters already on CPU are gathered as they are (torch's offload of CPU
+    # tensors crashes rank 0).
+    offload = root.compute_device.type != "cpu"
+    options = StateDictOptions(full_state_dict=True, cpu_offload=offload)
+    state = get_model_state_dict(root, options=options)
+    prefix = "policy."
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
 DEFAULT_DECODER_LAYERS = (
     "LlamaDecoderLayer",
     "Gemma2DecoderLayer",

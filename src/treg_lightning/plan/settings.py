@@ -292,7 +292,7 @@ def settings_from_config(
         devices: devices per node, overriding ``trainer.devices``.
         num_nodes: nodes, overriding ``trainer.num_nodes``.
     """
-    from treg_lightning.models.loading import choose_attn_implementation
+    from treg_lightning.models.loading import choose_attn_implementation, is_half
 
     trainer, model, data = config["trainer"], config["model"], config["data"]
     notes: list[str] = []
@@ -325,9 +325,11 @@ def settings_from_config(
     attn = model.get("attn_implementation")
     attn_note = "as configured"
     if attn in (None, "auto"):
-        attn = choose_attn_implementation(None, device_type, model_type)
+        attn = choose_attn_implementation(None, device_type, model_type, compute_dtype)
         attn_note = "auto on this machine"
-        if device_type == "cuda" and "flash" not in attn:
+        if device_type == "cuda" and not is_half(compute_dtype):
+            attn_note = f"auto: flash-attention takes no {compute_dtype} compute"
+        elif device_type == "cuda" and "flash" not in attn:
             attn_note = (
                 "auto: flash-attn is not installed here; add --model.attn_implementation "
                 "flash_attention_2 to plan for a machine that has it"

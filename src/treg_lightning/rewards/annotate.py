@@ -194,6 +194,9 @@ def _score_batch(model, batch, logp_chunk_size: int) -> list[np.ndarray]:
     model_inputs = {
         "input_ids": input_ids.to(device),
         "attention_mask": attention_mask.to(device),
+        # No key/value cache: nothing is decoded after this forward, and a cache would hold
+        # every layer's keys and values of the whole batch (gigabytes at 8B and 2k tokens).
+        "use_cache": False,
     }
     token_logps = causal_lm_token_logps(
         model, model_inputs, response_mask.to(device), logp_chunk_size, model_softcap(model)
