@@ -1,6 +1,8 @@
-"""The package's layout holds: imports point down only (no cycle, counting imports inside
-functions), the losses load no PEFT glue, the root stays small, the forward pass lives in
-``forward/``, checkpoints are read in one place, and the old module names still resolve."""
+"""The package's layout holds: every package imports only the packages below it in the stated
+order (counting imports inside functions; no cycle), no private name crosses a package line, the
+losses load no PEFT glue, the root stays small, the forward pass lives in ``forward/``,
+checkpoints are read in one place, and no import hook keeps older module names alive (older
+class paths are rewritten where checkpoints are read: tests/models/test_renames.py)."""
 
 from __future__ import annotations
 
@@ -14,8 +16,7 @@ from pathlib import Path
 import pytest
 
 import treg_lightning
-from treg_lightning import MOVED_MODULES, current_path
-from treg_lightning.models.checkpoints import upgrade_hparams
+from treg_lightning.models.renames import MOVED_MODULES
 
 SRC = Path(treg_lightning.__file__).parent
 PKG = "treg_lightning"
@@ -56,7 +57,7 @@ def _imports(module: str, path: Path) -> set[str]:
             if base == PKG or base.startswith(PKG + "."):
                 found |= {_owner(f"{base}.{a.name}") for a in node.names}
     found.discard(module)
-    found.discard(PKG)  # the package face (its MOVED_MODULES table imports nothing back)
+    found.discard(PKG)  # the package face: its version number only
     return found
 
 
@@ -102,29 +103,62 @@ def _package(module: str) -> str:
 
 
 def test_no_import_cycle_between_packages():
+    assert _cycle(_package_graph()) is None
+
+
+# The stated order, top to bottom (README "Layout", the package docstring): a package imports
+# only packages after it. Groups of one layer are listed together: training -> answers,
+# module -> data -> rewards, forward -> models, passes -> outputs -> pairs -> errors.
+ORDER = (
+    "cli",
+    *("training", "answers", "plan"),
+    *("module", "data", "rewards"),
+    *("forward", "models", "metrics"),
+    "losses",
+    *("passes", "outputs", "pairs", "errors"),
+)
+
+
+def _package_graph() -> dict[str, set[str]]:
     packages: dict[str, set[str]] = {}
     for module, deps in GRAPH.items():
         own = _package(module)
         packages.setdefault(own, set()).update(_package(d) for d in deps if _package(d) != own)
-    assert _cycle(packages) is None
+    packages.pop(PKG, None)  # the package face imports nothing of the package
+    return packages
+
+
+def test_every_package_has_a_place_in_the_order():
+    packages = {p.removeprefix(PKG + ".") for p in _package_graph()}
+    assert packages <= set(ORDER), f"not in the stated order: {sorted(packages - set(ORDER))}"
+    assert {"cli", "training", "module", "models", "losses", "errors"} <= packages
+
+
+def _upward(graph: dict[str, set[str]], package: str) -> list[str]:
+    """``module -> import`` of each import of ``package``'s modules that does not go below it."""
+    below = {f"{PKG}.{p}" for p in ORDER[ORDER.index(package) + 1 :]}
+    return sorted(
+        f"{module} -> {dep}"
+        for module, deps in graph.items()
+        if _package(module) == f"{PKG}.{package}"
+        for dep in deps
+        if _package(dep) != _package(module) and _package(dep) not in below
+    )
 
 
 @pytest.mark.parametrize(
-    ("low", "high"),
-    [
-        ("treg_lightning.pairs", ("losses", "forward", "models", "data", "module")),
-        ("treg_lightning.losses", ("forward", "models", "data", "rewards", "cli", "training")),
-        ("treg_lightning.forward", ("data", "module", "training", "cli", "answers")),
-        ("treg_lightning.rewards", ("losses", "module", "training", "cli", "answers")),
-        ("treg_lightning.data", ("module", "training", "cli", "answers", "forward")),
-    ],
+    "package", [p for p in ORDER if (SRC / p).is_dir() or (SRC / f"{p}.py").is_file()]
 )
-def test_lower_layers_import_nothing_above(low, high):
-    above = tuple(f"{PKG}.{name}" for name in high)
-    for module, deps in GRAPH.items():
-        if module == low or module.startswith(low + "."):
-            bad = sorted(d for d in deps if d.startswith(above))
-            assert not bad, f"{module} imports {bad}"
+def test_each_package_imports_only_what_is_below_it(package):
+    assert not _upward(GRAPH, package), f"{package} imports packages at or above it"
+
+
+def test_an_upward_import_is_caught():
+    graph = {
+        f"{PKG}.module.preference": {f"{PKG}.training.checks", f"{PKG}.module.checks"},
+        f"{PKG}.module.checks": {f"{PKG}.rewards.source", f"{PKG}.errors"},
+    }
+    assert _upward(graph, "module") == [f"{PKG}.module.preference -> {PKG}.training.checks"]
 
 
 def test_pairs_imports_only_torch_and_errors():
@@ -171,42 +205,20 @@ def test_the_wrapper_prefix_is_one_constant():
     assert holders == ["models/state_names.py"]
 
 
+def test_no_import_hook_for_older_module_names():
+    """Older module names do not import (configs get a hint instead, checkpoints a rewrite);
+    the package installs no finder on the import system."""
+    assert not [f for f in sys.meta_path if type(f).__module__.startswith(PKG)]
+    assert "MetaPathFinder" not in (SRC / "__init__.py").read_text()
+    for old in ("schedulers", "adapters", "training.schedulers", "data.packing"):
+        with pytest.raises(ModuleNotFoundError):
+            importlib.import_module(f"{PKG}.{old}")
+
+
 @pytest.mark.parametrize("old", sorted(MOVED_MODULES))
-def test_old_module_names_import_as_the_new_modules(old):
-    module = importlib.import_module(f"{PKG}.{old}")
-    assert module is importlib.import_module(f"{PKG}.{MOVED_MODULES[old]}")
-    assert module.__spec__.name == f"{PKG}.{MOVED_MODULES[old]}"
-
-
-@pytest.mark.parametrize(
-    ("old", "new"),
-    [
-        ("treg_lightning.adapters.QLoRA", "treg_lightning.models.adapters.QLoRA"),
-        ("treg_lightning.generation.VLLMBackend", "treg_lightning.answers.generation.VLLMBackend"),
-        (
-            "treg_lightning.callbacks.ExportOnFitEnd",
-            "treg_lightning.training.callbacks.ExportOnFitEnd",
-        ),
-        ("treg_lightning.guards.NonFiniteGuard", "treg_lightning.training.guards.NonFiniteGuard"),
-        (
-            "treg_lightning.schedulers.WarmupCosineLR",
-            "treg_lightning.training.schedulers.WarmupCosineLR",
-        ),
-        ("treg_lightning.rewards.ContrastiveRewards", "treg_lightning.rewards.ContrastiveRewards"),
-        ("treg_lightning.losses.DPOLoss", "treg_lightning.losses.DPOLoss"),
-    ],
-)
-def test_old_class_paths_resolve_and_upgrade(old, new):
-    module, name = old.rsplit(".", 1)
-    assert getattr(importlib.import_module(module), name) is getattr(
-        importlib.import_module(new.rsplit(".", 1)[0]), name
-    )
-    assert current_path(old) == new
-    hparams = {"scheduler": {"class_path": old, "init_args": {"x": [{"class_path": old}]}}}
-    upgraded = upgrade_hparams(hparams)
-    assert upgraded["scheduler"]["class_path"] == new
-    assert upgraded["scheduler"]["init_args"]["x"][0]["class_path"] == new
-    assert hparams["scheduler"]["class_path"] == old  # the input is not changed
+def test_each_renamed_module_exists_under_its_new_name_only(old):
+    assert f"{PKG}.{old}" not in FILES  # else the rewrite would shadow a live module
+    assert f"{PKG}.{MOVED_MODULES[old]}" in FILES
 
 
 def test_verbs_keep_lightnings_signatures():

@@ -250,7 +250,7 @@ def test_cli_resume_mid_epoch_under_the_default_scheduler(tiny_model_dir, tmp_pa
     DataLoader state (epoch, batches consumed)."""
     data = write_pairs(tmp_path / "pairs.jsonl", 12)  # 6 batches
     args = (
-        "--model.scheduler=treg_lightning.training.schedulers.WarmupCosineLR",
+        "--model.scheduler=treg_lightning.module.schedulers.WarmupCosineLR",
         "--trainer.max_epochs=1",
         "--trainer.limit_val_batches=0",
         "--trainer.callbacks.every_n_train_steps=2",

@@ -131,7 +131,7 @@ class TRegCLI(LightningCLI):
 
     def check_inputs(self) -> None:
         """The start-up check of what the loss and regularizer need against the data's reward
-        source (:func:`~treg_lightning.training.checks.check_pair_inputs`), before any model
+        source (:func:`~treg_lightning.module.checks.check_pair_inputs`), before any model
         loads."""
         if isinstance(self.model, PreferenceModule):
             self.model.check_inputs(self.datamodule)

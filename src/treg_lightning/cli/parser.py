@@ -11,6 +11,7 @@ from treg_lightning.cli.help import (
     did_you_mean,
     old_schema_hint,
     option_keys,
+    renamed_path_hint,
     short_usage,
     show_linked_target,
     without_union_dump,
@@ -25,7 +26,7 @@ class TRegArgumentParser(LightningArgumentParser):
 
     def error(self, message: str, *args, **kwargs):
         message = did_you_mean(without_union_dump(str(message)), option_keys(self._all_usages()))
-        message = old_schema_hint(message)
+        message = renamed_path_hint(old_schema_hint(message))
         return super().error(message, *args, **kwargs)
 
     def print_usage(self, file=None) -> None:

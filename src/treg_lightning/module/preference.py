@@ -18,6 +18,7 @@ Each step is a small method, so a subclass overrides exactly the piece it change
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -43,14 +44,16 @@ from treg_lightning.losses.base import LossOutput, PreferenceLossModule
 from treg_lightning.losses.treg import RegularizerOutput
 from treg_lightning.metrics import PreferenceMetrics
 from treg_lightning.models.adapters import LoraConfig, QLoRA, check_adapter_settings
+from treg_lightning.models.checkpoints import load_checkpoint
 from treg_lightning.models.loading import check_attn_implementation, parse_dtype
+from treg_lightning.models.renames import upgrade_hparams
+from treg_lightning.module.checks import check_module_settings, check_pair_inputs
+from treg_lightning.module.hparams import portable_hparams
+from treg_lightning.module.schedulers import WarmupCosineLR, estimated_training_steps
+from treg_lightning.module.seeding import seed_step
+from treg_lightning.module.vocab import check_batch_fits, check_model_fits_data
 from treg_lightning.pairs import SIDES, PairScores, field
 from treg_lightning.rewards.source import TokenRewardSource
-from treg_lightning.training.checks import check_module_settings, check_pair_inputs
-from treg_lightning.training.hparams import portable_hparams
-from treg_lightning.training.schedulers import WarmupCosineLR, estimated_training_steps
-from treg_lightning.training.seeding import seed_step
-from treg_lightning.training.vocab import check_batch_fits, check_model_fits_data
 
 
 class PreferenceModule(L.LightningModule):
@@ -183,7 +186,7 @@ class PreferenceModule(L.LightningModule):
     def check_inputs(self, datamodule=None) -> None:
         """Fail at start-up, before any model loads, when the loss or the regularizer needs what
         the data's reward source (or a live reference) cannot provide
-        (:func:`treg_lightning.training.checks.check_pair_inputs`). Called by ``prepare_data``,
+        (:func:`treg_lightning.module.checks.check_pair_inputs`). Called by ``prepare_data``,
         ``configure_model`` and the CLI."""
         known, rewards = self.reward_source(datamodule)
         if known:
@@ -451,6 +454,31 @@ class PreferenceModule(L.LightningModule):
 
         strategy = self._trainer.strategy if self._trainer is not None else None
         return isinstance(strategy, (FSDPStrategy, ModelParallelStrategy))
+
+    @classmethod
+    def load_from_checkpoint(
+        cls,
+        checkpoint_path,
+        map_location=None,
+        hparams_file=None,
+        strict: bool | None = None,
+        weights_only: bool | None = None,
+        **kwargs: Any,
+    ):
+        """Lightning's ``load_from_checkpoint``, with a ``.ckpt`` file's hyperparameters in
+        today's names first (:func:`~treg_lightning.models.renames.upgrade_hparams`: class paths
+        of modules that have moved since, the regularizer's older ``token_rewards``), as every
+        ``treg`` verb reads them. ``kwargs`` still override the checkpoint's values."""
+        if hparams_file is None and isinstance(checkpoint_path, (str, Path)):
+            path = Path(checkpoint_path).expanduser()
+            if path.is_file():
+                saved = load_checkpoint(path, "checkpoint_path").get("hyper_parameters") or {}
+                upgraded = upgrade_hparams(dict(saved), source=str(path))
+                changed = {k: v for k, v in upgraded.items() if saved.get(k) != v}
+                kwargs = {**changed, **kwargs}
+        return super().load_from_checkpoint(
+            checkpoint_path, map_location, hparams_file, strict, weights_only, **kwargs
+        )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         reopen_cut_epoch(checkpoint)  # a max_steps stop mid-epoch resumes at its next batch

@@ -12,8 +12,8 @@ from __future__ import annotations
 from torch import nn
 
 from treg_lightning.errors import ConfigError
+from treg_lightning.module.hparams import real_class
 from treg_lightning.rewards.source import TokenRewardSource
-from treg_lightning.training.hparams import real_class
 
 
 def _source_name(rewards: TokenRewardSource | None) -> str:
