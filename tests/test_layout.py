@@ -161,6 +161,68 @@ def test_an_upward_import_is_caught():
     assert _upward(graph, "module") == [f"{PKG}.module.preference -> {PKG}.training.checks"]
 
 
+def _private_members_by_package() -> dict[str, set[str]]:
+    """``{_name: packages}`` of the private methods and ``self`` attributes of each package's
+    classes (a dependency's private attribute set on a foreign object,
+    ``config._attn_implementation = ...``, or a module-level function is no member)."""
+    defined: dict[str, set[str]] = {}
+    for module, path in FILES.items():
+        for cls in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(cls, ast.ClassDef):
+                continue
+            names = [
+                n.name for n in cls.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+            ]
+            for node in ast.walk(cls):
+                targets = node.targets if isinstance(node, ast.Assign) else []
+                targets += [node.target] if isinstance(node, ast.AnnAssign) else []
+                names += [
+                    t.attr
+                    for t in targets
+                    if isinstance(t, ast.Attribute) and ast.unparse(t.value) == "self"
+                ]
+            for name in names:
+                if name.startswith("_") and not name.startswith("__"):
+                    defined.setdefault(name, set()).add(_package(module))
+    return defined
+
+
+def _private_crossings(files: dict[str, Path]) -> list[str]:
+    """Each use in ``files`` of a private name that only another package defines: imported
+    (``from treg_lightning.data.sources import _decode``) or reached as an attribute
+    (``datamodule._serve(...)``)."""
+    members = _private_members_by_package()
+    found = []
+    for module, path in files.items():
+        own = _package(module)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(PKG + "."):
+                for alias in node.names:
+                    if alias.name.startswith("_") and _package(node.module) != own:
+                        found.append(f"{module}:{node.lineno} imports {node.module}.{alias.name}")
+            elif isinstance(node, ast.Attribute) and node.attr.startswith("_"):
+                homes = members.get(node.attr, set())
+                if homes and own not in homes:
+                    found.append(f"{module}:{node.lineno} uses {ast.unparse(node)}")
+    return found
+
+
+def test_no_private_name_crosses_a_package_line():
+    assert _private_crossings(FILES) == []
+
+
+def test_a_private_crossing_is_caught(tmp_path):
+    path = tmp_path / "reader.py"
+    path.write_text(
+        "from treg_lightning.data.sources import _decode\n"
+        "def f(datamodule):\n    return datamodule._device(), datamodule.get_tokenizer()\n"
+    )
+    assert _private_crossings({f"{PKG}.answers.reader": path}) == [
+        f"{PKG}.answers.reader:1 imports {PKG}.data.sources._decode",
+        f"{PKG}.answers.reader:3 uses datamodule._device",
+    ]
+
+
 def test_pairs_imports_only_torch_and_errors():
     assert GRAPH["treg_lightning.pairs"] <= {"treg_lightning.errors"}
 

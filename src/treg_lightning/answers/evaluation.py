@@ -239,7 +239,7 @@ def evaluate_runs(trainer, base_module, datamodule, runs: list[EvalRun],
                 raise MissingFileError(f"run {run.name!r}: {field} {value} does not exist.")
     answers = {run.name: read_jsonl(Path(run.predictions)) for run in runs if run.predictions}
     reference = read_jsonl(Path(settings.reference)) if settings.reference else None
-    tokenizer = datamodule._load_tokenizer() if datamodule is not None else None
+    tokenizer = datamodule.get_tokenizer() if datamodule is not None else None
     results = []
     for run in runs:
         result: dict[str, Any] = {"run": run.name, **asdict(run)}

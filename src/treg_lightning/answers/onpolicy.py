@@ -395,7 +395,7 @@ def _pairs(trainer, job: PairsJob, paths: OutputPaths) -> Path | None:
     if len(prompts) < len(loaded):
         rank_zero_info(f"pairs: {len(loaded) - len(prompts)} repeated prompts kept once")
     job.scorer.check([p["messages"] for p in prompts])  # before any weights load
-    tokenizer = job.datamodule._load_tokenizer()
+    tokenizer = job.datamodule.get_tokenizer()
     policy = PolicySource(job.module, job.ckpt_path)
     device = strategy.root_device
     record = samples_fingerprint(prompts, policy, settings, job.backend, device)

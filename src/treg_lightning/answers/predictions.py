@@ -336,7 +336,7 @@ def _predict(trainer, job: PredictJob, output: Path) -> Path | None:
         job.datamodule.prepare_data()
     strategy.barrier("predict-prepare")
     prompts = load_prompt_set(job.datamodule, job.prompts_file, job.split, job.limit)
-    tokenizer = job.datamodule._load_tokenizer()
+    tokenizer = job.datamodule.get_tokenizer()
     policy = PolicySource(job.module, job.ckpt_path)
     generator = settings.generator or default_generator(job.module, job.ckpt_path)
     device = strategy.root_device

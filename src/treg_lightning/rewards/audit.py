@@ -262,7 +262,7 @@ def audit_split(
             f"{', '.join(tokenized)}); configure data.val_source / data.test_source or pick one."
         )
     rows = tokenized[split]
-    served = [dict(row) for row in datamodule._serve(split, rows)]
+    served = [dict(row) for row in datamodule.serve(split, rows)]
     datamodule.rewards.release()
     truth = SpanRewards()
     for row, out in zip(rows, served, strict=True):
@@ -272,7 +272,7 @@ def audit_split(
                 out[field(side, "marks")] = marks.tolist()
     other = None
     if second is not None:
-        other = [dict(row) for row in datamodule._serve(split, rows, second)]
+        other = [dict(row) for row in datamodule.serve(split, rows, second)]
         second.release()
     return audit_rows(served, second=other, **settings), served
 
