@@ -34,6 +34,7 @@ class DPOLoss(PreferenceLossModule):
     """
 
     needs_reference = True
+    needs_token_rewards = False
 
     def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0) -> None:
         super().__init__()

@@ -30,6 +30,7 @@ class IPOLoss(PreferenceLossModule):
     """
 
     needs_reference = True
+    needs_token_rewards = False
 
     def __init__(self, tau: float = 0.1) -> None:
         super().__init__()
