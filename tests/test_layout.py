@@ -223,6 +223,64 @@ def test_a_private_crossing_is_caught(tmp_path):
     ]
 
 
+# Modules that import nothing heavy: imported at the top of a file, never inside a function
+# (a function-level import hides a dependency and saves nothing).
+GROUND_FLOOR = tuple(f"{PKG}.{name}" for name in ("errors", "pairs", "outputs", "passes"))
+# Files being rewritten elsewhere (the shared resumable pass, the audit's metrics) that still
+# import a ground-floor module inside a function.
+PENDING = ("answers.predictions", "answers.onpolicy", "rewards.audit")
+
+
+def _function_level_imports(path: Path) -> list[tuple[int, str]]:
+    """``(line, module)`` of each import of the package made inside a function of ``path``."""
+    found = []
+    for function in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for node in ast.walk(function):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(PKG):
+                found.append((node.lineno, node.module))
+            elif isinstance(node, ast.Import):
+                found += [(node.lineno, a.name) for a in node.names if a.name.startswith(PKG)]
+    return sorted(set(found))
+
+
+def _lazy_ground_floor(files: dict[str, Path]) -> list[str]:
+    return [
+        f"{module}:{line} imports {name}"
+        for module, path in sorted(files.items())
+        for line, name in _function_level_imports(path)
+        if name.startswith(GROUND_FLOOR)
+    ]
+
+
+def test_ground_floor_modules_are_imported_at_the_top():
+    pending = tuple(f"{PKG}.{name}:" for name in PENDING)
+    assert [line for line in _lazy_ground_floor(FILES) if not line.startswith(pending)] == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="answers/predictions.py, answers/onpolicy.py and rewards/audit.py still import "
+    "treg_lightning.outputs / errors inside functions; they are being rewritten (the shared "
+    "resumable pass, the audit's metrics). Drop this mark, and PENDING, once they import at "
+    "the top.",
+)
+def test_no_ground_floor_module_is_imported_inside_a_function():
+    assert _lazy_ground_floor(FILES) == []
+
+
+def test_a_function_level_import_is_seen(tmp_path):
+    path = tmp_path / "m.py"
+    path.write_text(
+        "from treg_lightning.pairs import SIDES\n"
+        "def f():\n    from treg_lightning.errors import ConfigError\n    return ConfigError\n"
+    )
+    assert _lazy_ground_floor({f"{PKG}.answers.m": path}) == [
+        f"{PKG}.answers.m:3 imports {PKG}.errors"
+    ]
+
+
 def test_pairs_imports_only_torch_and_errors():
     assert GRAPH["treg_lightning.pairs"] <= {"treg_lightning.errors"}
 

@@ -19,6 +19,8 @@ from typing import Any
 import matplotlib
 from matplotlib.figure import Figure  # no pyplot: no global backend switch for the caller
 
+from treg_lightning.errors import MissingFileError
+
 CURVES = (
     ("loss", "loss"),
     ("reward_accuracy", "reward accuracy"),
@@ -43,8 +45,6 @@ def read_metrics(log: str | Path) -> Series:
     events = sorted(path.rglob("events.out.tfevents.*")) if path.is_dir() else []
     if events:
         return _read_events(_latest(events).parent)
-    from treg_lightning.errors import MissingFileError
-
     raise MissingFileError(
         f"{path} holds no metrics.csv (CSVLogger) and no TensorBoard event file: give the "
         "run's log folder (trainer.logger save_dir) or its metrics.csv."

@@ -150,6 +150,7 @@ def _folder_entries(path: Path, setting: str) -> dict[str, tuple[int, ...]]:
             "written by ModelParallelStrategy / FSDPStrategy (it holds .metadata and "
             "__0_0.distcp files)."
         )
+    # Lazy: torch.distributed.checkpoint takes seconds to import and only sharded folders need it.
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
@@ -216,6 +217,8 @@ def check_checkpoint_fits(ckpt_path: str | Path, module, setting: str = "--ckpt_
 
 
 def _expected_shapes(module) -> dict[str, tuple[int, ...]] | None:
+    # Lazy: transformers (and models.loading, which imports it) take seconds to import; the
+    # reader itself needs torch only.
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from treg_lightning.models.loading import resolve_model_source
@@ -224,7 +227,8 @@ def _expected_shapes(module) -> dict[str, tuple[int, ...]] | None:
     if source.gguf_file is not None:
         return None
     if getattr(module, "peft", None) is not None:
-        # A LoRA run's checkpoints hold its adapters only (treg_lightning.models.adapters).
+        # A LoRA run's checkpoints hold its adapters only (treg_lightning.models.adapters;
+        # lazy, as it imports transformers).
         from treg_lightning.models.adapters import adapter_shapes
 
         return adapter_shapes(module)
@@ -241,6 +245,9 @@ def read_state(ckpt_path: str | Path, setting: str = "--ckpt_path") -> dict[str,
     path = Path(ckpt_path).expanduser()
     check_checkpoint_file(path, setting)
     if path.is_dir():
+        # Lazy: Lightning takes seconds to import and only sharded folders need it. A private
+        # function (no public one consolidates a sharded checkpoint in memory): its signature
+        # is checked in tests/test_private_hooks.py.
         from lightning.fabric.utilities.load import _load_distributed_checkpoint
 
         return _load_distributed_checkpoint(path)["state_dict"]
@@ -285,7 +292,7 @@ def load_policy_weights(policy, state: dict[str, Any], lora: bool, source: str) 
     weight for a full fine-tune, the adapters onto a PEFT-wrapped policy for a LoRA run (its
     checkpoints hold the adapters only)."""
     if lora:
-        from treg_lightning.models.adapters import load_adapters
+        from treg_lightning.models.adapters import load_adapters  # lazy: imports transformers
 
         load_adapters(policy, state, assign=False, where=source)
         return

@@ -17,6 +17,7 @@ import inspect
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import nn
 
 _PLAIN = (int, float, str, bool, type(None))
@@ -25,8 +26,6 @@ _PLAIN = (int, float, str, bool, type(None))
 def portable_hparams(module: L.LightningModule, init_args: dict[str, Any]) -> None:
     """``module.save_hyperparameters()`` of the caller's ``__init__`` arguments, with injected
     objects described (see the module docstring)."""
-    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
-
     args = {k: v for k, v in init_args.items() if k not in ("self", "__class__")}
     under_cli = _given_hyperparameters.get() is not None
     injected = {} if under_cli else {k: v for k, v in args.items() if _is_object(v)}

@@ -25,6 +25,7 @@ import lightning as L
 import torch
 from jsonargparse import lazy_instance
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import nn
 
 from treg_lightning.data.datamodule import PreferenceDataModule
@@ -43,9 +44,16 @@ from treg_lightning.losses import SimPOLoss, TokenRewardRegularizer
 from treg_lightning.losses.base import LossOutput, PreferenceLossModule
 from treg_lightning.losses.treg import RegularizerOutput
 from treg_lightning.metrics import PreferenceMetrics
-from treg_lightning.models.adapters import LoraConfig, QLoRA, check_adapter_settings
+from treg_lightning.models.adapters import (
+    LoraConfig,
+    QLoRA,
+    check_adapter_settings,
+    keep_adapters_only,
+)
 from treg_lightning.models.checkpoints import load_checkpoint
-from treg_lightning.models.loading import check_attn_implementation, parse_dtype
+from treg_lightning.models.loading import check_attn_implementation, load_causal_lm, parse_dtype
+from treg_lightning.models.lora import adapters_disabled, apply_lora
+from treg_lightning.models.parallel import prepare_for_training
 from treg_lightning.models.renames import upgrade_hparams
 from treg_lightning.module.checks import check_module_settings, check_pair_inputs
 from treg_lightning.module.hparams import portable_hparams
@@ -215,8 +223,6 @@ class PreferenceModule(L.LightningModule):
 
     def load_model(self, name_or_path: str) -> nn.Module:
         """Load one causal LM (override to build models differently, e.g. with LoRA)."""
-        from treg_lightning.models.loading import load_causal_lm
-
         device = self._trainer.strategy.root_device.type if self._trainer is not None else None
         if self.quantization is not None:
             return self.quantization.load(
@@ -255,9 +261,6 @@ class PreferenceModule(L.LightningModule):
         if self.gradient_checkpointing and self._fsdp_mesh() is None:
             policy.gradient_checkpointing_enable({"use_reentrant": False})
         if self.peft is not None:
-            from treg_lightning.models.adapters import keep_adapters_only
-            from treg_lightning.models.lora import apply_lora
-
             policy = apply_lora(policy, self.peft)
             keep_adapters_only(self)
         self.policy = self._prepare(policy, activation_checkpointing=self.gradient_checkpointing)
@@ -277,8 +280,6 @@ class PreferenceModule(L.LightningModule):
         self.check_inputs()
 
     def _fsdp_mesh(self):
-        from lightning.pytorch.strategies import ModelParallelStrategy
-
         trainer = self._trainer
         if trainer is None or not isinstance(trainer.strategy, ModelParallelStrategy):
             return None
@@ -286,8 +287,6 @@ class PreferenceModule(L.LightningModule):
 
     def _prepare(self, lm: nn.Module, activation_checkpointing: bool) -> nn.Module:
         """Bind the token-logps forward; shard with FSDP2 when the strategy asks for it."""
-        from treg_lightning.models.parallel import prepare_for_training
-
         bind_token_logps(lm)
         param_dtype = parse_dtype(self.fsdp_param_dtype) if self.fsdp_param_dtype else None
         compile_options = {"dynamic": True, **(self.compile_options or {})}
@@ -338,8 +337,6 @@ class PreferenceModule(L.LightningModule):
         if all(field(side, "ref_token_logps") in batch for side in SIDES):
             return {side: batch[field(side, "ref_token_logps")] for side in SIDES}
         if self.reference is None and self.adapters_are_reference:
-            from treg_lightning.models.lora import adapters_disabled
-
             with torch.no_grad(), adapters_disabled(self.policy):
                 return self.model_token_logps(self.policy, batch)
         if self.reference is None:
@@ -450,8 +447,6 @@ class PreferenceModule(L.LightningModule):
                 del state[key]
 
     def _sharded_strategy(self) -> bool:
-        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
-
         strategy = self._trainer.strategy if self._trainer is not None else None
         return isinstance(strategy, (FSDPStrategy, ModelParallelStrategy))
 
