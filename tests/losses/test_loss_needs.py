@@ -8,19 +8,21 @@ import dataclasses
 
 import pytest
 import torch
+from torch import nn
 
 from builders import refused_before_training, tiny_fit_args, write_pairs
 from treg_lightning.errors import ConfigError
 from treg_lightning.losses import DPOLoss, IPOLoss, SimPOLoss
-from treg_lightning.losses.base import LossOutput, PreferenceLossModule
+from treg_lightning.losses.base import LossOutput
 from treg_lightning.module.checks import check_pair_inputs
 from treg_lightning.pairs import PairScores, ResponseScores
 from treg_lightning.rewards import TokenRewardSource
 
 
-class RewardWeightedSimPO(PreferenceLossModule):
+class RewardWeightedSimPO(nn.Module):
     """SimPO, each pair weighted by ``1 + mean token reward`` of its chosen response: a loss
-    that reads the data's token rewards.
+    that reads the data's token rewards. A plain ``nn.Module``, as a user's loss may be (not
+    derived from ``PreferenceLossModule``, so ``treg fit --help`` does not list it).
 
     Args:
         beta: SimPO's reward scale.

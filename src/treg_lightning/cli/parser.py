@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from jsonargparse import lazy_instance
 from lightning.pytorch.cli import LightningArgumentParser
 
@@ -32,7 +34,7 @@ class TRegArgumentParser(LightningArgumentParser):
     def print_usage(self, file=None) -> None:
         usage = short_usage(self.format_usage())
         if usage:
-            self._print_message(usage, file)
+            (file or sys.stdout).write(usage)  # where argparse's print_usage writes
 
     def _all_usages(self) -> str:
         texts = [self.format_usage()]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import importlib
 import inspect
 from typing import Any
 
@@ -113,12 +114,12 @@ def _plain(value: Any) -> Any:
 
 def real_class(value: Any) -> type:
     """The class of ``value``; for a jsonargparse ``lazy_instance`` (a subclass made on the fly),
-    the class it stands for."""
-    mro = type(value).__mro__
-    for i, cls in enumerate(mro[:-1]):
-        if cls.__module__.startswith("jsonargparse") and "Lazy" in cls.__name__:
-            return mro[i + 1]
-    return type(value)
+    the class it stands for, which its public ``lazy_get_init_data()`` names."""
+    describe = getattr(value, "lazy_get_init_data", None)
+    if not callable(describe):
+        return type(value)
+    module, name = describe().class_path.rsplit(".", 1)
+    return getattr(importlib.import_module(module), name)
 
 
 def _class_path(cls: type) -> str:

@@ -56,7 +56,7 @@ from treg_lightning.models.lora import adapters_disabled, apply_lora
 from treg_lightning.models.parallel import prepare_for_training
 from treg_lightning.models.renames import upgrade_hparams
 from treg_lightning.module.checks import check_module_settings, check_pair_inputs
-from treg_lightning.module.hparams import portable_hparams
+from treg_lightning.module.hparams import portable_hparams, real_class
 from treg_lightning.module.schedulers import WarmupCosineLR, estimated_training_steps
 from treg_lightning.module.seeding import seed_step
 from treg_lightning.module.vocab import check_batch_fits, check_model_fits_data
@@ -259,7 +259,7 @@ class PreferenceModule(L.LightningModule):
         check_model_fits_data(self, policy, self.model_name)  # not inside the embedding lookup
         policy.config.use_cache = False
         if self.gradient_checkpointing and self._fsdp_mesh() is None:
-            policy.gradient_checkpointing_enable({"use_reentrant": False})
+            policy.activation_checkpointing_enable({"use_reentrant": False})
         if self.peft is not None:
             policy = apply_lora(policy, self.peft)
             keep_adapters_only(self)
@@ -492,9 +492,10 @@ class PreferenceModule(L.LightningModule):
 
 
 def _initialized(value):
-    """``value``, run through its ``__init__`` now if it is a jsonargparse ``lazy_instance`` (the
-    defaults of ``loss`` and ``regularizer``): its properties then read real attributes."""
-    if "_lazy_methods" in getattr(value, "__dict__", {}) and hasattr(value, "_lazy_init"):
-        if any(name in value.__dict__ for name in value._lazy_methods):
-            value._lazy_init()
+    """``value``; for a jsonargparse ``lazy_instance`` (the defaults of ``loss`` and
+    ``regularizer``), a new instance of the class it stands for, built now from its init
+    arguments (its public ``lazy_get_init_args()``): its properties then read real attributes,
+    and no two modules share the default's one object."""
+    if callable(getattr(value, "lazy_get_init_args", None)):
+        return real_class(value)(**value.lazy_get_init_args().as_dict())
     return value
