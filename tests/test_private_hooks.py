@@ -207,6 +207,20 @@ def test_transformers_attention_and_split_modules():
     assert LlamaForCausalLM._no_split_modules == ["LlamaDecoderLayer"]
 
 
+def test_config_private_keys_are_left_out_of_cache_fingerprints():
+    """rewards/cache/fingerprint.py leaves ``config.to_dict()``'s private keys (where a model
+    was loaded from) out of a token-reward cache's fingerprint; a new private key would change
+    every fingerprint and rebuild every cache."""
+    from transformers import LlamaConfig
+
+    from treg_lightning.rewards.cache.fingerprint import _VOLATILE_CONFIG_KEYS
+
+    config = LlamaConfig(num_hidden_layers=1, hidden_size=8, intermediate_size=8,
+                         num_attention_heads=2, num_key_value_heads=2, vocab_size=16)  # fmt: skip
+    private = {key for key in config.to_dict() if key.startswith("_")}
+    assert private and private <= set(_VOLATILE_CONFIG_KEYS)
+
+
 # --- the tested range ------------------------------------------------------------------------
 
 

@@ -13,7 +13,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from builders import tiny_fit_args, write_pairs
 from treg_lightning.data.datamodule import PreferenceDataModule
 from treg_lightning.losses import SimPOLoss, TokenRewardRegularizer
-from treg_lightning.module import PreferenceModule, WarmupCosineLR
+from treg_lightning.module import PreferenceModule
+from treg_lightning.module.schedulers import WarmupCosineLR
 from treg_lightning.rewards import ContrastiveRewards
 
 STEPS_PER_EPOCH = 4  # 8 pairs, 2 per batch

@@ -1,11 +1,12 @@
 """treg-lightning: preference optimization (DPO, IPO, SimPO) with T-REG token-level reward
 regularization, as Lightning modules.
 
-The package face. Layout (arrows point down only; nothing imports what is above it, not even
+The package face. Layers, top to bottom (a package imports only what is below it, not even
 inside a function; ``tests/test_layout.py`` checks every package):
 ``cli`` -> ``training`` / ``answers`` / ``plan`` -> ``module`` / ``data`` / ``rewards`` ->
-``forward`` / ``models`` / ``metrics`` -> ``losses`` -> ``pairs`` / ``errors`` / ``outputs`` /
-``passes``.
+``forward`` / ``models`` / ``metrics`` -> ``losses`` -> ``passes`` / ``outputs`` / ``pairs`` /
+``errors``. Inside a layer, arrows run left to right only (``training`` -> ``answers``,
+``module`` -> ``data`` -> ``rewards``, ``forward`` -> ``models``, ``pairs`` -> ``errors``).
 """
 
 # The one version number: pyproject.toml reads it from here (setuptools dynamic version).

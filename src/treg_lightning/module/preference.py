@@ -44,6 +44,7 @@ from treg_lightning.losses import SimPOLoss, TokenRewardRegularizer
 from treg_lightning.losses.base import LossOutput, PreferenceLossModule
 from treg_lightning.losses.treg import RegularizerOutput
 from treg_lightning.metrics import PreferenceMetrics
+from treg_lightning.models import loading
 from treg_lightning.models.adapters import (
     LoraConfig,
     QLoRA,
@@ -51,7 +52,7 @@ from treg_lightning.models.adapters import (
     keep_adapters_only,
 )
 from treg_lightning.models.checkpoints import load_checkpoint
-from treg_lightning.models.loading import check_attn_implementation, load_causal_lm, parse_dtype
+from treg_lightning.models.loading import check_attn_implementation, parse_dtype
 from treg_lightning.models.lora import adapters_disabled, apply_lora
 from treg_lightning.models.parallel import prepare_for_training
 from treg_lightning.models.renames import upgrade_hparams
@@ -232,7 +233,8 @@ class PreferenceModule(L.LightningModule):
                 trust_remote_code=self.trust_remote_code,
                 device_type=device,
             )
-        return load_causal_lm(
+        # Through the module: a test (or a user) that replaces loading.load_causal_lm is obeyed.
+        return loading.load_causal_lm(
             name_or_path,
             torch_dtype=self.torch_dtype,
             attn_implementation=self.attn_implementation,
