@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
-import importlib
 import inspect
 from typing import Any
 
@@ -118,8 +117,8 @@ def real_class(value: Any) -> type:
     describe = getattr(value, "lazy_get_init_data", None)
     if not callable(describe):
         return type(value)
-    module, name = describe().class_path.rsplit(".", 1)
-    return getattr(importlib.import_module(module), name)
+    name = describe().class_path.rsplit(".", 1)[-1]
+    return next(cls for cls in type(value).__mro__[1:] if cls.__name__ == name)
 
 
 def _class_path(cls: type) -> str:
