@@ -239,7 +239,7 @@ MUTATIONS = [
         "resume: an epoch cut by max_steps is not reopened",
         [f"{RESUME}::test_cli_continue_with_larger_max_steps_trains_the_rest"],
         (
-            "src/treg_lightning/module.py",
+            "src/treg_lightning/module/preference.py",
             "        reopen_cut_epoch(checkpoint)  #",
             "        pass  #",
         ),

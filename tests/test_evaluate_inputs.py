@@ -13,7 +13,7 @@ from unittest import mock
 import pytest
 
 from builders import no_model_load, write_pairs
-from treg_lightning import plots
+from treg_lightning.answers import plots
 from treg_lightning.cli.main import cli_main
 
 

@@ -1,6 +1,8 @@
-"""The package's layout holds: imports point down only (no cycle, counting imports inside
-functions), the losses load no PEFT glue, the root stays small, the forward pass lives in
-``forward/``, checkpoints are read in one place, and the old module names still resolve."""
+"""The package's layout holds: every package imports only the packages below it in the stated
+order (counting imports inside functions; no cycle), no private name crosses a package line, the
+losses load no PEFT glue, the root stays small, the forward pass lives in ``forward/``,
+checkpoints are read in one place, and no import hook keeps older module names alive (older
+class paths are rewritten where checkpoints are read: tests/models/test_renames.py)."""
 
 from __future__ import annotations
 
@@ -14,8 +16,7 @@ from pathlib import Path
 import pytest
 
 import treg_lightning
-from treg_lightning import MOVED_MODULES, current_path
-from treg_lightning.models.checkpoints import upgrade_hparams
+from treg_lightning.models.renames import MOVED_MODULES
 
 SRC = Path(treg_lightning.__file__).parent
 PKG = "treg_lightning"
@@ -56,7 +57,7 @@ def _imports(module: str, path: Path) -> set[str]:
             if base == PKG or base.startswith(PKG + "."):
                 found |= {_owner(f"{base}.{a.name}") for a in node.names}
     found.discard(module)
-    found.discard(PKG)  # the package face (its MOVED_MODULES table imports nothing back)
+    found.discard(PKG)  # the package face: its version number only
     return found
 
 
@@ -102,35 +103,167 @@ def _package(module: str) -> str:
 
 
 def test_no_import_cycle_between_packages():
+    assert _cycle(_package_graph()) is None
+
+
+# The stated order, top to bottom (README "Layout", the package docstring): a package imports
+# only packages after it. Groups of one layer are listed together: training -> answers,
+# module -> data -> rewards, forward -> models, passes -> outputs -> pairs -> errors.
+ORDER = (
+    "cli",
+    *("training", "answers", "plan"),
+    *("module", "data", "rewards"),
+    *("forward", "models", "metrics"),
+    "losses",
+    *("passes", "outputs", "pairs", "errors"),
+)
+
+
+def _package_graph() -> dict[str, set[str]]:
     packages: dict[str, set[str]] = {}
     for module, deps in GRAPH.items():
         own = _package(module)
         packages.setdefault(own, set()).update(_package(d) for d in deps if _package(d) != own)
-    assert _cycle(packages) is None
+    packages.pop(PKG, None)  # the package face imports nothing of the package
+    return packages
 
 
-# Everything of the package but errors: the pass machinery is on the ground floor.
-ABOVE_PASSES = ("pairs", "losses", "forward", "models", "data", "rewards", "module", "metrics",
-                "outputs", "training", "answers", "plan", "cli")  # fmt: skip
+def test_every_package_has_a_place_in_the_order():
+    packages = {p.removeprefix(PKG + ".") for p in _package_graph()}
+    assert packages <= set(ORDER), f"not in the stated order: {sorted(packages - set(ORDER))}"
+    assert {"cli", "training", "module", "models", "losses", "errors"} <= packages
+
+
+def _upward(graph: dict[str, set[str]], package: str) -> list[str]:
+    """``module -> import`` of each import of ``package``'s modules that does not go below it."""
+    below = {f"{PKG}.{p}" for p in ORDER[ORDER.index(package) + 1 :]}
+    return sorted(
+        f"{module} -> {dep}"
+        for module, deps in graph.items()
+        if _package(module) == f"{PKG}.{package}"
+        for dep in deps
+        if _package(dep) != _package(module) and _package(dep) not in below
+    )
 
 
 @pytest.mark.parametrize(
-    ("low", "high"),
-    [
-        ("treg_lightning.pairs", ("losses", "forward", "models", "data", "module")),
-        ("treg_lightning.losses", ("forward", "models", "data", "rewards", "cli", "training")),
-        ("treg_lightning.forward", ("data", "module", "training", "cli", "answers")),
-        ("treg_lightning.rewards", ("losses", "module", "training", "cli", "answers")),
-        ("treg_lightning.data", ("module", "training", "cli", "answers", "forward")),
-        ("treg_lightning.passes", tuple(ABOVE_PASSES)),
-    ],
+    "package", [p for p in ORDER if (SRC / p).is_dir() or (SRC / f"{p}.py").is_file()]
 )
-def test_lower_layers_import_nothing_above(low, high):
-    above = tuple(f"{PKG}.{name}" for name in high)
-    for module, deps in GRAPH.items():
-        if module == low or module.startswith(low + "."):
-            bad = sorted(d for d in deps if d.startswith(above))
-            assert not bad, f"{module} imports {bad}"
+def test_each_package_imports_only_what_is_below_it(package):
+    assert not _upward(GRAPH, package), f"{package} imports packages at or above it"
+
+
+def test_an_upward_import_is_caught():
+    graph = {
+        f"{PKG}.module.preference": {f"{PKG}.training.checks", f"{PKG}.module.checks"},
+        f"{PKG}.module.checks": {f"{PKG}.rewards.source", f"{PKG}.errors"},
+    }
+    assert _upward(graph, "module") == [f"{PKG}.module.preference -> {PKG}.training.checks"]
+
+
+def _private_members_by_package() -> dict[str, set[str]]:
+    """``{_name: packages}`` of the private methods and ``self`` attributes of each package's
+    classes (a dependency's private attribute set on a foreign object,
+    ``config._attn_implementation = ...``, or a module-level function is no member)."""
+    defined: dict[str, set[str]] = {}
+    for module, path in FILES.items():
+        for cls in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(cls, ast.ClassDef):
+                continue
+            names = [
+                n.name for n in cls.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+            ]
+            for node in ast.walk(cls):
+                targets = node.targets if isinstance(node, ast.Assign) else []
+                targets += [node.target] if isinstance(node, ast.AnnAssign) else []
+                names += [
+                    t.attr
+                    for t in targets
+                    if isinstance(t, ast.Attribute) and ast.unparse(t.value) == "self"
+                ]
+            for name in names:
+                if name.startswith("_") and not name.startswith("__"):
+                    defined.setdefault(name, set()).add(_package(module))
+    return defined
+
+
+def _private_crossings(files: dict[str, Path]) -> list[str]:
+    """Each use in ``files`` of a private name that only another package defines: imported
+    (``from treg_lightning.data.sources import _decode``) or reached as an attribute
+    (``datamodule._serve(...)``)."""
+    members = _private_members_by_package()
+    found = []
+    for module, path in files.items():
+        own = _package(module)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(PKG + "."):
+                for alias in node.names:
+                    if alias.name.startswith("_") and _package(node.module) != own:
+                        found.append(f"{module}:{node.lineno} imports {node.module}.{alias.name}")
+            elif isinstance(node, ast.Attribute) and node.attr.startswith("_"):
+                homes = members.get(node.attr, set())
+                if homes and own not in homes:
+                    found.append(f"{module}:{node.lineno} uses {ast.unparse(node)}")
+    return found
+
+
+def test_no_private_name_crosses_a_package_line():
+    assert _private_crossings(FILES) == []
+
+
+def test_a_private_crossing_is_caught(tmp_path):
+    path = tmp_path / "reader.py"
+    path.write_text(
+        "from treg_lightning.data.sources import _decode\n"
+        "def f(datamodule):\n    return datamodule._device(), datamodule.get_tokenizer()\n"
+    )
+    assert _private_crossings({f"{PKG}.answers.reader": path}) == [
+        f"{PKG}.answers.reader:1 imports {PKG}.data.sources._decode",
+        f"{PKG}.answers.reader:3 uses datamodule._device",
+    ]
+
+
+# Modules that import nothing heavy: imported at the top of a file, never inside a function
+# (a function-level import hides a dependency and saves nothing).
+GROUND_FLOOR = tuple(f"{PKG}.{name}" for name in ("errors", "pairs", "outputs", "passes"))
+
+
+def _function_level_imports(path: Path) -> list[tuple[int, str]]:
+    """``(line, module)`` of each import of the package made inside a function of ``path``."""
+    found = []
+    for function in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for node in ast.walk(function):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(PKG):
+                found.append((node.lineno, node.module))
+            elif isinstance(node, ast.Import):
+                found += [(node.lineno, a.name) for a in node.names if a.name.startswith(PKG)]
+    return sorted(set(found))
+
+
+def _lazy_ground_floor(files: dict[str, Path]) -> list[str]:
+    return [
+        f"{module}:{line} imports {name}"
+        for module, path in sorted(files.items())
+        for line, name in _function_level_imports(path)
+        if name.startswith(GROUND_FLOOR)
+    ]
+
+
+def test_no_ground_floor_module_is_imported_inside_a_function():
+    assert _lazy_ground_floor(FILES) == []
+
+
+def test_a_function_level_import_is_seen(tmp_path):
+    path = tmp_path / "m.py"
+    path.write_text(
+        "from treg_lightning.pairs import SIDES\n"
+        "def f():\n    from treg_lightning.errors import ConfigError\n    return ConfigError\n"
+    )
+    assert _lazy_ground_floor({f"{PKG}.answers.m": path}) == [
+        f"{PKG}.answers.m:3 imports {PKG}.errors"
+    ]
 
 
 def test_pairs_imports_only_torch_and_errors():
@@ -223,42 +356,20 @@ def test_the_wrapper_prefix_is_one_constant():
     assert holders == ["models/state_names.py"]
 
 
+def test_no_import_hook_for_older_module_names():
+    """Older module names do not import (configs get a hint instead, checkpoints a rewrite);
+    the package installs no finder on the import system."""
+    assert not [f for f in sys.meta_path if type(f).__module__.startswith(PKG)]
+    assert "MetaPathFinder" not in (SRC / "__init__.py").read_text()
+    for old in ("schedulers", "adapters", "training.schedulers", "data.packing"):
+        with pytest.raises(ModuleNotFoundError):
+            importlib.import_module(f"{PKG}.{old}")
+
+
 @pytest.mark.parametrize("old", sorted(MOVED_MODULES))
-def test_old_module_names_import_as_the_new_modules(old):
-    module = importlib.import_module(f"{PKG}.{old}")
-    assert module is importlib.import_module(f"{PKG}.{MOVED_MODULES[old]}")
-    assert module.__spec__.name == f"{PKG}.{MOVED_MODULES[old]}"
-
-
-@pytest.mark.parametrize(
-    ("old", "new"),
-    [
-        ("treg_lightning.adapters.QLoRA", "treg_lightning.models.adapters.QLoRA"),
-        ("treg_lightning.generation.VLLMBackend", "treg_lightning.answers.generation.VLLMBackend"),
-        (
-            "treg_lightning.callbacks.ExportOnFitEnd",
-            "treg_lightning.training.callbacks.ExportOnFitEnd",
-        ),
-        ("treg_lightning.guards.NonFiniteGuard", "treg_lightning.training.guards.NonFiniteGuard"),
-        (
-            "treg_lightning.schedulers.WarmupCosineLR",
-            "treg_lightning.training.schedulers.WarmupCosineLR",
-        ),
-        ("treg_lightning.rewards.ContrastiveRewards", "treg_lightning.rewards.ContrastiveRewards"),
-        ("treg_lightning.losses.DPOLoss", "treg_lightning.losses.DPOLoss"),
-    ],
-)
-def test_old_class_paths_resolve_and_upgrade(old, new):
-    module, name = old.rsplit(".", 1)
-    assert getattr(importlib.import_module(module), name) is getattr(
-        importlib.import_module(new.rsplit(".", 1)[0]), name
-    )
-    assert current_path(old) == new
-    hparams = {"scheduler": {"class_path": old, "init_args": {"x": [{"class_path": old}]}}}
-    upgraded = upgrade_hparams(hparams)
-    assert upgraded["scheduler"]["class_path"] == new
-    assert upgraded["scheduler"]["init_args"]["x"][0]["class_path"] == new
-    assert hparams["scheduler"]["class_path"] == old  # the input is not changed
+def test_each_renamed_module_exists_under_its_new_name_only(old):
+    assert f"{PKG}.{old}" not in FILES  # else the rewrite would shadow a live module
+    assert f"{PKG}.{MOVED_MODULES[old]}" in FILES
 
 
 def test_verbs_keep_lightnings_signatures():

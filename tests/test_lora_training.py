@@ -22,11 +22,11 @@ from treg_lightning.data.datamodule import PreferenceDataModule  # noqa: E402
 from treg_lightning.forward.batch import bind_token_logps, padded_token_logps  # noqa: E402
 from treg_lightning.losses import DPOLoss, TokenRewardRegularizer  # noqa: E402
 from treg_lightning.module import PreferenceModule  # noqa: E402
+from treg_lightning.module.schedulers import WarmupCosineLR  # noqa: E402
 from treg_lightning.pairs import SIDES, field  # noqa: E402
 from treg_lightning.rewards import ContrastiveRewards  # noqa: E402
 from treg_lightning.training.callbacks import ExportOnFitEnd  # noqa: E402
 from treg_lightning.training.guards import NonFiniteError, NonFiniteGuard  # noqa: E402
-from treg_lightning.training.schedulers import WarmupCosineLR  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 STEPS_PER_EPOCH = 4  # 8 pairs, 2 per batch

@@ -1,6 +1,8 @@
 """Checkpoints written before the regularizer's targets became objects (``token_rewards: self |
-sft | implicit``) still load: their hyperparameters are upgraded to today's names, for ``.ckpt``
-files and sharded checkpoint folders alike; a name no version wrote is refused, naming the file."""
+sft | implicit``) and before modules moved (``treg_lightning.training.schedulers``) still load:
+their hyperparameters are upgraded to today's names, for ``.ckpt`` files and sharded checkpoint
+folders alike, under ``treg`` and ``PreferenceModule.load_from_checkpoint``; a name no version
+wrote is refused, naming the file."""
 
 from __future__ import annotations
 
@@ -14,12 +16,15 @@ import torch
 from test_checkpoint_checks import args_for
 from treg_lightning.cli.main import TRegCLI, cli_main
 from treg_lightning.losses.targets import ChosenSFT, ImplicitRewards, SelfGeneratedRewards
-from treg_lightning.models.checkpoints import upgrade_hparams
+from treg_lightning.models.renames import upgrade_hparams
+from treg_lightning.module import PreferenceModule
+from treg_lightning.module.schedulers import WarmupCosineLR
 
 OLD_REGULARIZER = {
     "class_path": "treg_lightning.losses.TokenRewardRegularizer",
     "init_args": {"alpha": 0.5, "weighting": "static", "token_rewards": "sft"},
 }
+OLD_SCHEDULER = "treg_lightning.training.schedulers.WarmupCosineLR"
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +34,11 @@ def old_checkpoint(tiny_model_dir, tmp_path_factory) -> Path:
     with mock.patch.object(sys, "argv", ["treg"]):
         cli = TRegCLI(args=["fit", *args_for(tiny_model_dir, root)])
     checkpoint = torch.load(cli.trainer.checkpoint_callback.best_model_path, weights_only=True)
-    assert "targets" in checkpoint["hyper_parameters"]["regularizer"]["init_args"]  # today's form
-    checkpoint["hyper_parameters"]["regularizer"] = OLD_REGULARIZER
+    hparams = checkpoint["hyper_parameters"]
+    assert "targets" in hparams["regularizer"]["init_args"]  # today's form
+    assert hparams["scheduler"]["class_path"] == "treg_lightning.module.schedulers.WarmupCosineLR"
+    hparams["regularizer"] = OLD_REGULARIZER
+    hparams["scheduler"] = {**hparams["scheduler"], "class_path": OLD_SCHEDULER}
     path = root / "old.ckpt"
     torch.save(checkpoint, path)
     return path
@@ -77,6 +85,20 @@ def test_old_ckpt_file_validates_with_its_settings(old_checkpoint, tiny_model_di
     assert isinstance(regularizer.targets, ChosenSFT)
     assert (regularizer.alpha, regularizer.weighting) == (0.5, "static")
     assert cli.trainer.callback_metrics["val/loss"].isfinite()
+    optimizer = torch.optim.SGD(cli.model.policy.parameters(), lr=0.1)
+    assert isinstance(cli.model.scheduler_factory(optimizer), WarmupCosineLR)
+
+
+def test_old_ckpt_file_loads_without_the_cli(old_checkpoint):
+    """``PreferenceModule.load_from_checkpoint`` upgrades the names as the verbs do; a keyword
+    argument still overrides the checkpoint."""
+    module = PreferenceModule.load_from_checkpoint(old_checkpoint)
+    assert isinstance(module.regularizer.targets, ChosenSFT)
+    assert module.regularizer.alpha == 0.5
+    optimizer = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+    assert isinstance(module.scheduler_factory(optimizer), WarmupCosineLR)
+    plain = PreferenceModule.load_from_checkpoint(old_checkpoint, regularizer=None)
+    assert plain.regularizer is None
 
 
 def test_old_sharded_folder_meta_is_upgraded(old_checkpoint, tiny_model_dir, tmp_path):

@@ -13,7 +13,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from builders import tiny_fit_args, write_pairs
 from treg_lightning.data.datamodule import PreferenceDataModule
 from treg_lightning.losses import SimPOLoss, TokenRewardRegularizer
-from treg_lightning.module import PreferenceModule, WarmupCosineLR
+from treg_lightning.module import PreferenceModule
+from treg_lightning.module.schedulers import WarmupCosineLR
 from treg_lightning.rewards import ContrastiveRewards
 
 STEPS_PER_EPOCH = 4  # 8 pairs, 2 per batch
@@ -250,7 +251,7 @@ def test_cli_resume_mid_epoch_under_the_default_scheduler(tiny_model_dir, tmp_pa
     DataLoader state (epoch, batches consumed)."""
     data = write_pairs(tmp_path / "pairs.jsonl", 12)  # 6 batches
     args = (
-        "--model.scheduler=treg_lightning.training.schedulers.WarmupCosineLR",
+        "--model.scheduler=treg_lightning.module.schedulers.WarmupCosineLR",
         "--trainer.max_epochs=1",
         "--trainer.limit_val_batches=0",
         "--trainer.callbacks.every_n_train_steps=2",

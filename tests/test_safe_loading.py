@@ -86,7 +86,7 @@ def test_trust_remote_code_defaults_false_and_is_never_forced_on():
     assert {
         ("loading.py", "load_tokenizer"),
         ("loading.py", "load_causal_lm"),
-        ("module.py", "__init__"),
+        ("preference.py", "__init__"),
         ("datamodule.py", "__init__"),
     } <= names
     assert [s for s in signatures if not s[2]] == []

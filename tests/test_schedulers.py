@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from treg_lightning.training.schedulers import WarmupCosineLR
+from treg_lightning.module.schedulers import WarmupCosineLR
 
 
 def test_warmup_cosine_schedule_values():

@@ -311,7 +311,7 @@ FSDP_SCRIPT = textwrap.dedent(
     import torch
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    import treg_lightning.module as module_code
+    import treg_lightning.module.preference as module_code
     from treg_lightning.data.datamodule import PreferenceDataModule
     from treg_lightning.losses import DPOLoss, TokenRewardRegularizer
     from treg_lightning.module import PreferenceModule

@@ -36,7 +36,7 @@ from treg_lightning.models.varlen_attention import (
     flash_attn_varlen_func,
     runs_varlen,
 )
-from treg_lightning.training.checks import check_module_settings
+from treg_lightning.module.checks import check_module_settings
 
 LAYERS = 2
 pytestmark = pytest.mark.gpu_emulation

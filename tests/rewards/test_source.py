@@ -17,8 +17,8 @@ from builders import SIDES
 from treg_lightning.data.datamodule import PreferenceDataModule
 from treg_lightning.losses import DPOLoss, SimPOLoss, TokenRewardRegularizer
 from treg_lightning.module import PreferenceModule
+from treg_lightning.module.checks import ConfigError, check_pair_inputs
 from treg_lightning.rewards import TokenRewardSource
-from treg_lightning.training.checks import ConfigError, check_pair_inputs
 
 
 class ParityRewards(TokenRewardSource):

@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 
 from treg_lightning.answers.predictions import read_jsonl
+from treg_lightning.errors import ConfigError, MissingFileError
+from treg_lightning.outputs import OutputFolderError
 
 PAIR_METRICS = (
     "reward_accuracy",
@@ -160,8 +162,6 @@ def matched(rows: list[dict], reference: list[dict], name: str) -> list[int]:
     for row in rows:
         found = positions.get(prompt_key(row))
         if not found:
-            from treg_lightning.errors import ConfigError
-
             raise ConfigError(
                 f"run {name!r}: the reference answers have no answer to the prompt "
                 f"{row['instruction'][:80]!r}. Generate both with the same prompts "
@@ -226,8 +226,6 @@ def pair_metrics(trainer, module, datamodule) -> dict[str, float]:
 def evaluate_runs(trainer, base_module, datamodule, runs: list[EvalRun],
                   settings: EvaluateSettings) -> list[dict[str, Any]]:  # fmt: skip
     """One result dict per run (and one for the reference answers, when given)."""
-    from treg_lightning.errors import ConfigError, MissingFileError
-
     if not runs:
         raise ConfigError("evaluate needs at least one run: --runs '[{name: ..., ...}]'.")
     for run in runs:
@@ -239,7 +237,7 @@ def evaluate_runs(trainer, base_module, datamodule, runs: list[EvalRun],
                 raise MissingFileError(f"run {run.name!r}: {field} {value} does not exist.")
     answers = {run.name: read_jsonl(Path(run.predictions)) for run in runs if run.predictions}
     reference = read_jsonl(Path(settings.reference)) if settings.reference else None
-    tokenizer = datamodule._load_tokenizer() if datamodule is not None else None
+    tokenizer = datamodule.get_tokenizer() if datamodule is not None else None
     results = []
     for run in runs:
         result: dict[str, Any] = {"run": run.name, **asdict(run)}
@@ -351,8 +349,6 @@ def check_report_folder(
     """Refuse to write over an earlier report, or a file of that name (the plots included),
     unless asked to (checked before any work). ``curves.png`` counts where a run has a
     ``log_dir`` (``runs`` None: always)."""
-    from treg_lightning.outputs import OutputFolderError
-
     names = ["evaluation.md", "evaluation.json", "evaluation.png"]
     if runs is None or any(run.log_dir for run in runs):
         names.append("curves.png")

@@ -134,7 +134,7 @@ def _pairs(trainer, job: PairsJob, paths: OutputPaths) -> Path | None:
     with ranks.step("pairs-start"):
         prompts = _prompts(answers)
         job.scorer.check([p["messages"] for p in prompts])  # before any weights load
-        tokenizer = answers.datamodule._load_tokenizer()
+        tokenizer = answers.datamodule.get_tokenizer()
         policy, device = answers.policy(), trainer.strategy.root_device
         record = samples_fingerprint(prompts, policy, settings, answers.backend, device)
         scoring = {"samples": record["digest"], "scorer": job.scorer.fingerprint()}

@@ -24,7 +24,7 @@ from pathlib import Path
 from treg_lightning.answers.pair_sampling import seed_parts
 from treg_lightning.answers.predictions import OUTPUT_ADVICE, read_shard, write_rows
 from treg_lightning.answers.selection import DROP_REASONS, BestWorst, Choice, Sample
-from treg_lightning.outputs import disk_full_hint
+from treg_lightning.outputs import OutputFolderError, check_writable, disk_full_hint
 from treg_lightning.passes import Parts, ShardPlan, write_json
 
 
@@ -44,7 +44,6 @@ class OutputPaths:
 
 def check_outputs(output: str | Path, overwrite: bool) -> OutputPaths:
     """Refuse an existing pairs file unless ``overwrite``; check the folder is writable."""
-    from treg_lightning.outputs import OutputFolderError, check_writable
 
     paths = OutputPaths.of(output)
     if paths.pairs.is_dir():
@@ -63,7 +62,6 @@ def check_outputs(output: str | Path, overwrite: bool) -> OutputPaths:
 def check_sidecars(paths: OutputPaths, digest: str, overwrite: bool) -> None:
     """Refuse sidecar files of another run (a sidecar of this very run, left by a write that was
     interrupted before the pairs file, is the same file and is written again)."""
-    from treg_lightning.outputs import OutputFolderError
 
     if overwrite:
         return

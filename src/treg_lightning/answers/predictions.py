@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from treg_lightning.answers.generation import GenerationBackend, SamplingSettings
 from treg_lightning.errors import ConfigError, MissingFileError
-from treg_lightning.outputs import disk_full_hint
+from treg_lightning.outputs import OutputFolderError, check_writable, disk_full_hint
 from treg_lightning.passes import (
     Parts,
     Ranks,
@@ -127,7 +127,6 @@ class PredictSettings:
 
 def check_output(output: str | Path, overwrite: bool) -> Path:
     """Refuse to write over an existing answers file unless asked to; check the folder."""
-    from treg_lightning.outputs import OutputFolderError, check_writable
 
     path = Path(output).expanduser()
     if path.is_dir():
@@ -343,7 +342,7 @@ def _predict(trainer, job: PredictJob, output: Path) -> Path | None:
     with ranks.step("predict-start"):
         prompts = load_prompt_set(answers.datamodule, answers.prompts_file, answers.split,
                                   answers.limit)  # fmt: skip
-        tokenizer = answers.datamodule._load_tokenizer()
+        tokenizer = answers.datamodule.get_tokenizer()
         policy, device = answers.policy(), trainer.strategy.root_device
         record = fingerprint(prompts, policy, settings, answers.backend, device)
         parts = Parts(parts_folder(output, record["digest"]))

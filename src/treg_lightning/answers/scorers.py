@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from treg_lightning.errors import ConfigError
+from treg_lightning.pairs import sequence_logps
 
 # (prompt messages, answer text)
 Item = tuple[list[dict], str]
@@ -257,7 +258,6 @@ class ImplicitRewardScorer(Scorer):
             causal_lm_token_logps,
             model_softcap,
         )
-        from treg_lightning.pairs import sequence_logps
 
         # Right padding: a causal model's real tokens never see the padding after them.
         longest = max(len(ids) for ids, _ in batch)

@@ -21,6 +21,9 @@ import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+from treg_lightning.data.datamodule import PreferenceDataModule
 from treg_lightning.errors import user_error_in
 
 EXIT_USER_ERROR = 2
@@ -100,8 +103,6 @@ def _say(message: str, all_ranks: bool) -> None:
 
 
 def _global_rank() -> int:
-    from lightning.pytorch.utilities.rank_zero import rank_zero_only
-
     return int(getattr(rank_zero_only, "rank", 0) or 0)
 
 
@@ -162,8 +163,6 @@ def annotation_chunks(datamodule) -> list[tuple[Path, int]]:
 
 
 def _cache_dir(datamodule) -> Path | None:
-    from treg_lightning.data.datamodule import PreferenceDataModule
-
     if not isinstance(datamodule, PreferenceDataModule) or datamodule.rewards is None:
         return None
     folder = datamodule.rewards.cache_folder

@@ -8,6 +8,8 @@ lists every ``data.*`` argument.
   (``unrecognized arguments``), gets "Did you mean ...?" with the closest key.
 - A setting of the previous config schema (``data.rewards: annotate``, ``data.template``,
   ``token_rewards: self``) gets a one-line hint with its new form (:func:`old_schema_hint`).
+- A class path through a module that has moved (``treg_lightning.schedulers.WarmupCosineLR``)
+  gets a one-line hint naming today's path (:func:`renamed_path_hint`).
 - ``data.tokenizer`` is set from ``model.model`` by a link; jsonargparse then lists it only under
   "Linked arguments". :func:`show_linked_target` puts its help back in its own group.
 """
@@ -18,6 +20,8 @@ import argparse
 import difflib
 import re
 from collections.abc import Iterable
+
+from treg_lightning.models.renames import renamed_paths
 
 # Usage longer than this many lines is left out of error messages (the tip names --help).
 MAX_USAGE_LINES = 4
@@ -93,6 +97,17 @@ def old_schema_hint(message: str) -> str:
             f"regularizer's init_args ({targets})."
         )
     return message
+
+
+def renamed_path_hint(message: str) -> str:
+    """``message`` plus a line ``hint: ...`` naming today's path of each older module path it
+    names (:data:`treg_lightning.models.renames.MOVED_MODULES`); other messages, and one already
+    hinted, are returned as they are."""
+    renamed = renamed_paths(message)
+    if not renamed or "hint: `" in message:
+        return message
+    moves = "; ".join(f"`{old}` is now `{new}`" for old, new in renamed)
+    return f"{message}\nhint: a module path of an earlier version: {moves}; write the new one."
 
 
 def without_union_dump(message: str) -> str:

@@ -40,6 +40,8 @@ from treg_lightning.models.adapters import check_lora_targets
 from treg_lightning.models.checkpoints import check_checkpoint_fits, is_file_path, read_hparams
 from treg_lightning.module import PreferenceModule
 from treg_lightning.outputs import check_not_overwriting, check_writable
+from treg_lightning.plan.report import log_fit_plan
+from treg_lightning.training.callbacks import ExportOnFitEnd
 from treg_lightning.training.trainer import TRegTrainer
 
 
@@ -110,8 +112,6 @@ class TRegCLI(LightningCLI):
         self.check_inputs()
         self._check_ckpt_fits()
         startup.check_run_outputs(self.trainer)
-        from treg_lightning.plan.report import log_fit_plan
-
         log_fit_plan(self.config[self.subcommand].as_dict(), self.trainer)
         check_writable(self.output_folders())
         startup.skip_validation_without_data(self.trainer, self.datamodule)
@@ -131,7 +131,7 @@ class TRegCLI(LightningCLI):
 
     def check_inputs(self) -> None:
         """The start-up check of what the loss and regularizer need against the data's reward
-        source (:func:`~treg_lightning.training.checks.check_pair_inputs`), before any model
+        source (:func:`~treg_lightning.module.checks.check_pair_inputs`), before any model
         loads."""
         if isinstance(self.model, PreferenceModule):
             self.model.check_inputs(self.datamodule)
@@ -152,8 +152,6 @@ class TRegCLI(LightningCLI):
 
     def output_folders(self) -> list[tuple[str, object]]:
         """``(setting, folder)`` of every folder the run will write, for the start-up check."""
-        from treg_lightning.training.callbacks import ExportOnFitEnd
-
         trainer = self.trainer
         folders = [("trainer.default_root_dir", trainer.default_root_dir)]
         for logger in trainer.loggers:

@@ -13,6 +13,8 @@ import re
 import warnings
 from collections.abc import Iterator
 
+import lightning_utilities.core.rank_zero as rank_zero
+
 # (category, start of the message, why it is noise for a treg user)
 KNOWN_WARNINGS: list[tuple[type[Warning], str, str]] = [
     (
@@ -55,8 +57,6 @@ class _DropKnownLines(logging.Filter):
 @contextlib.contextmanager
 def known_noise_hidden() -> Iterator[None]:
     """Within the block, the known warnings and log lines above are not shown."""
-    import lightning_utilities.core.rank_zero as rank_zero
-
     # rank_zero_info logs through whichever logger Lightning last assigned to this module.
     loggers = {
         rank_zero.log,

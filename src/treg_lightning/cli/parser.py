@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from jsonargparse import lazy_instance
 from lightning.pytorch.cli import LightningArgumentParser
 
@@ -11,6 +13,7 @@ from treg_lightning.cli.help import (
     did_you_mean,
     old_schema_hint,
     option_keys,
+    renamed_path_hint,
     short_usage,
     show_linked_target,
     without_union_dump,
@@ -26,13 +29,13 @@ class TRegArgumentParser(LightningArgumentParser):
 
     def error(self, message: str, *args, **kwargs):
         message = did_you_mean(without_union_dump(str(message)), option_keys(self._all_usages()))
-        message = old_schema_hint(message)
+        message = renamed_path_hint(old_schema_hint(message))
         return super().error(message, *args, **kwargs)
 
     def print_usage(self, file=None) -> None:
         usage = short_usage(self.format_usage())
         if usage:
-            self._print_message(usage, file)
+            (file or sys.stdout).write(usage)  # where argparse's print_usage writes
 
     def _all_usages(self) -> str:
         texts = [self.format_usage()]

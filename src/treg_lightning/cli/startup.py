@@ -16,7 +16,10 @@ evaluator or data loads.
 from __future__ import annotations
 
 from lightning.pytorch import Trainer
+from lightning.pytorch.strategies import ModelParallelStrategy
 
+from treg_lightning.data.datamodule import PreferenceDataModule
+from treg_lightning.data.splits import require_split
 from treg_lightning.errors import ConfigError
 
 
@@ -27,8 +30,6 @@ def fill_data_parallel_size(trainer: Trainer) -> None:
     Raises:
         ConfigError: the device count is not a multiple of ``tensor_parallel_size``.
     """
-    from lightning.pytorch.strategies import ModelParallelStrategy
-
     strategy = trainer.strategy
     if not isinstance(strategy, ModelParallelStrategy):
         return
@@ -74,8 +75,5 @@ def check_run_outputs(trainer: Trainer) -> None:
 
 def require_data(datamodule, split: str, command: str) -> None:
     """Refuse ``command`` when the datamodule configures no ``split`` ("val", "test") data."""
-    from treg_lightning.data.datamodule import PreferenceDataModule
-    from treg_lightning.data.splits import require_split
-
     if isinstance(datamodule, PreferenceDataModule):
         require_split(datamodule.split_plan(), split, command)

@@ -165,7 +165,7 @@ class PreferenceDataModule(pl.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Downloads (hub datasets, tokenizer) once per node; nothing is kept in memory."""
-        self._load_tokenizer()
+        self.get_tokenizer()
         for where in self.split_plan().values():
             if where.source != DEMO_SOURCE and not Path(where.source).expanduser().exists():
                 load_source(where.source, where.split, self.limit)  # a hub dataset: HF cache
@@ -187,7 +187,7 @@ class PreferenceDataModule(pl.LightningDataModule):
         rows = self.tokenized_rows()
         for split in wanted:
             if split not in self.datasets and rows.get(split):
-                self.datasets[split] = self._serve(split, rows[split])
+                self.datasets[split] = self.serve(split, rows[split])
                 self.lengths[split] = pair_lengths(rows[split])
         if self.rewards is not None:
             self.rewards.release()  # only annotation needs the evaluator: free it before training
@@ -217,7 +217,7 @@ class PreferenceDataModule(pl.LightningDataModule):
             ConfigError: Splits sharing pairs (see ``allow_overlap``), or a ``val_fraction``
                 that leaves no training row.
         """
-        tokenizer = self._load_tokenizer()
+        tokenizer = self.get_tokenizer()
         if self.rewards is not None:  # its models exist and read these ids, before tokenizing
             self.rewards.check_models(self.annotation_context())
         pair_tokenizer = PairTokenizer(
@@ -243,9 +243,29 @@ class PreferenceDataModule(pl.LightningDataModule):
                 "ContrastiveRewards}."
             )
         rows = self.tokenized_rows()
-        served = {split: self._serve(split, r) for split, r in rows.items() if r}
+        served = {split: self.serve(split, r) for split, r in rows.items() if r}
         self.rewards.release()
         return served
+
+    def get_tokenizer(self):
+        """The data's tokenizer (``tokenizer`` setting), loaded on first use and kept: the one
+        that tokenizes the pairs, prompt sets and generated answers alike."""
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(
+                self.tokenizer_name, trust_remote_code=self.trust_remote_code
+            )
+        return self.tokenizer
+
+    def serve(
+        self, split: str, rows: list[dict], rewards: TokenRewardSource | None = None
+    ) -> list[dict]:
+        """``rows`` (tokenized pairs of ``split``, :meth:`tokenized_rows`) as the data serves
+        them: annotated by the token-reward source ``rewards`` (default: the data's own
+        ``rewards``; its cache is read or built), or as they are when there is none."""
+        rewards = rewards if rewards is not None else self.rewards
+        if rewards is None:
+            return rows
+        return rewards.annotate(rows, split, self.annotation_context())
 
     # --- internals -----------------------------------------------------------------------------
 
@@ -260,13 +280,6 @@ class PreferenceDataModule(pl.LightningDataModule):
             self.test_source,
             self.test_split,
         )
-
-    def _load_tokenizer(self):
-        if self.tokenizer is None:
-            self.tokenizer = load_tokenizer(
-                self.tokenizer_name, trust_remote_code=self.trust_remote_code
-            )
-        return self.tokenizer
 
     def _examples(self) -> dict[str, tuple[str, list[dict]]]:
         """Normalized examples per split, with their source's display name; refuses splits
@@ -309,16 +322,10 @@ class PreferenceDataModule(pl.LightningDataModule):
                 hint="Check the data format (see treg_lightning.data.formats) and the lengths.",
             )
 
-    def _serve(self, split: str, rows: list[dict], rewards: TokenRewardSource | None = None):
-        rewards = rewards if rewards is not None else self.rewards
-        if rewards is None:
-            return rows
-        return rewards.annotate(rows, split, self.annotation_context())
-
     def annotation_context(self) -> AnnotationContext:
         """What a token-reward source is handed with the rows (tokenizer, model name, device)."""
         return AnnotationContext(
-            tokenizer=self._load_tokenizer(),
+            tokenizer=self.get_tokenizer(),
             model_name=self.tokenizer_name,
             device=self._device(),
             settings={"max_length": self.max_length, "max_prompt_length": self.max_prompt_length},
@@ -365,7 +372,7 @@ class PreferenceDataModule(pl.LightningDataModule):
             seed=self.seed,
             megabatch_size=self.megabatch_size,
         )
-        tokenizer = self._load_tokenizer()
+        tokenizer = self.get_tokenizer()
         pad_token_id = tokenizer.pad_token_id
         if pad_token_id is None:
             pad_token_id = tokenizer.eos_token_id

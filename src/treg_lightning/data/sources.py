@@ -25,6 +25,10 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from treg_lightning.data.errors import DataFormatError
 from treg_lightning.errors import MissingFileError
 
@@ -235,9 +239,6 @@ def _read_csv(path: Path, name: str) -> RawSource:
 
 
 def _read_parquet(path: Path, name: str) -> RawSource:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     try:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as error:
@@ -268,8 +269,6 @@ def _read_folder(path: Path, split: str) -> RawSource:
 
 
 def _read_saved(path: Path, split: str) -> RawSource:
-    import datasets
-
     loaded = datasets.load_from_disk(str(path))
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
@@ -284,8 +283,6 @@ def _read_saved(path: Path, split: str) -> RawSource:
 
 
 def _read_hub(source: str, split: str, limit: int | None, name: str | None = None) -> RawSource:
-    import datasets
-
     name = name or f"{source} (split '{split}')"
     try:
         loaded = datasets.load_dataset(source, split=split)

@@ -87,6 +87,13 @@ class PairTokenizer:
             ids.insert(0, self.bos_token_id)
         return ids
 
+    def truncated_prompt_ids(
+        self, messages: list[dict], report: SkipReport | None = None
+    ) -> list[int]:
+        """The prompt ids training uses: :meth:`prompt_ids` cut from the left to
+        ``max_prompt_length`` (a cut is counted in ``report.truncated["prompt"]``)."""
+        return self._truncate_prompt(self.prompt_ids(messages), report)
+
     def response_ids(self, text: str) -> list[int]:
         """Ids of a response text followed by exactly one end-of-turn (EOS) token."""
         ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -100,7 +107,7 @@ class PairTokenizer:
         Raises:
             InvalidRowError: The truncated chosen and rejected ids are identical.
         """
-        prompt_ids = self._truncate_prompt(self.prompt_ids(example["prompt"]), report)
+        prompt_ids = self.truncated_prompt_ids(example["prompt"], report)
         room = self.max_length - len(prompt_ids)  # >= 1 since max_prompt_length < max_length
         tokenized = {**example, "prompt_ids": prompt_ids}
         for side in SIDES:

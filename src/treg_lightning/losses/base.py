@@ -11,6 +11,12 @@ needs (docs/method.md, section 3):
 and whether its implicit reward has a reference term (``uses_reference``), which the
 "implicit" regularizer targets and the token-agreement metrics follow.
 
+A loss declares what it needs from the data: ``needs_reference`` (reference log-probabilities:
+cached by the reward source or from a live reference model) and ``needs_token_rewards`` (the
+source's token rewards in ``PairScores``). The start-up check
+(:func:`treg_lightning.module.checks.check_pair_inputs`) asks both before any model loads, so a
+loss that needs what the configured data cannot serve is refused in seconds.
+
 Adding a loss means one new file with one class that satisfies :class:`PreferenceLoss`.
 """
 
@@ -64,7 +70,9 @@ class PreferenceLoss(Protocol):
     """Sequence-level preference loss.
 
     ``needs_reference`` tells the caller whether reference log-probabilities are used; when it
-    is False the caller may skip the reference model entirely (SimPO).
+    is False the caller may skip the reference model entirely (SimPO). ``needs_token_rewards``
+    (optional, False when absent) says that the loss reads the data's token rewards
+    (``pair.chosen.token_rewards``), which only a token-reward source provides.
     """
 
     needs_reference: bool
@@ -87,10 +95,15 @@ class PreferenceLossModule(nn.Module, metaclass=ABCMeta):
     attribute (the :class:`PreferenceLoss` protocol) counts as a subclass, so
     ``class_path: my_pkg.MyLoss`` still works; it is just not listed.
 
-    ``card_tag``: the Hub tag an exported model card gives the loss (``"dpo"``); None: none.
+    Attributes:
+        needs_reference: the loss uses reference log-probabilities (every loss declares it).
+        needs_token_rewards: the loss reads the data's token rewards; the start-up check then
+            requires a token-reward source (default False).
+        card_tag: the Hub tag an exported model card gives the loss (``"dpo"``); None: none.
     """
 
     needs_reference: bool
+    needs_token_rewards: bool = False
     card_tag: str | None = None
 
     @abstractmethod

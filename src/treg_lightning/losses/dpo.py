@@ -34,6 +34,7 @@ class DPOLoss(PreferenceLossModule):
     """
 
     needs_reference = True
+    needs_token_rewards = False
     card_tag = "dpo"  # the model card's Hub tag
 
     def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0) -> None:

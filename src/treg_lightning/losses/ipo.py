@@ -30,6 +30,7 @@ class IPOLoss(PreferenceLossModule):
     """
 
     needs_reference = True
+    needs_token_rewards = False
     card_tag = "ipo"  # the model card's Hub tag
 
     def __init__(self, tau: float = 0.1) -> None:

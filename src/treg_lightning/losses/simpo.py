@@ -37,6 +37,7 @@ class SimPOLoss(PreferenceLossModule):
     """
 
     needs_reference = False
+    needs_token_rewards = False
     card_tag = "simpo"  # the model card's Hub tag
 
     def __init__(self, beta: float = 2.0, gamma_beta_ratio: float = 0.5) -> None:

@@ -3,7 +3,8 @@
 Every verb reads checkpoints here: :func:`load_checkpoint` (the only ``torch.load`` of the
 package: tensors only, memory-mapped, friendly errors), :func:`read_state` (the module state of a
 ``.ckpt`` file or a sharded folder), :func:`read_hparams` (the module hyperparameters, upgraded
-from older versions' names by :func:`upgrade_hparams`), :func:`policy_state` (the policy's own
+from older versions' names by
+:func:`~treg_lightning.models.renames.upgrade_hparams`), :func:`policy_state` (the policy's own
 weights) and :func:`load_policy_weights` (into a built policy, full or LoRA).
 
 The checks:
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 
 from treg_lightning.errors import CheckpointError, MissingFileError
+from treg_lightning.models.renames import upgrade_hparams
 from treg_lightning.models.state_names import POLICY_PREFIX, WRAPPER_PREFIX
 
 # --ckpt_path values that Lightning resolves itself (not files).
@@ -148,6 +150,7 @@ def _folder_entries(path: Path, setting: str) -> dict[str, tuple[int, ...]]:
             "written by ModelParallelStrategy / FSDPStrategy (it holds .metadata and "
             "__0_0.distcp files)."
         )
+    # Lazy: torch.distributed.checkpoint takes seconds to import and only sharded folders need it.
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
@@ -214,6 +217,8 @@ def check_checkpoint_fits(ckpt_path: str | Path, module, setting: str = "--ckpt_
 
 
 def _expected_shapes(module) -> dict[str, tuple[int, ...]] | None:
+    # Lazy: transformers (and models.loading, which imports it) take seconds to import; the
+    # reader itself needs torch only.
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from treg_lightning.models.loading import resolve_model_source
@@ -222,7 +227,8 @@ def _expected_shapes(module) -> dict[str, tuple[int, ...]] | None:
     if source.gguf_file is not None:
         return None
     if getattr(module, "peft", None) is not None:
-        # A LoRA run's checkpoints hold its adapters only (treg_lightning.models.adapters).
+        # A LoRA run's checkpoints hold its adapters only (treg_lightning.models.adapters;
+        # lazy, as it imports transformers).
         from treg_lightning.models.adapters import adapter_shapes
 
         return adapter_shapes(module)
@@ -239,6 +245,9 @@ def read_state(ckpt_path: str | Path, setting: str = "--ckpt_path") -> dict[str,
     path = Path(ckpt_path).expanduser()
     check_checkpoint_file(path, setting)
     if path.is_dir():
+        # Lazy: Lightning takes seconds to import and only sharded folders need it. A private
+        # function (no public one consolidates a sharded checkpoint in memory): its signature
+        # is checked in tests/test_private_hooks.py.
         from lightning.fabric.utilities.load import _load_distributed_checkpoint
 
         return _load_distributed_checkpoint(path)["state_dict"]
@@ -283,7 +292,7 @@ def load_policy_weights(policy, state: dict[str, Any], lora: bool, source: str) 
     weight for a full fine-tune, the adapters onto a PEFT-wrapped policy for a LoRA run (its
     checkpoints hold the adapters only)."""
     if lora:
-        from treg_lightning.models.adapters import load_adapters
+        from treg_lightning.models.adapters import load_adapters  # lazy: imports transformers
 
         load_adapters(policy, state, assign=False, where=source)
         return
@@ -300,54 +309,3 @@ def load_policy_weights(policy, state: dict[str, Any], lora: bool, source: str) 
             f"trained with another model.{hint} Use the config of the run that wrote it."
         )
     policy.load_state_dict({k: state[k].to(v.dtype) for k, v in own.items()}, strict=True)
-
-
-# The regularizer's ``token_rewards`` string of checkpoints written before targets became objects
-# (treg_lightning.losses.targets), and the class each string meant.
-_TARGETS_OF_OLD_NAMES = {
-    "self": "treg_lightning.losses.targets.SelfGeneratedRewards",
-    "sft": "treg_lightning.losses.targets.ChosenSFT",
-    "implicit": "treg_lightning.losses.targets.ImplicitRewards",
-}
-
-
-def upgrade_hparams(hparams: dict[str, Any], source: str = "the checkpoint") -> dict[str, Any]:
-    """The module hyperparameters of an older checkpoint in today's names (a new dict).
-
-    ``regularizer.init_args.token_rewards: self | sft | implicit`` becomes
-    ``regularizer.init_args.targets: {class_path: SelfGeneratedRewards | ChosenSFT |
-    ImplicitRewards}``, and class paths through modules that have moved since
-    (``treg_lightning.schedulers.WarmupCosineLR``) name today's module; anything else is returned
-    as it is. ``source`` names the file in errors.
-    """
-    hparams = _current_class_paths(hparams)
-    regularizer = hparams.get("regularizer")
-    init_args = regularizer.get("init_args") if isinstance(regularizer, dict) else None
-    if not isinstance(init_args, dict) or "token_rewards" not in init_args:
-        return dict(hparams)
-    init_args = dict(init_args)
-    old = init_args.pop("token_rewards")
-    if old not in _TARGETS_OF_OLD_NAMES:
-        raise CheckpointError(
-            f"{source}: its hyperparameters say regularizer.token_rewards={old!r}, which no "
-            f"version of treg-lightning wrote (known: {', '.join(_TARGETS_OF_OLD_NAMES)}). Pass "
-            "the model settings in the config and load the weights with a new run instead."
-        )
-    init_args["targets"] = {"class_path": _TARGETS_OF_OLD_NAMES[old]}
-    return {**hparams, "regularizer": {**regularizer, "init_args": init_args}}
-
-
-def _current_class_paths(value: Any) -> Any:
-    """``value`` with every ``class_path`` string in today's module names (a copy)."""
-    from treg_lightning import current_path
-
-    if isinstance(value, dict):
-        return {
-            k: current_path(v)
-            if k == "class_path" and isinstance(v, str)
-            else _current_class_paths(v)
-            for k, v in value.items()
-        }
-    if isinstance(value, list):
-        return [_current_class_paths(v) for v in value]
-    return value

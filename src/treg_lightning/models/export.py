@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from treg_lightning.errors import ConfigError
 from treg_lightning.models.checkpoints import load_policy_weights, policy_state, read_state
 from treg_lightning.models.save import save_pretrained
 from treg_lightning.models.state_names import WRAPPER_PREFIX
@@ -49,8 +50,6 @@ def export_checkpoint(
 
 def _check_adapter_only(adapter_only: bool) -> None:
     if adapter_only:
-        from treg_lightning.errors import ConfigError
-
         raise ConfigError(
             "adapter_only writes the LoRA adapter alone, but this run has no adapters "
             "(model.peft is not set): drop adapter_only to export the whole policy."

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from treg_lightning.errors import UserError
+from treg_lightning.errors import ConfigError, UserError
 from treg_lightning.models.unwrap import is_peft_model
 
 
@@ -88,8 +88,6 @@ def apply_lora(model: nn.Module, config: Any, autocast_adapter_dtype: bool = Tru
         wrapped = peft.get_peft_model(model, config, autocast_adapter_dtype=autocast_adapter_dtype)
     except ValueError as err:
         names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m)})
-        from treg_lightning.errors import ConfigError
-
         raise ConfigError(
             f"peft.LoraConfig(target_modules={config.target_modules!r}) does not fit "
             f"{type(model).__name__}: {err} Its linear layers are named {names} (or use "
@@ -161,8 +159,6 @@ def _check_head_untouched(model: nn.Module) -> None:
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils import ModulesToSaveWrapper
-
-    from treg_lightning.errors import ConfigError
 
     base = model.get_base_model()
     head = base.get_output_embeddings()

@@ -52,6 +52,8 @@ from typing import Any
 
 import numpy as np
 
+from treg_lightning.errors import ConfigError
+from treg_lightning.outputs import OutputFolderError
 from treg_lightning.pairs import SIDES, field
 
 REPORT_FILES = ("audit.md", "audit.json", "audit_histogram.png", "audit_disagreeing.png")
@@ -205,7 +207,6 @@ def check_settings(names: Mapping[str, str] | None = None, **settings) -> None:
     Raises:
         ConfigError: the first setting out of range.
     """
-    from treg_lightning.errors import ConfigError
 
     def whole(value, least: int) -> bool:
         return (
@@ -319,7 +320,6 @@ def audit_split(
     """:func:`audit_rows` of one split of a :class:`~treg_lightning.data.PreferenceDataModule`
     under its ``rewards`` (cache built or reused), ground truth from the data's spans, and the
     served rows (for the heat map). ``settings`` go to :func:`audit_rows`."""
-    from treg_lightning.errors import ConfigError
     from treg_lightning.rewards.spans import SpanRewards
 
     if datamodule.rewards is None:
@@ -334,7 +334,7 @@ def audit_split(
             f"{', '.join(tokenized)}); configure data.val_source / data.test_source or pick one."
         )
     rows = tokenized[split]
-    served = [dict(row) for row in datamodule._serve(split, rows)]
+    served = [dict(row) for row in datamodule.serve(split, rows)]
     datamodule.rewards.release()
     truth = SpanRewards()
     for row, out in zip(rows, served, strict=True):
@@ -344,7 +344,7 @@ def audit_split(
                 out[field(side, "marks")] = marks.tolist()
     other = None
     if second is not None:
-        other = [dict(row) for row in datamodule._serve(split, rows, second)]
+        other = [dict(row) for row in datamodule.serve(split, rows, second)]
         second.release()
     return audit_rows(served, second=other, **settings), served
 
@@ -366,7 +366,6 @@ LABELS = {
 def check_report_folder(output_dir: str | Path) -> None:
     """Refuse an ``output_dir`` that is a file, or a folder that already holds an audit report
     (checked before any work)."""
-    from treg_lightning.outputs import OutputFolderError
 
     folder = Path(output_dir).expanduser()
     if folder.exists() and not folder.is_dir():

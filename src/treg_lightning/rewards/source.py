@@ -9,7 +9,7 @@ for no token rewards) and owns whatever it needs: an evaluator model, its device
 The module and the CLI ask it, never compare its name:
 
 - ``provides_token_rewards`` / ``provides_reference_logps``: what its rows carry, matched at
-  start-up against what the regularizer and the loss need (:mod:`treg_lightning.training.checks`);
+  start-up against what the regularizer and the loss need (:mod:`treg_lightning.module.checks`);
 - ``cache_folder``: where it writes (checked for writability at start-up), or None;
 - ``check_models``: the models it will load, checked at start-up (existence, kind, vocabulary).
 

@@ -9,6 +9,8 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 
 from treg_lightning.data.datamodule import PreferenceDataModule
+from treg_lightning.errors import ConfigError
+from treg_lightning.outputs import check_not_overwriting
 
 
 class ExportOnFitEnd(Callback):
@@ -56,8 +58,6 @@ class ExportOnFitEnd(Callback):
 
     def check_outputs(self, trainer: L.Trainer) -> None:
         """Refuse outputs that already exist (an earlier run's), before anything runs."""
-        from treg_lightning.outputs import check_not_overwriting
-
         paths = self.paths(trainer.log_dir)
         if paths["heatmap_path"] is not None:  # the PNG beside the page
             paths["heatmap_path (PNG)"] = paths["heatmap_path"].with_suffix(".png")
@@ -71,8 +71,6 @@ class ExportOnFitEnd(Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.adapter_only and getattr(pl_module, "peft", None) is None:
-            from treg_lightning.errors import ConfigError
-
             raise ConfigError(
                 "ExportOnFitEnd adapter_only: true writes the LoRA adapter alone, but the model "
                 "has no adapters (model.peft is not set): drop adapter_only, or set model.peft."

@@ -27,7 +27,7 @@ from treg_lightning.answers.generation import GenerationBackend
 from treg_lightning.answers.onpolicy import pairs_command
 from treg_lightning.data.datamodule import PreferenceDataModule
 from treg_lightning.errors import ConfigError
-from treg_lightning.outputs import disk_full_hint
+from treg_lightning.outputs import check_writable, disk_full_hint
 from treg_lightning.passes import distributed
 from treg_lightning.rewards.source import TokenRewardSource
 
@@ -305,7 +305,6 @@ class TRegTrainer(Trainer):
         """
         from treg_lightning.data.datamodule import SPLITS
         from treg_lightning.data.splits import require_split
-        from treg_lightning.outputs import check_writable
         from treg_lightning.rewards.audit import (
             audit_split,
             check_report_folder,

@@ -16,14 +16,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from treg_lightning.data.datamodule import PreferenceDataModule
 from treg_lightning.errors import ConfigError
+from treg_lightning.models.loading import check_vocab_fits
 
 
 def check_model_fits_data(module, lm: nn.Module, name: str) -> None:
     """Refuse ``lm`` when the trainer's ``PreferenceDataModule`` tokenizer does not fit it."""
-    from treg_lightning.data.datamodule import PreferenceDataModule
-    from treg_lightning.models.loading import check_vocab_fits
-
     trainer = module._trainer
     datamodule = trainer.datamodule if trainer is not None else None
     tokenizer = datamodule.tokenizer if isinstance(datamodule, PreferenceDataModule) else None

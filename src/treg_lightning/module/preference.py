@@ -18,12 +18,14 @@ Each step is a small method, so a subclass overrides exactly the piece it change
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from jsonargparse import lazy_instance
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import nn
 
 from treg_lightning.data.datamodule import PreferenceDataModule
@@ -42,19 +44,29 @@ from treg_lightning.losses import SimPOLoss, TokenRewardRegularizer
 from treg_lightning.losses.base import LossOutput, PreferenceLossModule
 from treg_lightning.losses.treg import RegularizerOutput
 from treg_lightning.metrics import PreferenceMetrics
-from treg_lightning.models.adapters import LoraConfig, QLoRA, check_adapter_settings
+from treg_lightning.models import loading
+from treg_lightning.models.adapters import (
+    LoraConfig,
+    QLoRA,
+    check_adapter_settings,
+    keep_adapters_only,
+)
+from treg_lightning.models.checkpoints import load_checkpoint
 from treg_lightning.models.loading import (
     check_attn_dtype,
     check_attn_implementation,
     parse_dtype,
 )
+from treg_lightning.models.lora import adapters_disabled, apply_lora
+from treg_lightning.models.parallel import prepare_for_training
+from treg_lightning.models.renames import upgrade_hparams
+from treg_lightning.module.checks import check_module_settings, check_pair_inputs
+from treg_lightning.module.hparams import portable_hparams, real_class
+from treg_lightning.module.schedulers import WarmupCosineLR, estimated_training_steps
+from treg_lightning.module.seeding import seed_step
+from treg_lightning.module.vocab import check_batch_fits, check_model_fits_data
 from treg_lightning.pairs import SIDES, PairScores, field
 from treg_lightning.rewards.source import TokenRewardSource
-from treg_lightning.training.checks import check_module_settings, check_pair_inputs
-from treg_lightning.training.hparams import portable_hparams
-from treg_lightning.training.schedulers import WarmupCosineLR, estimated_training_steps
-from treg_lightning.training.seeding import seed_step
-from treg_lightning.training.vocab import check_batch_fits, check_model_fits_data
 
 
 class PreferenceModule(L.LightningModule):
@@ -187,7 +199,7 @@ class PreferenceModule(L.LightningModule):
     def check_inputs(self, datamodule=None) -> None:
         """Fail at start-up, before any model loads, when the loss or the regularizer needs what
         the data's reward source (or a live reference) cannot provide
-        (:func:`treg_lightning.training.checks.check_pair_inputs`). Called by ``prepare_data``,
+        (:func:`treg_lightning.module.checks.check_pair_inputs`). Called by ``prepare_data``,
         ``configure_model`` and the CLI."""
         known, rewards = self.reward_source(datamodule)
         if known:
@@ -260,8 +272,6 @@ class PreferenceModule(L.LightningModule):
 
     def load_model(self, name_or_path: str) -> nn.Module:
         """Load one causal LM (override to build models differently, e.g. with LoRA)."""
-        from treg_lightning.models.loading import load_causal_lm
-
         device = self._trainer.strategy.root_device.type if self._trainer is not None else None
         if self.quantization is not None:
             return self.quantization.load(
@@ -271,7 +281,8 @@ class PreferenceModule(L.LightningModule):
                 trust_remote_code=self.trust_remote_code,
                 device_type=device,
             )
-        return load_causal_lm(
+        # Through the module: a test (or a user) that replaces loading.load_causal_lm is obeyed.
+        return loading.load_causal_lm(
             name_or_path,
             torch_dtype=self.torch_dtype,
             attn_implementation=self.attn_implementation,
@@ -299,11 +310,8 @@ class PreferenceModule(L.LightningModule):
         check_model_fits_data(self, policy, self.model_name)  # not inside the embedding lookup
         policy.config.use_cache = False
         if self.gradient_checkpointing and self._fsdp_mesh() is None:
-            policy.gradient_checkpointing_enable({"use_reentrant": False})
+            policy.activation_checkpointing_enable({"use_reentrant": False})
         if self.peft is not None:
-            from treg_lightning.models.adapters import keep_adapters_only
-            from treg_lightning.models.lora import apply_lora
-
             policy = apply_lora(policy, self.peft)
             keep_adapters_only(self)
         self.policy = self._prepare(policy, activation_checkpointing=self.gradient_checkpointing)
@@ -323,8 +331,6 @@ class PreferenceModule(L.LightningModule):
         self.check_inputs()
 
     def _fsdp_mesh(self):
-        from lightning.pytorch.strategies import ModelParallelStrategy
-
         trainer = self._trainer
         if trainer is None or not isinstance(trainer.strategy, ModelParallelStrategy):
             return None
@@ -332,8 +338,6 @@ class PreferenceModule(L.LightningModule):
 
     def _prepare(self, lm: nn.Module, activation_checkpointing: bool) -> nn.Module:
         """Bind the token-logps forward; shard with FSDP2 when the strategy asks for it."""
-        from treg_lightning.models.parallel import prepare_for_training
-
         bind_token_logps(lm)
         param_dtype = parse_dtype(self.fsdp_param_dtype) if self.fsdp_param_dtype else None
         compile_options = {"dynamic": True, **(self.compile_options or {})}
@@ -384,8 +388,6 @@ class PreferenceModule(L.LightningModule):
         if all(field(side, "ref_token_logps") in batch for side in SIDES):
             return {side: batch[field(side, "ref_token_logps")] for side in SIDES}
         if self.reference is None and self.adapters_are_reference:
-            from treg_lightning.models.lora import adapters_disabled
-
             with torch.no_grad(), adapters_disabled(self.policy):
                 return self.model_token_logps(self.policy, batch)
         if self.reference is None:
@@ -520,10 +522,33 @@ class PreferenceModule(L.LightningModule):
                 del state[key]
 
     def _sharded_strategy(self) -> bool:
-        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
-
         strategy = self._trainer.strategy if self._trainer is not None else None
         return isinstance(strategy, (FSDPStrategy, ModelParallelStrategy))
+
+    @classmethod
+    def load_from_checkpoint(
+        cls,
+        checkpoint_path,
+        map_location=None,
+        hparams_file=None,
+        strict: bool | None = None,
+        weights_only: bool | None = None,
+        **kwargs: Any,
+    ):
+        """Lightning's ``load_from_checkpoint``, with a ``.ckpt`` file's hyperparameters in
+        today's names first (:func:`~treg_lightning.models.renames.upgrade_hparams`: class paths
+        of modules that have moved since, the regularizer's older ``token_rewards``), as every
+        ``treg`` verb reads them. ``kwargs`` still override the checkpoint's values."""
+        if hparams_file is None and isinstance(checkpoint_path, (str, Path)):
+            path = Path(checkpoint_path).expanduser()
+            if path.is_file():
+                saved = load_checkpoint(path, "checkpoint_path").get("hyper_parameters") or {}
+                upgraded = upgrade_hparams(dict(saved), source=str(path))
+                changed = {k: v for k, v in upgraded.items() if saved.get(k) != v}
+                kwargs = {**changed, **kwargs}
+        return super().load_from_checkpoint(
+            checkpoint_path, map_location, hparams_file, strict, weights_only, **kwargs
+        )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         reopen_cut_epoch(checkpoint)  # a max_steps stop mid-epoch resumes at its next batch
@@ -542,9 +567,10 @@ class PreferenceModule(L.LightningModule):
 
 
 def _initialized(value):
-    """``value``, run through its ``__init__`` now if it is a jsonargparse ``lazy_instance`` (the
-    defaults of ``loss`` and ``regularizer``): its properties then read real attributes."""
-    if "_lazy_methods" in getattr(value, "__dict__", {}) and hasattr(value, "_lazy_init"):
-        if any(name in value.__dict__ for name in value._lazy_methods):
-            value._lazy_init()
+    """``value``; for a jsonargparse ``lazy_instance`` (the defaults of ``loss`` and
+    ``regularizer``), a new instance of the class it stands for, built now from its init
+    arguments (its public ``lazy_get_init_args()``): its properties then read real attributes,
+    and no two modules share the default's one object."""
+    if callable(getattr(value, "lazy_get_init_args", None)):
+        return real_class(value)(**value.lazy_get_init_args().as_dict())
     return value

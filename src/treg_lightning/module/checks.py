@@ -1,4 +1,5 @@
-"""The start-up check that joins the data's reward source to what the loss and regularizer need.
+"""The start-up check that joins the data's reward source to what the loss and regularizer need
+(each declares it: ``needs_reference``, ``needs_token_rewards``).
 
 Run before any model is loaded (by the CLI for every subcommand that trains or evaluates, and by
 ``PreferenceModule.prepare_data`` under a plain ``Trainer``), so a run that would silently train
@@ -13,8 +14,8 @@ from torch import nn
 
 from treg_lightning.errors import ConfigError
 from treg_lightning.models.varlen_attention import runs_varlen
+from treg_lightning.module.hparams import real_class
 from treg_lightning.rewards.source import TokenRewardSource
-from treg_lightning.training.hparams import real_class
 
 
 def _source_name(rewards: TokenRewardSource | None) -> str:
@@ -30,7 +31,7 @@ def check_pair_inputs(
     """Raise :class:`ConfigError` when the loss or the regularizer needs what nothing provides.
 
     Args:
-        loss: the sequence loss (``needs_reference``).
+        loss: the sequence loss (``needs_reference``, ``needs_token_rewards``).
         regularizer: the T-REG regularizer or None (``needs_token_rewards``).
         live_reference: the module's setting: False never loads a reference model.
         rewards: the data's token-reward source, or None.
@@ -44,6 +45,14 @@ def check_pair_inputs(
                 "provides none. Set data.rewards to a token-reward source (e.g. class_path: "
                 "treg_lightning.rewards.ContrastiveRewards), or train without T-REG "
                 "(model.regularizer.alpha: 0 or model.regularizer: null)."
+            )
+    if getattr(loss, "needs_token_rewards", False):
+        if rewards is None or not rewards.provides_token_rewards:
+            raise ConfigError(
+                f"model.loss {real_class(loss).__name__} needs token rewards in the data, but "
+                f"data.rewards is {_source_name(rewards)}, which provides none. Set data.rewards "
+                "to a token-reward source (e.g. class_path: "
+                "treg_lightning.rewards.ContrastiveRewards), or choose a loss that needs none."
             )
     if getattr(loss, "needs_reference", False) and live_reference is False:
         if rewards is None or not rewards.provides_reference_logps:

@@ -17,6 +17,7 @@ import inspect
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import nn
 
 _PLAIN = (int, float, str, bool, type(None))
@@ -25,8 +26,6 @@ _PLAIN = (int, float, str, bool, type(None))
 def portable_hparams(module: L.LightningModule, init_args: dict[str, Any]) -> None:
     """``module.save_hyperparameters()`` of the caller's ``__init__`` arguments, with injected
     objects described (see the module docstring)."""
-    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
-
     args = {k: v for k, v in init_args.items() if k not in ("self", "__class__")}
     under_cli = _given_hyperparameters.get() is not None
     injected = {} if under_cli else {k: v for k, v in args.items() if _is_object(v)}
@@ -114,12 +113,12 @@ def _plain(value: Any) -> Any:
 
 def real_class(value: Any) -> type:
     """The class of ``value``; for a jsonargparse ``lazy_instance`` (a subclass made on the fly),
-    the class it stands for."""
-    mro = type(value).__mro__
-    for i, cls in enumerate(mro[:-1]):
-        if cls.__module__.startswith("jsonargparse") and "Lazy" in cls.__name__:
-            return mro[i + 1]
-    return type(value)
+    the class it stands for, which its public ``lazy_get_init_data()`` names."""
+    describe = getattr(value, "lazy_get_init_data", None)
+    if not callable(describe):
+        return type(value)
+    name = describe().class_path.rsplit(".", 1)[-1]
+    return next(cls for cls in type(value).__mro__[1:] if cls.__name__ == name)
 
 
 def _class_path(cls: type) -> str:
