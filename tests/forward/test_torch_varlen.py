@@ -151,19 +151,23 @@ def test_attention_choice_for_packing(monkeypatch):
     at load, before any weights."""
     monkeypatch.setattr(loading, "flash_attn_available", lambda: False)
     monkeypatch.setattr(loading, "torch_varlen_available", lambda: True)
-    assert loading.choose_attn_implementation(None, "cuda", "llama") == TORCH_VARLEN
-    assert loading.choose_attn_implementation(None, "cuda", "gemma2") == "eager"
-    assert loading.choose_attn_implementation(None, "cpu", "llama") == "sdpa"
-    assert loading.varlen_attn_implementation("llama", torch.bfloat16) == TORCH_VARLEN
-    assert loading.varlen_attn_implementation("llama", torch.float32) is None
-    assert loading.choose_attn_implementation(TORCH_VARLEN, "cuda", "llama") == TORCH_VARLEN
+    choose, bf16, fp32 = loading.choose_attn_implementation, torch.bfloat16, torch.float32
+    assert choose(None, "cuda", "llama", bf16) == TORCH_VARLEN
+    assert choose(None, "cuda", "llama", fp32) == "sdpa"  # torch's kernel takes no float32
+    assert choose(None, "cuda", "gemma2", bf16) == "eager"
+    assert choose(None, "cpu", "llama", bf16) == "sdpa"
+    assert loading.varlen_attn_implementation("llama", bf16) == TORCH_VARLEN
+    assert loading.varlen_attn_implementation("llama", fp32) is None
+    assert choose(TORCH_VARLEN, "cuda", "llama", bf16) == TORCH_VARLEN
+    with pytest.raises(ConfigError, match="float16 or bfloat16 only"):
+        choose(TORCH_VARLEN, "cuda", "llama", fp32)
     with pytest.raises(ConfigError, match="CUDA GPU of the Ampere"):
-        loading.choose_attn_implementation(TORCH_VARLEN, "cpu", "llama")
+        choose(TORCH_VARLEN, "cpu", "llama", bf16)
     monkeypatch.setattr(loading, "flash_attn_available", lambda: True)
-    assert loading.choose_attn_implementation(None, "cuda", "llama") == "flash_attention_2"
+    assert choose(None, "cuda", "llama", bf16) == "flash_attention_2"
     monkeypatch.setattr(loading, "flash_attn_available", lambda: False)
     monkeypatch.setattr(loading, "torch_varlen_available", lambda: False)
-    assert loading.choose_attn_implementation(None, "cuda", "llama") == "sdpa"
+    assert choose(None, "cuda", "llama", bf16) == "sdpa"
     loading.check_attn_implementation(TORCH_VARLEN)  # a name transformers knows
     check_module_settings(1024, True, TORCH_VARLEN)  # packing: true is accepted with it
     assert runs_varlen(TORCH_VARLEN) and runs_varlen("kernels-community/flash-attn2")

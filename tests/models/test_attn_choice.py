@@ -98,7 +98,11 @@ def tiny_dirs(tmp_path_factory):
     gemma = tiny_gemma2(len(tokenizer))
     gemma.save_pretrained(root / "gemma2")
     tokenizer.save_pretrained(root / "gemma2")
-    return {"llama": save_tiny_model(root / "llama", tokenizer), "gemma2": root / "gemma2"}
+    return {
+        "llama": save_tiny_model(root / "llama", tokenizer),
+        "llama-negative": save_tiny_model(root / "llama-negative", tokenizer),
+        "gemma2": root / "gemma2",
+    }
 
 
 def kernel(half: bool, config: str) -> str:
@@ -184,7 +188,9 @@ def test_evaluators_and_scorers_follow_their_dtype(dtype, tiny_dirs, tmp_path):
         trust_remote_code=False, settings={},
     )  # fmt: skip
     contrastive = ContrastiveRewards(evaluator_dtype=dtype, cache_dir=str(tmp_path))
-    contrast = ModelContrastRewards(dtype=dtype, cache_dir=str(tmp_path))
+    # Two folders: the same model twice is refused (every r_hat would be 0).
+    negative = str(tiny_dirs["llama-negative"])
+    contrast = ModelContrastRewards(negative=negative, dtype=dtype, cache_dir=str(tmp_path))
     scorer = ImplicitRewardScorer(model_dir, model_dir, torch_dtype=dtype)
     with cuda_with_flash() as loads:
         assert loaded_attention(loads, lambda: contrastive.evaluator_model(context)) == expected

@@ -36,7 +36,7 @@ from treg_lightning.cli.noise import known_noise_hidden
 from treg_lightning.cli.parser import TRegArgumentParser, add_treg_arguments
 from treg_lightning.cli.plan import plan_main
 from treg_lightning.data.datamodule import PreferenceDataModule
-from treg_lightning.models.adapters import check_lora_targets
+from treg_lightning.models.adapters import check_lora_targets, refuse_adalora
 from treg_lightning.models.checkpoints import check_checkpoint_fits, is_file_path, read_hparams
 from treg_lightning.module import PreferenceModule
 from treg_lightning.outputs import check_not_overwriting, check_writable
@@ -90,6 +90,10 @@ class TRegCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         self._given_args = sys.argv[1:] if args is None else args  # for --ckpt_path conflicts
         super().parse_arguments(parser, args)
+
+    def instantiate_classes(self) -> None:
+        refuse_adalora(self.config)  # `error:` before peft's constructor fails on total_step
+        super().instantiate_classes()
 
     def _instantiate_trainer(self, config, callbacks):
         trainer = super()._instantiate_trainer(config, [c for c in callbacks if c is not None])

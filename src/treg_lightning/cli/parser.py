@@ -18,7 +18,6 @@ from treg_lightning.cli.help import (
     show_linked_target,
     without_union_dump,
 )
-from treg_lightning.models.adapters import config_instantiators
 from treg_lightning.training.guards import NonFiniteGuard
 
 
@@ -57,8 +56,6 @@ def add_treg_arguments(parser: LightningArgumentParser) -> None:
         "E.g. --guard.action=skip --guard.max_skips=5.",
     )
     parser.callback_keys.append("guard")  # the instance joins the trainer's callbacks
-    for instantiator, class_type in config_instantiators():  # AdaLoRA refused with `error:`
-        parser.add_instantiator(instantiator, class_type)
     parser.add_argument(
         DEBUG_FLAG,
         action="store_true",

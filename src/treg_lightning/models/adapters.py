@@ -95,20 +95,34 @@ ADALORA_REFUSED = (
 )
 
 
-def refuse_adalora(class_type: type, *args: Any, **kwargs: Any) -> Any:
-    """The parser's instantiator of ``peft.AdaLoraConfig``: refuses any AdaLoRA config before
-    its constructor runs (which fails first on a missing ``total_step``, in peft's words)."""
-    raise ConfigError(ADALORA_REFUSED)
-
-
-def config_instantiators() -> list[tuple[Any, type]]:
-    """``(instantiator, class)`` pairs the ``treg`` parser registers (``add_instantiator``):
-    LoRA configs refused while the config is read, before any model or data loads."""
+def refuse_adalora(config: Any) -> None:
+    """Refuse a parsed ``treg`` config (a jsonargparse namespace or a dict) whose ``peft``
+    setting names ``peft.AdaLoraConfig`` (or a subclass), before the classes are built: its
+    constructor would fail first, on a missing ``total_step``, in peft's words."""
     if importlib.util.find_spec("peft") is None:
-        return []
+        return
     from peft import AdaLoraConfig
 
-    return [(refuse_adalora, AdaLoraConfig)]
+    for class_path in _peft_class_paths(config.as_dict() if hasattr(config, "as_dict") else config):
+        module, _, name = str(class_path).rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError, ValueError):
+            continue  # not a class this check can read: the parser reports it
+        if isinstance(cls, type) and issubclass(cls, AdaLoraConfig):
+            raise ConfigError(ADALORA_REFUSED)
+
+
+def _peft_class_paths(value: Any, under_peft: bool = False):
+    """The ``class_path`` values found under a ``peft`` key anywhere in ``value``."""
+    if isinstance(value, dict):
+        if under_peft and "class_path" in value:
+            yield value["class_path"]
+        for key, item in value.items():
+            yield from _peft_class_paths(item, under_peft or key == "peft")
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _peft_class_paths(item, under_peft)
 
 
 def check_adapter_settings(peft: Any, quantization: QLoRA | None) -> None:
