@@ -279,6 +279,50 @@ def test_fsdp2_shards_weights_gradients_and_states(empty_hub_cache):
     assert {p.name: p.bytes for p in plan.estimate.host}["optimizer states"] == 2 * params * 4 / 8
 
 
+def test_fsdp2_accumulation_holds_the_unsynced_gradients(empty_hub_cache):
+    """With one gradient sync per optimizer step, FSDP2 keeps every trainable parameter's
+    gradient unsharded in float32 between syncs: 8.03e9 parameters x 4 bytes, whatever the
+    number of devices; nothing when it syncs every micro-batch, with one micro-batch per
+    step, or under DDP (its no-sync holds the gradients it holds anyway)."""
+    params = SHIPPED_SHAPES[LLAMA].num_params()
+    fsdp2 = {
+        "class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
+        "init_args": {"data_parallel_size": 8, "tensor_parallel_size": 1},
+    }
+    trainer = {"devices": 8, "strategy": fsdp2, "accumulate_grad_batches": 8}
+    parts, plan = parts_of(config_for(LLAMA, trainer=trainer))
+    assert parts["unsynced gradients"] == params * 4
+    assert plan.estimate.peak >= params * 4 + parts["weights"] + parts["optimizer states"]
+    every = config_for(LLAMA, trainer=trainer, model={"fsdp_sync_every_micro_batch": True})
+    assert "unsynced gradients" not in parts_of(every)[0]
+    once = config_for(LLAMA, trainer={**trainer, "accumulate_grad_batches": 1})
+    assert "unsynced gradients" not in parts_of(once)[0]
+    ddp = {**trainer, "strategy": {"class_path": "lightning.pytorch.strategies.DDPStrategy"}}
+    assert "unsynced gradients" not in parts_of(config_for(LLAMA, trainer=ddp))[0]
+
+
+def test_log_prob_block_counts_the_head_gradient_in_the_compute_dtype():
+    """The chunked log-prob backward (forward/logprobs.py) writes the head's weight gradient
+    slice by slice in the weight's dtype: vocab x hidden x 2 bytes in bfloat16, no float32
+    accumulator. Shape: vocab 1000, hidden 64, 2 pairs x 2 sides x 127 scored tokens (max
+    length 128, the worst case) = 508; the backward's peak is that gradient + the hidden
+    states' float32 gradient + one float32 block of chunk x vocab values and its bf16 operand
+    copy."""
+    from dataclasses import replace
+
+    from treg_lightning.plan.estimate import logits_bytes, tokens
+
+    shape = replace(SHIPPED_SHAPES[LLAMA], vocab_size=1000, hidden_size=64)
+    settings = plan_from_config(config_for(LLAMA), gpu_memory="1TB").estimate.settings
+    settings = replace(settings, compute_dtype="bfloat16", logp_chunk_size=64)
+    assert tokens(settings, 2) == (512, 508)
+    scored = 508
+    saved, transient = logits_bytes(settings, shape, 2)
+    assert saved == scored * 64 * 2
+    backward = 1000 * 64 * 2 + scored * 64 * 4 + 64 * 1000 * (4 + 2)
+    assert transient == max(64 * 1000 * 8, backward, 1000 * 64 * 2 + scored * 64 * 6)
+
+
 def test_ddp_replicates_and_fsdp1_shard_grad_op_keeps_weights(empty_hub_cache):
     params = SHIPPED_SHAPES[LLAMA].num_params()
     ddp = {"class_path": "lightning.pytorch.strategies.DDPStrategy"}

@@ -29,7 +29,6 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from builders import tiny_llama
 from pair_paths import VOCAB, contract_batch
 from treg_lightning.losses import SimPOLoss, TokenRewardRegularizer
-from treg_lightning.models.parallel import set_gradient_sync
 from treg_lightning.module import PreferenceModule
 
 REDUCE_SCATTERS: list[torch.dtype] = []
@@ -44,18 +43,12 @@ def counted_reduce_scatter(output, input, *args, **kwargs):
 class RandomLlama(PreferenceModule):
     """The tiny random Llama of the suite (float32, 2 layers, untied head), no files."""
 
-    def __init__(self, sync_every_micro_batch=False, **kwargs):
+    def __init__(self, **kwargs):
         super().__init__("tiny", **kwargs)
-        self.sync_every_micro_batch = sync_every_micro_batch
         self.losses = []
 
     def load_model(self, name_or_path):
         return tiny_llama(VOCAB, 0, attn_implementation="sdpa")
-
-    def on_train_batch_start(self, batch, batch_idx):
-        super().on_train_batch_start(batch, batch_idx)
-        if self.sync_every_micro_batch:  # FSDP2's default, what Lightning leaves in place
-            set_gradient_sync(self.policy, True)
 
     def training_step(self, batch, batch_idx):
         loss = super().training_step(batch, batch_idx)
@@ -124,7 +117,7 @@ def make_module(settings: dict) -> RandomLlama:
         "adamw": lambda params: torch.optim.AdamW(params, lr=settings["lr"], weight_decay=0.0),
     }
     return RandomLlama(
-        sync_every_micro_batch=settings.get("sync_every_micro_batch", False),
+        fsdp_sync_every_micro_batch=settings.get("sync_every_micro_batch", False),
         loss=SimPOLoss(beta=2.0, gamma_beta_ratio=0.5),
         regularizer=TokenRewardRegularizer(alpha=0.5),
         optimizer=optimizers[settings["optimizer"]],

@@ -58,7 +58,7 @@ from treg_lightning.models.loading import (
     parse_dtype,
 )
 from treg_lightning.models.lora import adapters_disabled, apply_lora
-from treg_lightning.models.parallel import prepare_for_training
+from treg_lightning.models.parallel import prepare_for_training, set_gradient_sync
 from treg_lightning.models.renames import upgrade_hparams
 from treg_lightning.module.checks import check_module_settings, check_pair_inputs
 from treg_lightning.module.hparams import portable_hparams, real_class
@@ -107,6 +107,11 @@ class PreferenceModule(L.LightningModule):
         fsdp_param_dtype: FSDP2 compute dtype of the all-gathered parameters (``"bfloat16"`` on
             GPU); None keeps the stored dtype. Only used under ``ModelParallelStrategy``.
         fsdp_cpu_offload: FSDP2 offloads parameters, gradients and optimizer states to CPU.
+        fsdp_sync_every_micro_batch: FSDP2 under gradient accumulation: reduce-scatter the
+            gradients after every micro-batch instead of once per optimizer step. The default
+            (False) makes one collective per step and holds one unsharded float32 copy of the
+            trainable gradients between syncs (``treg plan`` counts it); True trades that memory
+            for a reduce-scatter per micro-batch (e.g. a model whose full gradients do not fit).
         compile: ``torch.compile`` each decoder layer of the policy (after sharding). Off by
             default: on the CPU benchmark it gained nothing measurable (bench/README.md).
         compile_options: keyword arguments for ``torch.compile`` (default ``{"dynamic": True}``:
@@ -139,6 +144,7 @@ class PreferenceModule(L.LightningModule):
         shared_prompt: bool | None = None,
         fsdp_param_dtype: str | None = None,
         fsdp_cpu_offload: bool = False,
+        fsdp_sync_every_micro_batch: bool = False,
         compile: bool = False,
         compile_options: dict[str, Any] | None = None,
         trust_remote_code: bool = False,
@@ -170,6 +176,7 @@ class PreferenceModule(L.LightningModule):
         self.shared_prompt = shared_prompt
         self.fsdp_param_dtype = fsdp_param_dtype
         self.fsdp_cpu_offload = fsdp_cpu_offload
+        self.fsdp_sync_every_micro_batch = fsdp_sync_every_micro_batch
         self.compile = compile
         self.compile_options = compile_options
         self.trust_remote_code = trust_remote_code
@@ -457,11 +464,10 @@ class PreferenceModule(L.LightningModule):
         # the masks of the run that never stopped (checkpoints hold no random state).
         seed_step(self.global_step, batch_idx, self.global_rank)
         if self._fsdp_mesh() is not None:
-            from treg_lightning.models.parallel import set_gradient_sync
-
             # FSDP2 syncs gradients only on the micro-batch that ends an accumulation window
             # (Lightning's no-sync context covers DDP only); the loop's own rule tells which.
-            set_gradient_sync(self.policy, not self.trainer.fit_loop._should_accumulate())
+            last = not self.trainer.fit_loop._should_accumulate()
+            set_gradient_sync(self.policy, last or self.fsdp_sync_every_micro_batch)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, outputs = self.compute_loss(batch, "train")

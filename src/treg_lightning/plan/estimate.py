@@ -15,8 +15,11 @@ gradient accumulation the gradients of the previous micro-batches are already th
   ``max_length`` tokens (a pair is chosen + rejected in one forward, both at full length in
   the worst case), with or without activation checkpointing;
 - the chunked log-prob block (:mod:`treg_lightning.forward.logprobs`): the gathered hidden states
-  of the scored tokens, one ``[chunk, vocab]`` float32 block (and its temporaries), the float32
-  accumulator of the output projection's gradient, the hidden states' gradient;
+  of the scored tokens, one ``[chunk, vocab]`` float32 block (and its temporaries), the output
+  projection's gradient in the compute dtype, the hidden states' float32 gradient;
+- FSDP2 under gradient accumulation with one gradient sync per optimizer step (the default,
+  ``model.fsdp_sync_every_micro_batch: false``): one unsharded float32 copy of the trainable
+  gradients, held between syncs;
 - the reference: a live model holds its own weights (sharded like the policy); under LoRA the
   reference is the policy with adapters off (no weights); cached log-probs cost ``[B, T]``;
 - transients, of which only the largest counts: the log-prob block's temporaries, one layer's
@@ -126,6 +129,16 @@ def estimate(
             )
         )
 
+    held = unsynced_gradient_bytes(settings, trainable)
+    if held:
+        parts.append(
+            Part(
+                "unsynced gradients",
+                held,
+                f"FSDP2, {settings.accumulate_grad_batches} micro-batches per sync: all "
+                "trainable, float32, unsharded (model.fsdp_sync_every_micro_batch true: none)",
+            )
+        )
     full, checkpointed, one_layer = activation_bytes(settings, shape, batch)
     act = checkpointed if settings.gradient_checkpointing else full
     ckpt = "with" if settings.gradient_checkpointing else "without"
@@ -144,7 +157,8 @@ def estimate(
         Part(
             "log-prob logits block",
             block,
-            f"chunk {settings.logp_chunk_size} x vocab {shape.vocab_size} float32, head gradient",
+            f"chunk {settings.logp_chunk_size} x vocab {shape.vocab_size} float32, head gradient "
+            f"in {settings.compute_dtype}",
             transient=True,
         )
     )
@@ -222,13 +236,25 @@ def logits_bytes(settings: RunSettings, shape: ModelShape, batch: int) -> tuple[
     _, scored = tokens(settings, batch)
     cb, vocab, h = settings.compute_bytes, shape.vocab_size, shape.hidden_size
     chunk = min(settings.logp_chunk_size, scored)
-    low = cb if cb < 4 else 0  # the matmul output before the float32 upcast, its cast back
+    block = chunk * vocab  # values of one forward chunk or one backward vocabulary slice
+    low = cb if cb < 4 else 0  # a block's logit gradients rounded to the GEMM operand dtype
     saved = scored * h * cb  # hidden states of the scored tokens, kept for the backward
-    forward = chunk * vocab * (4 + 4 + low)  # logits, logsumexp's temporary
-    head_grad = vocab * h * 4 if settings.lora is None else 0  # float32 accumulator
-    backward = head_grad + chunk * vocab * (4 + low) + scored * h * cb
-    convert = head_grad + (vocab * h * low if settings.lora is None else 0) + scored * h * cb
+    forward = block * (4 + 4)  # float32 logits out of the GEMM, logsumexp's temporary
+    # The backward writes the head's weight gradient slice by slice in the weight's dtype (no
+    # float32 [vocab, hidden] accumulator) and sums the hidden states' gradient in float32.
+    head_grad = vocab * h * cb if settings.lora is None else 0
+    backward = head_grad + scored * h * 4 + block * (4 + low)
+    convert = head_grad + scored * h * (4 + cb)  # the hidden states' gradient cast back
     return saved, max(forward, backward, convert)
+
+
+def unsynced_gradient_bytes(settings: RunSettings, trainable: int) -> float:
+    """Bytes FSDP2 holds between gradient syncs: with several micro-batches per optimizer step
+    and one reduce-scatter per step, each unit keeps its unsharded gradients in its reduce
+    dtype (float32) until the micro-batch that syncs; 0 when it syncs every micro-batch."""
+    sh = settings.sharding
+    syncs_once = sh.fsdp and "FSDP2" in sh.name and not settings.fsdp_sync_every_micro_batch
+    return trainable * 4.0 if syncs_once and settings.accumulate_grad_batches > 1 else 0.0
 
 
 def fsdp_buffer_bytes(shape: ModelShape, compute_bytes: int, trains_base: bool) -> float:

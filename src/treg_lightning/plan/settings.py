@@ -68,6 +68,7 @@ class RunSettings:
     needs_reference: bool
     live_reference: bool
     lora: LoraSpec | None
+    fsdp_sync_every_micro_batch: bool = False
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -377,5 +378,6 @@ def settings_from_config(
         needs_reference=needs_reference,
         live_reference=bool(live),
         lora=lora_spec_of(model),
+        fsdp_sync_every_micro_batch=bool(model.get("fsdp_sync_every_micro_batch")),
         notes=tuple(notes),
     )

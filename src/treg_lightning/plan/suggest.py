@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from treg_lightning.plan.activations import LoraSpec
-from treg_lightning.plan.estimate import estimate, max_micro_batch
+from treg_lightning.plan.estimate import estimate, max_micro_batch, unsynced_gradient_bytes
 from treg_lightning.plan.settings import RunSettings, Sharding
 from treg_lightning.plan.shapes import ModelShape
 
@@ -40,6 +40,14 @@ def _options(settings: RunSettings) -> list[tuple[str, str, object]]:
                 "cached reference log-probs",
                 "--model.live_reference false --data.rewards.store_reference_logps true",
                 lambda s: replace(s, live_reference=False),
+            )
+        )
+    if unsynced_gradient_bytes(settings, 1):
+        options.append(
+            (
+                "FSDP2 gradient sync every micro-batch",
+                "--model.fsdp_sync_every_micro_batch true",
+                lambda s: replace(s, fsdp_sync_every_micro_batch=True),
             )
         )
     if not settings.sharding.fsdp and settings.world_size > 1:
