@@ -142,7 +142,7 @@ def test_prompts_file_formats_and_errors(tmp_path):
         read_prompts_file(path)
     path.write_text('"ok"\n[{"role": "assistant", "content": "a"}]\n')
     with pytest.raises(
-        DataFormatError, match=r"line 2.*prompt ends with user\)\. Fix or remove the row\.$"
+        DataFormatError, match=r"line 2.*prompt ends with user\)\. Fix or remove the row \("
     ):
         read_prompts_file(path)
 

@@ -24,6 +24,7 @@ from treg_lightning.cli.main import cli_main as treg_main
 SCORER_LOADERS = (
     "transformers.AutoModelForSequenceClassification.from_pretrained",
     "transformers.AutoModelForCausalLM.from_pretrained",
+    "treg_lightning.answers.reward_model.RewardModelScorer.__init__",  # checks itself, too late
 )
 
 
