@@ -389,8 +389,8 @@ def test_bad_inputs_are_refused_before_any_model_loads(env, tiny_model_dir, tmp_
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     assert "holds no prompt" in refused([*args, f"--prompts={empty}"], capsys)
-    assert "holds no prompt" in refused([*args, "--limit=0"], capsys)
-    assert "k >= 2" in refused([*args, "--k=1"], capsys)
+    assert "--limit 0: pairs needs at least one prompt" in refused([*args, "--limit=0"], capsys)
+    assert "--k 1: pairs needs k >= 2" in refused([*args, "--k=1"], capsys)
     assert "k >= 2" in refused([*args, "--seeds=[5]", "--k=null"], capsys)
     rm = ["--scorer=treg_lightning.answers.scorers.SequenceClassifierScorer",
           f"--scorer.name_or_path={env['rm2']}"]  # fmt: skip

@@ -2,7 +2,8 @@
 
 Each run's name (one table row each, so they must differ), its predictions file (JSON lines of
 ``treg predict``, not a pairs file), its checkpoint (not empty, truncated or foreign) or policy
-folder, the reference answers and the reward-model folder: each refused with a message naming
+(a causal LM), the reference answers and the reward model (a sequence classifier with one
+output, or an output field named): each refused with a message naming
 the run, the file and what to do.
 """
 
@@ -36,11 +37,11 @@ def check_run_names(names: list[str], has_reference: bool) -> None:
 
 
 def check_answers_file(path: str | Path, what: str) -> None:
-    """Refuse a missing, empty or non-JSON-lines answers file, or a pairs file given instead.
+    """Refuse a missing, empty or unreadable answers file, or a pairs file given instead.
 
     Args:
-        path: the file (a ``treg predict`` output: one JSON object per line with ``output``
-            and ``messages`` or ``instruction``).
+        path: the file (a ``treg predict`` output: JSON lines, or one JSON list when named
+            ``.json``, of objects with ``output`` and ``messages`` or ``instruction``).
         what: the setting that names it, e.g. ``run 'a': predictions`` (named in errors).
     """
     path = Path(path).expanduser()
@@ -48,71 +49,85 @@ def check_answers_file(path: str | Path, what: str) -> None:
         where = "is a folder" if path.is_dir() else "does not exist"
         raise MissingFileError(
             f"{what} {path} {where}: give the answers file written by treg predict "
-            "(--output of treg predict, one JSON object per line)."
+            "(--output of treg predict: .jsonl, one JSON object per line, or a .json list)."
         )
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
         raise ConfigError(
-            f"{what} {path} is not UTF-8 text (byte {error.start}): give the JSON lines file "
+            f"{what} {path} is not UTF-8 text (byte {error.start}): give the answers file "
             "written by treg predict."
         ) from None
-    numbered = [(n, line) for n, line in enumerate(lines, start=1) if line.strip()]
-    if not numbered:
+    rows = _json_list(text, path, what) if path.suffix == ".json" else _json_lines(text, path, what)
+    if not rows:
         raise ConfigError(
             f"{what} {path} is empty: it holds no answers. Run treg predict again (the run "
             "that wrote it may have been stopped), or give another file."
         )
-    for number, line in numbered:
+    for where, row in rows:
+        if not isinstance(row, dict):
+            raise ConfigError(
+                f"{what} {path} {where} is a JSON {type(row).__name__}, not an object: an "
+                "answers file holds one JSON object per answer, as treg predict writes it."
+            )
+        _check_answer_row(row, where, path, what)
+
+
+def _json_lines(text: str, path: Path, what: str) -> list[tuple[str, object]]:
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
         try:
-            row = json.loads(line)
+            rows.append((f"line {number}", json.loads(line)))
         except json.JSONDecodeError as error:
             raise ConfigError(
                 f"{what} {path} line {number} is not JSON ({error.msg}): an answers file holds "
-                "one JSON object per line, as treg predict writes it."
+                "one JSON object per line, as treg predict writes it (or one JSON list, named "
+                ".json)."
             ) from None
-        if not isinstance(row, dict):
-            raise ConfigError(
-                f"{what} {path} line {number} is a JSON {type(row).__name__}, not an object: an "
-                "answers file holds one JSON object per line, as treg predict writes it."
-            )
-        _check_answer_row(row, number, path, what)
+    return rows
 
 
-def _check_answer_row(row: dict, number: int, path: Path, what: str) -> None:
+def _json_list(text: str, path: Path, what: str) -> list[tuple[str, object]]:
+    if not text.strip():
+        return []
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ConfigError(
+            f"{what} {path} is not JSON ({error.msg}, line {error.lineno}): a .json answers "
+            "file holds one JSON list of answers, as treg predict writes it."
+        ) from None
+    if not isinstance(values, list):
+        raise ConfigError(
+            f"{what} {path} holds a JSON {type(values).__name__}, not a list: a .json answers "
+            "file holds one JSON list of answers, as treg predict writes it."
+        )
+    return [(f"item {i}", value) for i, value in enumerate(values)]
+
+
+def _check_answer_row(row: dict, where: str, path: Path, what: str) -> None:
     if "output" not in row and {"chosen", "rejected"} <= set(row):
         raise ConfigError(
-            f"{what} {path} is a file of preference pairs (line {number} has 'chosen' and "
+            f"{what} {path} is a file of preference pairs ({where} has 'chosen' and "
             "'rejected', no 'output'), not answers. Generate the run's answers with treg "
             "predict and give that file; the pairs go to --data.source."
         )
     if "output" not in row or not ("messages" in row or "instruction" in row):
         raise ConfigError(
-            f"{what} {path} line {number} has keys {sorted(row)}; an answer needs 'output' and "
+            f"{what} {path} {where} has keys {sorted(row)}; an answer needs 'output' and "
             "'messages' or 'instruction' (as treg predict writes them)."
         )
 
 
-def _looks_local(name: str) -> bool:
-    return name.startswith(("/", ".", "~")) or Path(name).expanduser().exists()
+def check_run_policy(name: str, what: str, tokenizer=None) -> None:
+    """A run's policy exists and is a causal LM (a reward model or an adapter folder is named as
+    such); with ``tokenizer`` (the data tokenizer, which writes the held-out pairs it scores),
+    it reads that tokenizer's ids. Reads config and tokenizer files only."""
+    from treg_lightning.models.preflight import check_model
 
-
-def check_model_folder(name: str, what: str, kind: str) -> None:
-    """Refuse a local model folder that does not exist or holds no ``config.json`` (a Hub id
-    passes: it is read when the model loads)."""
-    if not _looks_local(str(name)):
-        return
-    path = Path(name).expanduser()
-    if not path.is_dir():
-        raise MissingFileError(
-            f"{what} {path} does not exist (or is not a folder): give the folder of a {kind} "
-            "written by save_pretrained, or a Hugging Face hub id."
-        )
-    if not (path / "config.json").is_file():
-        raise MissingFileError(
-            f"{what} {path} holds no config.json: it is not a model folder. Give the folder of "
-            f"a {kind} written by save_pretrained, or a Hugging Face hub id."
-        )
+    check_model(name, what, tokenizer=tokenizer, fed="the data tokenizer (data.tokenizer)")
 
 
 def check_evaluate_inputs(runs, reference: str | None, reward_model: str | None) -> None:
@@ -127,8 +142,10 @@ def check_evaluate_inputs(runs, reference: str | None, reward_model: str | None)
         if run.ckpt_path is not None and is_file_path(run.ckpt_path):
             check_checkpoint_file(run.ckpt_path, f"{label} ckpt_path")
         if run.policy is not None:
-            check_model_folder(run.policy, f"{label} policy", "causal language model")
+            check_run_policy(run.policy, f"{label} policy")
     if reference is not None:
         check_answers_file(reference, "--reference")
     if reward_model is not None:
-        check_model_folder(reward_model, "--reward_model", "sequence-classification reward model")
+        from treg_lightning.answers.reward_model import check_reward_model
+
+        check_reward_model(reward_model, "--reward_model")

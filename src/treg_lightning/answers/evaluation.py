@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from treg_lightning.answers.predictions import read_jsonl
+from treg_lightning.answers.record_files import read_records
 from treg_lightning.errors import ConfigError, MissingFileError
 from treg_lightning.outputs import OutputFolderError
 
@@ -235,9 +235,15 @@ def evaluate_runs(trainer, base_module, datamodule, runs: list[EvalRun],
             value = getattr(run, field)
             if value is not None and not Path(value).exists():
                 raise MissingFileError(f"run {run.name!r}: {field} {value} does not exist.")
-    answers = {run.name: read_jsonl(Path(run.predictions)) for run in runs if run.predictions}
-    reference = read_jsonl(Path(settings.reference)) if settings.reference else None
+    answers = {run.name: read_records(run.predictions) for run in runs if run.predictions}
+    reference = read_records(settings.reference) if settings.reference else None
     tokenizer = datamodule.get_tokenizer() if datamodule is not None else None
+    if tokenizer is not None:  # before any weights load: the policies read the data's ids
+        from treg_lightning.answers.evaluate_checks import check_run_policy
+
+        for run in runs:
+            if run.policy is not None:
+                check_run_policy(run.policy, f"run {run.name!r}: policy", tokenizer)
     results = []
     for run in runs:
         result: dict[str, Any] = {"run": run.name, **asdict(run)}

@@ -12,6 +12,7 @@ Greedy decoding (``temperature: 0``) is deterministic; sampled decoding seeds ev
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -121,7 +122,20 @@ class PolicyLoader(Protocol):
 
 
 class GenerationBackend:
-    """Generates answers for batches of prompt ids (subclass it; chosen by ``class_path``)."""
+    """Generates answers for batches of prompt ids (subclass it; chosen by ``class_path``).
+
+    Attributes:
+        setup_on_every_rank: :meth:`setup` is a collective of the process group (every rank
+            must call it, together, even a rank with no shard left); False: a rank sets up only
+            when it has shards to generate.
+    """
+
+    setup_on_every_rank = False
+
+    def prepare(self, policy: PolicyLoader, work_dir: Path) -> None:
+        """Write what every rank's :meth:`setup` reads (e.g. the policy exported as a Hugging
+        Face folder); called on rank 0 alone, while the other ranks wait, before any
+        :meth:`setup`. Does nothing by default."""
 
     def setup(self, policy: PolicyLoader, tokenizer, device: torch.device, work_dir: Path):
         """Load the policy; called once per process before :meth:`generate`."""
@@ -142,6 +156,13 @@ class GenerationBackend:
 
         Raises:
             ConfigError: what is missing and what to do.
+        """
+
+    def check_world_size(self, world_size: int) -> None:
+        """Refuse, at start-up, a backend that cannot run on ``world_size`` processes.
+
+        Raises:
+            ConfigError: what does not fit and what to do.
         """
 
 
@@ -215,16 +236,29 @@ VLLM_MISSING = (
 class VLLMBackend(GenerationBackend):
     """vLLM generation (GPU; ``pip install treg-lightning[vllm]``). Imported only when chosen.
 
-    vLLM reads a Hugging Face folder: a ``.ckpt`` policy is exported to the run's work folder
-    first. Each data-parallel rank runs its own engine on its own device.
+    vLLM reads a Hugging Face folder: a ``.ckpt`` policy is exported once, by rank 0, into the
+    run's work folder (``<output>.parts/<fingerprint>/policy``) while the other ranks wait.
+
+    Every process runs one engine of its own on its own device, the way vLLM supports under a
+    torchrun-style launcher (Lightning's DDP launcher is one): ``distributed_executor_backend=
+    "external_launcher"``, with ``RANK`` / ``LOCAL_RANK`` / ``WORLD_SIZE`` set for the engine's
+    construction (``LOCAL_RANK``: the index of this process's CUDA device, where vLLM's worker
+    puts the model), the engine in this process (vLLM turns its engine-core process off for
+    this backend) and a seed per rank. The engines join the process group the launcher made
+    (one model-parallel group of size 1 per rank), so building them is a collective: every
+    rank sets up, even one with no shard left. The answers do not depend on the number of
+    ranks: each request carries its own seed. ``tensor_parallel_size`` > 1 runs one process
+    (``--trainer.devices 1``) whose engine spreads over that many GPUs (vLLM's own workers).
 
     Args:
         gpu_memory_utilization: share of the GPU memory vLLM may take.
-        tensor_parallel_size: GPUs per engine.
+        tensor_parallel_size: GPUs per engine (> 1 only with one process).
         max_model_len: longest prompt + answer; None: the model's.
         dtype: vLLM's dtype (``"auto"``: the checkpoint's).
         enforce_eager: skip CUDA graphs (faster start, slower decode).
     """
+
+    setup_on_every_rank = True
 
     def __init__(
         self,
@@ -234,6 +268,8 @@ class VLLMBackend(GenerationBackend):
         dtype: str = "auto",
         enforce_eager: bool = False,
     ) -> None:
+        if tensor_parallel_size < 1:
+            raise ConfigError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}.")
         self.options = {
             "gpu_memory_utilization": gpu_memory_utilization,
             "tensor_parallel_size": tensor_parallel_size,
@@ -249,16 +285,47 @@ class VLLMBackend(GenerationBackend):
         if importlib.util.find_spec("vllm") is None:
             raise ConfigError(VLLM_MISSING)
 
+    def check_world_size(self, world_size: int) -> None:
+        tensor = self.options["tensor_parallel_size"]
+        if world_size > 1 and tensor > 1:
+            raise ConfigError(
+                f"VLLMBackend(tensor_parallel_size={tensor}) with {world_size} processes: each "
+                "process runs its own engine on its own GPU, with its own prompts, so its engine "
+                "cannot spread over other GPUs. Either keep the processes and set "
+                "--backend.tensor_parallel_size 1, or run one process (--trainer.devices 1) "
+                f"whose engine spreads over {tensor} GPUs."
+            )
+
+    def prepare(self, policy: PolicyLoader, work_dir: Path) -> None:
+        policy.folder(work_dir)  # the export, written once (rank 0) for every rank's engine
+
     def setup(self, policy: PolicyLoader, tokenizer, device: torch.device, work_dir: Path):
-        try:
-            import vllm
-        except ImportError as err:
-            raise ConfigError(VLLM_MISSING) from err
+        import os
+
+        import torch.distributed as dist
+
+        ranked = dist.is_available() and dist.is_initialized()
+        rank, world_size = (dist.get_rank(), dist.get_world_size()) if ranked else (0, 1)
+        self.check_world_size(world_size)
+        folder = policy.folder(work_dir)  # prepare() wrote it: read here, not written again
+        options = {k: v for k, v in self.options.items() if v is not None}
+        if self.options["tensor_parallel_size"] == 1:
+            options.update(distributed_executor_backend="external_launcher", seed=rank)
+            local = engine_local_rank(device, os.environ.get("LOCAL_RANK"))
+            variables = launcher_environment(rank, local, world_size, ranked)
+            # The engine in this process: vLLM sets this itself for external_launcher (its
+            # ParallelConfig) and asserts it; set before vllm.envs is first read, and kept.
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        else:  # one process: vLLM starts its own workers, on the visible GPUs
+            variables = {}
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        folder = policy.folder(work_dir)
-        options = {k: v for k, v in self.options.items() if v is not None}
-        self.engine = vllm.LLM(model=str(folder), tokenizer=str(folder), **options)
+        with environment(variables):
+            try:
+                import vllm
+            except ImportError as err:
+                raise ConfigError(VLLM_MISSING) from err
+            self.engine = vllm.LLM(model=str(folder), tokenizer=str(folder), **options)
         self.stop_ids = stop_token_ids(tokenizer)
         self._vllm = vllm
 
@@ -285,3 +352,52 @@ class VLLMBackend(GenerationBackend):
 
     def fingerprint(self) -> dict[str, Any]:
         return {"engine": "vllm", **self.options}
+
+
+def engine_local_rank(device: torch.device, local_rank: str | None) -> int:
+    """The ``LOCAL_RANK`` vLLM is given: the index of this process's CUDA device (vLLM's worker
+    runs on ``cuda:<LOCAL_RANK>``, so ``--trainer.devices [2, 3]`` must give 2 and 3, not the
+    launcher's 0 and 1); off CUDA the launcher's local rank (0 when unset, as Lightning reads
+    it)."""
+    if device.type == "cuda":
+        return device.index if device.index is not None else torch.cuda.current_device()
+    return int(local_rank or 0)
+
+
+def launcher_environment(rank: int, local_rank: int, world_size: int, ranked: bool):
+    """The variables vLLM's ``external_launcher`` reads (``RANK``, ``LOCAL_RANK``, and
+    ``WORLD_SIZE``; ``MASTER_ADDR`` / ``MASTER_PORT`` only where no process group exists yet,
+    for vLLM's own ``env://`` one of a single process)."""
+    import os
+
+    variables = {"RANK": str(rank), "LOCAL_RANK": str(local_rank), "WORLD_SIZE": str(world_size)}
+    if not ranked:
+        variables["MASTER_ADDR"] = os.environ.get("MASTER_ADDR") or "127.0.0.1"
+        variables["MASTER_PORT"] = os.environ.get("MASTER_PORT") or str(_free_port())
+    return variables
+
+
+@contextlib.contextmanager
+def environment(variables: dict[str, str]):
+    """``os.environ`` with ``variables`` set inside the block, as it was after it (the
+    launcher's own ``LOCAL_RANK`` is Lightning's to read later)."""
+    import os
+
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

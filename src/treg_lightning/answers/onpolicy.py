@@ -40,6 +40,7 @@ from treg_lightning.answers.pair_sampling import (
     distinct_prompts,
     sample_seeds,
     samples_fingerprint,
+    unsampled,
 )
 from treg_lightning.answers.pair_scoring import score_shards
 from treg_lightning.answers.predictions import AnswerJob, PredictSettings, record_digest
@@ -54,6 +55,13 @@ DEFAULT_SEEDS = (13, 21, 42, 79, 100)
 def resolve_seeds(k: int | None, seeds: list[int] | None) -> list[int]:
     """The seeds of the ``k`` samples: ``seeds`` as given, else the first ``k`` of
     :data:`DEFAULT_SEEDS` (``k`` > 5: continued 101, 102, ...); k = 5 by default."""
+    if k is not None and k < 2:
+        # Checked before the seeds are cut: a negative k would slice from the end ([:-1]).
+        raise ConfigError(
+            f"--k {k}: pairs needs k >= 2 samples per prompt, since chosen and rejected are two "
+            "different samples of one prompt (with fewer, no pair can be formed). Set --k 5, "
+            "SimPO's setting (or list --seeds)."
+        )
     if seeds is not None:
         seeds = [int(s) for s in seeds]
         if k is not None and k != len(seeds):
@@ -114,7 +122,7 @@ class PairsJob:
 
 def run_pairs(trainer, job: PairsJob) -> Path | None:
     """``treg pairs``: check the settings, launch the strategy's processes, run the stages."""
-    job.answers.check("pairs")
+    job.answers.check("pairs", trainer.world_size)
     if job.scorer is None:
         raise ConfigError(
             "pairs needs a scorer: --scorer treg_lightning.answers.scorers.ImplicitRewardScorer "
@@ -141,12 +149,16 @@ def _pairs(trainer, job: PairsJob, paths: OutputPaths) -> Path | None:
         digest = record_digest({**scoring, "selection": job.selection.fingerprint()})
         work_dir = parts_folder(paths.pairs, record["digest"])
         score_parts = Parts(work_dir / f"scores-{record_digest(scoring)[:16]}")
+        pending = unsampled(prompts, settings, work_dir)
         if ranks.rank == 0:
             check_sidecars(paths, digest, settings.overwrite)
             work_dir.mkdir(parents=True, exist_ok=True)
             write_json(work_dir / "settings.json", record)
+    if pending:  # e.g. vLLM's export of a checkpoint: written once, read by every rank
+        ranks.on_rank_zero("pairs-policy", lambda: answers.backend.prepare(policy, work_dir))
     with ranks.step("pairs-samples"):
-        sample_seeds(prompts, answers, policy, tokenizer, settings, work_dir, device, ranks)
+        sample_seeds(prompts, answers, policy, tokenizer, settings, work_dir, device, ranks,
+                     pending)  # fmt: skip
     if settings.sample_only:
         rank_zero_info(f"pairs: samples of {len(prompts)} prompts kept in {work_dir}")
         return None

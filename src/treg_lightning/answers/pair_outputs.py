@@ -3,7 +3,8 @@
 Rank 0 writes, once every shard is sampled and scored:
 
 - ``output``: the pairs, ``{"prompt": [messages as sampled], "chosen": [{"role": "assistant",
-  ...}], "rejected": [...], ...}``, the conversational layout ``PreferenceDataModule`` reads;
+  ...}], "rejected": [...], ...}``, the conversational layout ``PreferenceDataModule`` reads, as
+  JSON lines (``.jsonl``) or one JSON list (``.json``), as its name says;
 - ``<output stem>.samples.jsonl``: every sample with its seed, score, finish reason, role
   (chosen / rejected / null), the prompt's drop reason and the settings' fingerprint;
 - ``<output stem>.summary.json``: the settings' fingerprint record, the prompts kept and dropped
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from treg_lightning.answers.pair_sampling import seed_parts
 from treg_lightning.answers.predictions import OUTPUT_ADVICE, read_shard, write_rows
+from treg_lightning.answers.record_files import check_suffix, write_records
 from treg_lightning.answers.selection import DROP_REASONS, BestWorst, Choice, Sample
 from treg_lightning.outputs import OutputFolderError, check_writable, disk_full_hint
 from treg_lightning.passes import Parts, ShardPlan, write_json
@@ -47,7 +49,10 @@ def check_outputs(output: str | Path, overwrite: bool) -> OutputPaths:
 
     paths = OutputPaths.of(output)
     if paths.pairs.is_dir():
-        raise OutputFolderError(errno.EISDIR, f"--output {paths.pairs} is a folder; give a .jsonl.")
+        raise OutputFolderError(
+            errno.EISDIR, f"--output {paths.pairs} is a folder; give a .jsonl or .json name."
+        )
+    check_suffix(paths.pairs)
     if paths.pairs.exists() and not overwrite:
         raise OutputFolderError(
             errno.EEXIST,
@@ -153,4 +158,4 @@ def write_outputs(paths: OutputPaths, pairs: list, samples: list, summary: dict)
     write_rows(paths.samples, samples)
     with disk_full_hint(paths.summary, OUTPUT_ADVICE):
         write_json(paths.summary, summary, end="\n")
-    write_rows(paths.pairs, pairs)
+    write_records(paths.pairs, pairs, OUTPUT_ADVICE)  # JSON lines or a JSON list, as named

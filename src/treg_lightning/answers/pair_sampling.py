@@ -20,8 +20,9 @@ from treg_lightning.answers.predictions import (
     fingerprint,
     generate_shards,
     record_digest,
+    unfinished,
 )
-from treg_lightning.passes import Parts, Ranks
+from treg_lightning.passes import Parts, Ranks, ShardPlan
 
 FORMAT = "treg-lightning-pairs"
 FORMAT_VERSION = 1
@@ -53,17 +54,27 @@ def seed_parts(work_dir: Path, seed: int) -> Parts:
     return Parts(work_dir / f"samples-seed{seed}")
 
 
+def unsampled(prompts, settings, work_dir: Path) -> bool:
+    """Whether any shard of any seed is still to be sampled (read by every rank in the same
+    step, before any rank samples: see :func:`~treg_lightning.answers.predictions.unfinished`)."""
+    plan = ShardPlan(len(prompts), settings.shard_size)
+    return any(unfinished(seed_parts(work_dir, seed), plan) for seed in settings.seeds)
+
+
 def sample_seeds(prompts, answers: AnswerJob, policy: PolicySource, tokenizer, settings,
-                 work_dir: Path, device: torch.device, ranks: Ranks) -> None:  # fmt: skip
+                 work_dir: Path, device: torch.device, ranks: Ranks,
+                 pending: bool = False) -> None:  # fmt: skip
     """This rank's unfinished shards of every seed; the policy loads once for all the seeds
-    and is freed at the end (the scorer needs the device)."""
+    (in ``work_dir``) and is freed at the end (the scorer needs the device). ``pending``: some
+    rank has shards left (:func:`unsampled`)."""
     backend = _SetupOnce(answers.backend)
     generator = answers.generator(settings.generator)
     for seed in settings.seeds:
         parts = seed_parts(work_dir, seed)
         parts.folder.mkdir(parents=True, exist_ok=True)
         generate_shards(prompts, backend, policy, tokenizer, settings.predict_settings(seed),
-                        parts, generator, device, ranks)  # fmt: skip
+                        parts, generator, device, ranks, work_dir=work_dir,
+                        pending=pending)  # fmt: skip
     backend.release()
 
 
@@ -73,6 +84,7 @@ class _SetupOnce(GenerationBackend):
     def __init__(self, inner: GenerationBackend) -> None:
         self.inner = inner
         self.ready = False
+        self.setup_on_every_rank = inner.setup_on_every_rank
 
     def setup(self, policy, tokenizer, device, work_dir) -> None:
         if not self.ready:

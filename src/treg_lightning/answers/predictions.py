@@ -9,7 +9,8 @@ fingerprint, so their shards are never mixed in. Rank 0 merges the shards in pro
 ``output`` (written atomically, never over an existing file unless ``overwrite``) and removes the
 parts. A rank that raises stops every rank with its error.
 
-Output rows (JSONL, AlpacaEval's format plus what evaluation needs)::
+Output rows (AlpacaEval's format plus what evaluation needs), as JSON lines for an ``output``
+named ``.jsonl`` or one JSON list for ``.json`` (:mod:`~treg_lightning.answers.record_files`)::
 
     {"instruction", "output", "generator", "messages" (prompt + the answer), "index",
      "output_tokens", "finish_reason" ("stop" | "length"), ...fields of the prompts file}
@@ -29,12 +30,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from treg_lightning.answers.generation import GenerationBackend, SamplingSettings
+from treg_lightning.answers.record_files import check_suffix, write_records
 from treg_lightning.errors import ConfigError, MissingFileError
 from treg_lightning.outputs import OutputFolderError, check_writable, disk_full_hint
 from treg_lightning.passes import (
     Parts,
     Ranks,
     ShardPlan,
+    atomic_path,
     distributed,
     foreign_part,
     parts_folder,
@@ -79,7 +82,10 @@ class PolicySource:
             return Path(resolve_model_source(self.module.model_name).path)
         target = work_dir / "policy"
         if not (target / "config.json").is_file():
-            export_checkpoint(self.module, self.ckpt_path, target)
+            # Written whole or not at all: a kill mid-export leaves no folder a rerun would
+            # take for finished.
+            with atomic_path(target) as staging:
+                export_checkpoint(self.module, self.ckpt_path, staging)
         return target
 
     def identity(self) -> dict[str, Any]:
@@ -130,7 +136,10 @@ def check_output(output: str | Path, overwrite: bool) -> Path:
 
     path = Path(output).expanduser()
     if path.is_dir():
-        raise OutputFolderError(errno.EISDIR, f"--output {path} is a folder; give a .jsonl name.")
+        raise OutputFolderError(
+            errno.EISDIR, f"--output {path} is a folder; give a .jsonl or .json name."
+        )
+    check_suffix(path)
     if path.exists() and not overwrite:
         raise OutputFolderError(
             errno.EEXIST,
@@ -217,16 +226,23 @@ def generate_shards(
     generator: str,
     device: torch.device,
     ranks: Ranks,
+    *,
+    work_dir: Path | None = None,
+    pending: bool = False,
 ) -> int:
-    """Generate this rank's unfinished shards; returns the number of prompts generated."""
+    """Generate this rank's unfinished shards; returns the number of prompts generated.
+
+    The backend sets up (in ``work_dir``, default the parts folder) when this rank has shards
+    left, or, for a backend whose set-up is a collective, whenever any rank has (``pending``:
+    every rank must agree on it, see :func:`unfinished`)."""
     plan = ShardPlan(len(prompts), settings.shard_size)
     todo = parts.todo(plan, ranks)
     mine = sum(plan.size(k) for k in plan.shards_of(ranks))
     left = sum(plan.size(k) for k in todo)
     bar = tqdm(total=mine, initial=mine - left, desc="predict", unit="prompt",
                disable=ranks.rank != 0 or not settings.progress)  # fmt: skip
-    if todo:
-        backend.setup(policy, tokenizer, device, parts.folder)
+    if todo or (pending and backend.setup_on_every_rank):
+        backend.setup(policy, tokenizer, device, work_dir or parts.folder)
     for k in todo:
         shard = prompts[plan.slice(k)]
         rows = []
@@ -244,12 +260,18 @@ def generate_shards(
     return left
 
 
+def unfinished(parts: Parts, plan: ShardPlan) -> bool:
+    """Whether any shard of the pass (any rank's) is still to be made. Every rank must read it
+    in the same step, before any rank writes a part, so all ranks agree."""
+    return any(not parts.path(k).is_file() for k in range(plan.count))
+
+
 def merge_shards(prompts: list[dict], parts: Parts, output: Path, shard_size: int) -> Path:
     """Concatenate the shards in prompt order into ``output``; remove the parts folder."""
     plan, rows = ShardPlan(len(prompts), shard_size), []
     for k in range(plan.count):
         rows.extend(read_shard(parts, k, [p["index"] for p in prompts[plan.slice(k)]]))
-    write_rows(output, rows)
+    write_records(output, rows, OUTPUT_ADVICE)  # JSON lines or a JSON list, as named
     parts.remove()
     return output
 
@@ -273,17 +295,41 @@ class AnswerJob:
     limit: int | None
     backend: GenerationBackend
 
-    def check(self, verb: str) -> None:
-        """The start-up checks (before any process starts or model loads)."""
+    def check(self, verb: str, world_size: int = 1) -> None:
+        """The start-up checks (before any process starts or model loads): the sections, the
+        limit, the backend (on ``world_size`` processes), the checkpoint and the policy
+        (:meth:`check_policy`)."""
         if self.module is None or self.datamodule is None:
             raise ConfigError(f"{verb} needs the model and data sections (--config ...).")
+        if self.limit is not None and self.limit < 1:
+            # A negative limit would slice from the end ([:-1] drops the last prompt).
+            raise ConfigError(
+                f"--limit {self.limit}: {verb} needs at least one prompt (--limit N with N >= 1), "
+                "or drop --limit to take every prompt."
+            )
         self.backend.check()
+        self.backend.check_world_size(world_size)
         if self.ckpt_path is not None and not Path(self.ckpt_path).exists():
             raise MissingFileError(
                 f"--ckpt_path {self.ckpt_path} does not exist: give a .ckpt file or a sharded "
                 "checkpoint folder, or drop --ckpt_path to use model.model as it is (e.g. an "
                 "exported policy folder)."
             )
+        self.check_policy()
+
+    def check_policy(self) -> None:
+        """``model.model`` exists, is a causal LM (not a reward model, not an adapter folder)
+        and reads the ids of the data tokenizer, which writes the prompts it will answer."""
+        from treg_lightning.models.preflight import check_model, check_vocabulary
+
+        name = getattr(self.module, "model_name", None)
+        if name is None:
+            return  # a module of the user's own: it loads what it loads
+        remote = bool(getattr(self.module, "trust_remote_code", False))
+        facts = check_model(str(name), "model.model", trust_remote_code=remote)
+        tokenizer = self.datamodule.get_tokenizer()
+        check_vocabulary(facts, tokenizer, "model.model", "the data tokenizer (data.tokenizer)",
+                         trust_remote_code=remote)  # fmt: skip
 
     def launch(self, trainer, work, *args):
         """``work(trainer, *args)`` on every process of the trainer's strategy (launched as
@@ -324,12 +370,7 @@ class PredictJob:
 
 def run_predict(trainer, job: PredictJob) -> Path | None:
     """``treg predict``: launch the strategy's processes and generate (see the module doc)."""
-    job.answers.check("predict")
-    if job.answers.limit is not None and job.answers.limit < 1:
-        raise ConfigError(
-            f"--limit {job.answers.limit}: answer at least one prompt (--limit N with N >= 1), "
-            "or drop --limit to answer every prompt."
-        )
+    job.answers.check("predict", trainer.world_size)
     output = check_output(job.settings.output, job.settings.overwrite)
     return job.answers.launch(trainer, _predict, job, output)
 
@@ -346,12 +387,16 @@ def _predict(trainer, job: PredictJob, output: Path) -> Path | None:
         policy, device = answers.policy(), trainer.strategy.root_device
         record = fingerprint(prompts, policy, settings, answers.backend, device)
         parts = Parts(parts_folder(output, record["digest"]))
+        pending = unfinished(parts, ShardPlan(len(prompts), settings.shard_size))
         if ranks.rank == 0:
             parts.folder.mkdir(parents=True, exist_ok=True)
             write_json(parts.folder / "settings.json", record)
+    if pending:  # e.g. vLLM's export of a checkpoint: written once, read by every rank
+        ranks.on_rank_zero("predict-policy", lambda: answers.backend.prepare(policy, parts.folder))
     with ranks.step("predict-shards"):
         generate_shards(prompts, answers.backend, policy, tokenizer, settings, parts,
-                        answers.generator(settings.generator), device, ranks)  # fmt: skip
+                        answers.generator(settings.generator), device, ranks,
+                        pending=pending)  # fmt: skip
 
     def merge() -> Path:
         merge_shards(prompts, parts, output, settings.shard_size)

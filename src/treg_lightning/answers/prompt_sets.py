@@ -1,13 +1,13 @@
-"""Prompt sets for ``treg predict``: the data's held-out prompts or a prompts file.
+"""Prompt sets for ``treg predict`` and ``treg pairs``: the data's prompts or a prompts file.
 
 A prompt is ``{"index", "messages", "instruction", "prompt_ids", ...}``: the chat messages
 (ending with the user's turn), the AlpacaEval ``instruction`` (the last user turn), and the
 prompt token ids, made exactly as in training (:meth:`PairTokenizer.prompt_ids`, cut from the
 left to ``max_prompt_length``), so the policy is asked in the format it was trained on.
 
-A prompts file is read by :func:`treg_lightning.data.prompt_files.read_prompts_file` (the
-formats it takes are listed there); the fields of its rows other than the prompt (AlpacaEval's
-``dataset``) are kept in the output rows.
+The data's prompts are those of the pairs training kept (rows it skipped are not asked); a
+prompts file is read by :func:`treg_lightning.data.prompt_files.read_prompts_file` (its formats,
+the rows it accepts and the fields it carries are described there).
 """
 
 from __future__ import annotations

@@ -13,10 +13,59 @@ its copies fall in.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
-from treg_lightning.errors import ConfigError
+from treg_lightning.errors import ConfigError, MissingFileError
+from treg_lightning.models.kinds import UNKNOWN
+from treg_lightning.models.preflight import SEQUENCE_CLASSIFIER, check_model
+
+
+def check_reward_model(
+    name_or_path: str,
+    setting: str,
+    output_field: str | None = None,
+    trust_remote_code: bool = False,
+):
+    """The start-up check of a reward model, from its config alone: it exists, is a sequence
+    classifier (a causal LM, a bare backbone or an adapter folder is named as what it is: loaded
+    as a classifier it would get a random score head), and has one output unless
+    ``output_field`` names the field holding the reward.
+
+    Returns:
+        What was read (:class:`~treg_lightning.models.preflight.ModelFacts`).
+
+    Raises:
+        MissingFileError: no such folder or hub model.
+        ConfigError: another kind of model, or several outputs and no ``output_field``.
+    """
+
+    path = Path(str(name_or_path)).expanduser()
+    local = str(name_or_path).startswith(("/", "./", "../", "~")) or path.exists()
+    if local and not path.is_dir():  # said for a reward model (a .gguf or 'smollm2' is none)
+        raise MissingFileError(
+            f"{setting} {path} does not exist (or is not a folder): give the folder of a "
+            "sequence-classification reward model written by save_pretrained, or a Hugging Face "
+            "hub id."
+        )
+    # transformers loads .bin reward models with weights_only torch.load: not refused here.
+    facts = check_model(name_or_path, setting, expected=SEQUENCE_CLASSIFIER,
+                        trust_remote_code=trust_remote_code, safetensors_only=False)  # fmt: skip
+    labels = facts.num_labels
+    if labels is None and facts.kind == UNKNOWN:  # remote code: its config still counts them
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        labels = getattr(config, "num_labels", None)
+    if output_field is None and labels not in (None, 1):
+        raise ConfigError(
+            f"{setting} {str(name_or_path)!r} has {labels} outputs (num_labels in its "
+            "config.json) and no output field is named: which one is the reward is unknown. "
+            "Name the output field that holds the reward (output_field; ArmoRM: score), or use "
+            "a reward model with one output."
+        )
+    return facts
 
 
 class RewardModelScorer:
@@ -33,6 +82,7 @@ class RewardModelScorer:
         trust_remote_code: allow model code from the hub.
         output_field: the field of the model's output that holds the reward (ArmoRM: ``score``)
             for models whose reward is not ``logits[:, 0]``; None: ``logits``, one output.
+        setting: the setting that names the model, in the start-up check's messages.
     """
 
     def __init__(
@@ -44,11 +94,13 @@ class RewardModelScorer:
         device: str | None = None,
         trust_remote_code: bool = False,
         output_field: str | None = None,
+        setting: str = "the reward model",
     ) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from treg_lightning.models.loading import parse_dtype
 
+        check_reward_model(name_or_path, setting, output_field, trust_remote_code)  # no weights
         self.name = str(name_or_path)
         self.output_field = output_field
         self.tokenizer = AutoTokenizer.from_pretrained(

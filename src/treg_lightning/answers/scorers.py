@@ -110,22 +110,21 @@ class SequenceClassifierScorer(Scorer):
         self.scorer = None
 
     def check(self, prompts: Sequence[list[dict]]) -> None:
-        from transformers import AutoConfig, AutoTokenizer
+        """The reward model exists and is a sequence classifier (a causal LM or an adapter
+        folder is named as such), one output unless ``output_field`` names the reward, its
+        tokenizer fits its embedding table and renders every prompt with an answer."""
+        from transformers import AutoTokenizer
 
-        config = AutoConfig.from_pretrained(
-            self.name_or_path, trust_remote_code=self.trust_remote_code
-        )
-        labels = getattr(config, "num_labels", 1)
-        if self.output_field is None and labels != 1:
-            raise ConfigError(
-                f"the reward model {self.name_or_path!r} has {labels} outputs (num_labels in its "
-                "config.json) and no output_field is named: which one is the reward is unknown. "
-                "Set scorer.output_field to the output field that holds the reward (ArmoRM: "
-                "score), or use a reward model with one output."
-            )
+        from treg_lightning.answers.reward_model import check_reward_model
+        from treg_lightning.models.preflight import check_vocabulary
+
+        setting = "scorer.name_or_path"
+        facts = check_reward_model(self.name_or_path, setting, self.output_field,
+                                   self.trust_remote_code)  # fmt: skip
         tokenizer = AutoTokenizer.from_pretrained(
             self.name_or_path, trust_remote_code=self.trust_remote_code
         )
+        check_vocabulary(facts, tokenizer, setting, "its own tokenizer", self.trust_remote_code)
         check_renders(tokenizer, self.name_or_path, prompts)
 
     def setup(self, device: torch.device) -> None:
@@ -213,12 +212,31 @@ class ImplicitRewardScorer(Scorer):
         return self.tokenizer
 
     def check(self, prompts: Sequence[list[dict]]) -> None:
+        """Two different causal LMs (the same model twice scores every answer 0 and drops every
+        prompt as tied), each existing and reading the ids of the policy's tokenizer, which
+        tokenizes every answer for both; that tokenizer renders every prompt."""
+        from treg_lightning.models.preflight import check_model, check_vocabulary, model_location
+
+        if model_location(self.policy) == model_location(self.reference):
+            raise ConfigError(
+                f"scorer.policy {self.policy!r} and scorer.reference {self.reference!r} are the "
+                f"same model ({model_location(self.policy)}): the implicit reward log pi - log "
+                "pi_ref would be 0 for every answer and every prompt dropped as tied. Give the "
+                "trained policy (e.g. a treg export folder) and the model it started from."
+            )
+        remote = self.trust_remote_code
+        facts = check_model(self.policy, "scorer.policy", trust_remote_code=remote)
         try:
             pair_tokenizer = self._pair_tokenizer()
         except ConfigError as error:
             raise ConfigError(f"the implicit-reward scorer's policy {self.policy!r}: {error}")
+        tokenizer = pair_tokenizer.tokenizer
+        check_vocabulary(facts, tokenizer, "scorer.policy", "its own tokenizer", remote)
+        check_model(self.reference, "scorer.reference", tokenizer=tokenizer,
+                    fed=f"the tokenizer of scorer.policy {self.policy!r}",
+                    trust_remote_code=remote)  # fmt: skip
         options = {"chat_template": self.chat_template} if self.chat_template else {}
-        check_renders(pair_tokenizer.tokenizer, self.policy, prompts, **options)
+        check_renders(tokenizer, self.policy, prompts, **options)
 
     def setup(self, device: torch.device) -> None:
         from treg_lightning.models.loading import load_causal_lm
