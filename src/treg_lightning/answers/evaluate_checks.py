@@ -31,7 +31,7 @@ def check_run_names(names: list[str], has_reference: bool) -> None:
     if has_reference and REFERENCE_ROW in seen:
         raise ConfigError(
             f"--runs: run {seen[REFERENCE_ROW]} is named {REFERENCE_ROW!r}, the name of the row "
-            "of the --reference answers. Give the run another name."
+            "of the --evaluate.reference answers. Give the run another name."
         )
 
 
@@ -48,7 +48,7 @@ def check_answers_file(path: str | Path, what: str) -> None:
         where = "is a folder" if path.is_dir() else "does not exist"
         raise MissingFileError(
             f"{what} {path} {where}: give the answers file written by treg predict "
-            "(--output of treg predict, one JSON object per line)."
+            "(--output.path of treg predict, one JSON object per line)."
         )
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -129,6 +129,7 @@ def check_evaluate_inputs(runs, reference: str | None, reward_model: str | None)
         if run.policy is not None:
             check_model_folder(run.policy, f"{label} policy", "causal language model")
     if reference is not None:
-        check_answers_file(reference, "--reference")
+        check_answers_file(reference, "--evaluate.reference")
     if reward_model is not None:
-        check_model_folder(reward_model, "--reward_model", "sequence-classification reward model")
+        what = "sequence-classification reward model"
+        check_model_folder(reward_model, "--evaluate.reward_model", what)

@@ -1,4 +1,5 @@
-"""Prompts files: the reader behind ``treg predict --prompts`` and ``treg pairs --prompts``.
+"""Prompts files: the reader behind ``treg predict --prompts.file`` and ``treg pairs
+--prompts.file``.
 
 A prompts file is ``.jsonl`` (one JSON value a line) or ``.json`` (a list), either possibly
 gzipped (``.jsonl.gz``), or a ``.csv`` / ``.parquet`` table (one prompt a row; a CSV cell may hold
@@ -44,7 +45,7 @@ def read_prompts_file(path: str | Path) -> list[dict[str, Any]]:
             "prompts file not found",
             file=str(path),
             hint="Give a .jsonl (one prompt a line), .json, .csv or .parquet file of prompts, "
-            "or leave --prompts unset to use the data's validation prompts.",
+            "or leave --prompts.file unset to use the data's validation prompts.",
         )
     numbered = _numbered_values(path)
     prompts = []
