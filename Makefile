@@ -50,7 +50,7 @@ demo: install
 	# The answers of the policy just trained, into its run folder (the newest version_N).
 	run=$$(ls -d outputs/demo/logs/version_* | sort -V | tail -1); \
 	$(BIN)/treg predict --config configs/demo.yaml --model.model $$run/policy \
-		--output $$run/answers.jsonl --max_new_tokens 96
+		--output.path $$run/answers.jsonl --sampling.max_new_tokens 96
 
 # The documentation site: docs/ (task pages), bench/README.md and the API reference from the
 # docstrings, into site/; --strict turns every warning (a broken link, a griffe docstring warning)

@@ -120,8 +120,9 @@ def main() -> None:
         pairs = work / name / "pairs.jsonl"
         pairs_wall = treg(
             "pairs", "--config", "configs/onpolicy_demo.yaml", f"--model.model={policy}",
-            f"--prompts={prompts}", f"--output={pairs}", f"--scorer.init_args.policy={judge}",
-            f"--seeds={SEEDS}", "--progress=false", log=work / f"{name}-pairs.log",
+            f"--prompts.file={prompts}", f"--output.path={pairs}",
+            f"--scorer.init_args.policy={judge}", f"--pairs.seeds={SEEDS}",
+            "--generation.progress=false", log=work / f"{name}-pairs.log",
         )  # fmt: skip
         summary = json.loads(pairs.with_name("pairs.summary.json").read_text())
         fit_wall = treg(

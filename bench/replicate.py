@@ -189,13 +189,15 @@ def answer(size: Size, policy: str, data, out: Path, overwrite: bool) -> Path:
         PredictSettings,
         run_predict,
     )
+    from treg_lightning.answers.settings import GenerationSettings
     from treg_lightning.cli.main import TRegTrainer
     from treg_lightning.module import PreferenceModule
+    from treg_lightning.outputs import Output
 
     module = PreferenceModule(policy, torch_dtype=size.torch_dtype)
     sampling = SamplingSettings(max_new_tokens=size.max_new_tokens, temperature=0.0)
-    settings = PredictSettings(str(out), overwrite, Path(policy).name, sampling, batch_size=8,
-                               shard_size=8)  # fmt: skip
+    generation = GenerationSettings(batch_size=8, shard_size=8, generator=Path(policy).name)
+    settings = PredictSettings(Output(str(out), overwrite), generation, sampling)
     answers = AnswerJob(module, data, None, None, "val", size.answers, TransformersBackend())
     trainer = TRegTrainer(accelerator=size.accelerator, devices=1, logger=False)
     return run_predict(trainer, PredictJob(answers, settings))

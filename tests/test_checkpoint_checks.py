@@ -42,7 +42,7 @@ def trained(tiny_model_dir, tmp_path_factory) -> Path:
 def refused(subcommand: str, ckpt: Path, model_dir: Path, root: Path, capsys) -> str:
     """`treg SUBCOMMAND --ckpt_path CKPT`: exit 2, nothing loaded or written; the message."""
     out = root / "exported"
-    extra = [f"--output_dir={out}"] if subcommand == "export" else []
+    extra = [f"--output.path={out}"] if subcommand == "export" else []
     args = [subcommand, *args_for(model_dir, root), f"--ckpt_path={ckpt}", *extra]
     with (
         no_model_load("treg_lightning.module.PreferenceModule.build_policy"),

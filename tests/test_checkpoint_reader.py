@@ -45,7 +45,7 @@ def runs(tiny_model_dir, tmp_path_factory):
         fit = treg(["fit", *args])
         ckpt = Path(fit.trainer.checkpoint_callback.best_model_path)
         folder = root / f"{name}-export"
-        treg(["export", *args, f"--ckpt_path={ckpt}", f"--output_dir={folder}"])
+        treg(["export", *args, f"--ckpt_path={ckpt}", f"--output.path={folder}"])
         out[name] = {"args": args, "ckpt": ckpt, "export": folder}
     old = torch.load(out["full"]["ckpt"], weights_only=True)
     hparams = old["hyper_parameters"]
@@ -64,8 +64,9 @@ def runs(tiny_model_dir, tmp_path_factory):
 def predict(model: Path, data: Path, output: Path, *extra: str) -> list[str]:
     treg([
         "predict", f"--model.model={model}", f"--data.source={data}", *DATA,
-        "--trainer.accelerator=cpu", "--trainer.logger=false", f"--output={output}",
-        "--max_new_tokens=6", "--batch_size=2", "--progress=false", *extra,
+        "--trainer.accelerator=cpu", "--trainer.logger=false", f"--output.path={output}",
+        "--sampling.max_new_tokens=6", "--generation.batch_size=2", "--generation.progress=false",
+        *extra,
     ])  # fmt: skip
     return [json.loads(line)["output"] for line in output.read_text().splitlines()]
 
@@ -88,7 +89,7 @@ def test_predict_from_an_older_checkpoint(runs, tiny_model_dir):
 
 
 def evaluate(args: list[str], runs_setting: list[dict], output: Path, *extra: str) -> dict:
-    treg(["evaluate", *args, f"--runs={json.dumps(runs_setting)}", f"--output_dir={output}",
+    treg(["evaluate", *args, f"--runs={json.dumps(runs_setting)}", f"--output.path={output}",
           "--trainer.enable_progress_bar=false", *extra])  # fmt: skip
     rows = json.loads((output / "evaluation.json").read_text())
     return {row["run"]: row for row in rows}

@@ -72,7 +72,7 @@ def test_validate_with_another_regularizer_is_refused(trained, tiny_model_dir, t
 def test_export_with_another_loss_is_refused(trained, tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "exported"
     args = ["export", *args_for(tiny_model_dir, tmp_path, loss=DPO), f"--ckpt_path={trained}"]
-    message = refused([*args, f"--output_dir={out}"], tmp_path, capsys)
+    message = refused([*args, f"--output.path={out}"], tmp_path, capsys)
     assert f"--model.loss.class_path={DPO} but the checkpoint has {SIMPO}" in message
     assert not out.exists()
 
@@ -108,6 +108,6 @@ def test_a_given_model_folder_is_used(caplog):
 def test_predict_with_another_loss_is_refused(trained, tiny_model_dir, tmp_path, capsys):
     answers = tmp_path / "answers.jsonl"
     args = ["predict", *args_for(tiny_model_dir, tmp_path, loss=DPO), f"--ckpt_path={trained}"]
-    message = refused([*args, f"--output={answers}"], tmp_path, capsys)
+    message = refused([*args, f"--output.path={answers}"], tmp_path, capsys)
     assert f"--model.loss.class_path={DPO} but the checkpoint has {SIMPO}" in message
     assert not answers.exists()

@@ -127,7 +127,7 @@ def test_export_from_checkpoint_loads_with_from_pretrained(fitted):
     with mock.patch.object(sys, "argv", ["treg"]):
         # the console-script entry point returns None: `treg export` exits with status 0
         assert (
-            _cli_main(["export", *fitted["args"], f"--ckpt_path={ckpt}", f"--output_dir={out}"])
+            _cli_main(["export", *fitted["args"], f"--ckpt_path={ckpt}", f"--output.path={out}"])
             is None
         )
     assert (out / "model.safetensors").is_file()

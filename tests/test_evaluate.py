@@ -104,10 +104,10 @@ def evaluated(tiny_model_dir, tmp_path_factory):
         "--trainer.enable_progress_bar=false",
         f"--trainer.default_root_dir={root}",  # the validation loop saves config.yaml there
         f"--runs={json.dumps(runs)}",
-        f"--reference={reference}",
-        f"--reward_model={root / 'rm'}",
-        "--reward_batch_size=3",
-        f"--output_dir={root / 'report'}",
+        f"--evaluate.reference={reference}",
+        f"--evaluate.reward_model={root / 'rm'}",
+        "--evaluate.reward_batch_size=3",
+        f"--output.path={root / 'report'}",
     ]
     cli = cli_main(args)
     return {"root": root, "cli": cli, "args": args, "reward_model": reward_model,
@@ -219,7 +219,7 @@ def test_length_statistics_table_and_plots(evaluated):
     assert [line.split("|")[1].strip() for line in table[2:]] == ["ckpt", "folder", "reference"]
     for png in ("evaluation.png", "curves.png"):
         assert (evaluated["root"] / "report" / png).read_bytes()[:4] == b"\x89PNG"
-    with pytest.raises(OutputFolderError, match="--overwrite"):
+    with pytest.raises(OutputFolderError, match="--output.overwrite"):
         cli_main(evaluated["args"])
 
 

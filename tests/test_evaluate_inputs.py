@@ -1,5 +1,5 @@
 """`treg evaluate`'s inputs and outputs checked at start-up: a user's PNGs are never replaced
-without --overwrite, two runs of one name are refused, and a missing reward-model folder, an
+without --output.overwrite, two runs of one name are refused, and a missing reward-model folder, an
 empty or non-JSON predictions file, a pairs file given as predictions, a missing reference file
 or a truncated checkpoint is refused with a message; nothing is loaded or written."""
 
@@ -37,7 +37,7 @@ def evaluate_args(model_dir: Path, root: Path, runs: list[dict], *extra: str) ->
         "--trainer.logger=false",
         f"--trainer.default_root_dir={root}",
         f"--runs={json.dumps(runs)}",
-        f"--output_dir={root / 'report'}",
+        f"--output.path={root / 'report'}",
         *extra,
     ]
 
@@ -69,7 +69,7 @@ def test_a_users_png_is_not_replaced(png, tiny_model_dir, tmp_path, capsys):
     message = refused(evaluate_args(tiny_model_dir, tmp_path, runs), capsys)
     assert message == (
         f"{report / png} exists: evaluate never writes over a report or a file of that name. "
-        "Choose another --output_dir or pass --overwrite true."
+        "Choose another --output.path or pass --output.overwrite true."
     )
     assert sorted(p.name for p in report.iterdir()) == [png]
     assert (report / png).read_bytes() == b"my own figure"
@@ -90,7 +90,7 @@ def test_two_runs_of_one_name_are_refused(tiny_model_dir, tmp_path, capsys):
 
 def test_a_run_named_reference_beside_reference_answers(tiny_model_dir, tmp_path, capsys):
     runs = [{"name": "reference", "predictions": str(answers(tmp_path / "a.jsonl"))}]
-    extra = f"--reference={answers(tmp_path / 'ref.jsonl')}"
+    extra = f"--evaluate.reference={answers(tmp_path / 'ref.jsonl')}"
     message = refused(evaluate_args(tiny_model_dir, tmp_path, runs, extra), capsys)
     assert message.startswith("--runs: run 1 is named 'reference', the name of the row")
 
@@ -122,19 +122,21 @@ def test_bad_predictions_file(case, tiny_model_dir, tmp_path, capsys):
 def test_missing_reference_file(tiny_model_dir, tmp_path, capsys):
     runs = [{"name": "a", "predictions": str(answers(tmp_path / "a.jsonl"))}]
     missing = tmp_path / "reference.jsonl"
-    message = refused(evaluate_args(tiny_model_dir, tmp_path, runs, f"--reference={missing}"),
-                      capsys)  # fmt: skip
-    assert message.startswith(f"--reference {missing} does not exist: give the answers file")
+    extra = f"--evaluate.reference={missing}"
+    message = refused(evaluate_args(tiny_model_dir, tmp_path, runs, extra), capsys)
+    assert message.startswith(
+        f"--evaluate.reference {missing} does not exist: give the answers file"
+    )
 
 
 def test_missing_reward_model_folder(tiny_model_dir, tmp_path, capsys):
     runs = [{"name": "a", "predictions": str(answers(tmp_path / "a.jsonl"))}]
     missing = tmp_path / "rm"
-    extra = f"--reward_model={missing}"
+    extra = f"--evaluate.reward_model={missing}"
     message = refused(evaluate_args(tiny_model_dir, tmp_path, runs, extra), capsys)
     assert message == (
-        f"--reward_model {missing} does not exist (or is not a folder): give the folder of a "
-        "sequence-classification reward model written by save_pretrained, or a Hugging Face "
+        f"--evaluate.reward_model {missing} does not exist (or is not a folder): give the folder "
+        "of a sequence-classification reward model written by save_pretrained, or a Hugging Face "
         "hub id."
     )
 

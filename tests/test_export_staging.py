@@ -1,8 +1,8 @@
-"""`treg export --overwrite` writes into an empty temporary sibling folder and swaps it in at the
-end: the folder then holds the new export and no file of the earlier one, whatever kinds the two
-are (a full policy, a LoRA policy merged, a LoRA adapter alone), so it always loads; a user's own
-files are kept (and named), a user's own README is refused before anything loads; a failed
-export leaves the earlier export intact byte for byte."""
+"""`treg export --output.overwrite` writes into an empty temporary sibling folder and swaps it in
+at the end: the folder then holds the new export and no file of the earlier one, whatever kinds
+the two are (a full policy, a LoRA policy merged, a LoRA adapter alone), so it always loads; a
+user's own files are kept (and named), a user's own README is refused before anything loads; a
+failed export leaves the earlier export intact byte for byte."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def export(ckpt: Path, model_dir: Path, out: Path, *extra: str) -> None:
     """`treg export` of ``ckpt`` (its settings, LoRA included, come from the checkpoint)."""
     args = ["export", *args_for(model_dir, out.parent), f"--ckpt_path={ckpt}"]
     with mock.patch.object(sys, "argv", ["treg"]):
-        cli_main([*args, f"--output_dir={out}", *extra])
+        cli_main([*args, f"--output.path={out}", *extra])
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def kinds(trained, trained_lora) -> dict[str, tuple[Path, tuple[str, ...]]]:
     return {
         "full": (trained, ()),
         "merged": (trained_lora, ()),
-        "adapter": (trained_lora, ("--adapter_only=true",)),
+        "adapter": (trained_lora, ("--export.adapter_only=true",)),
     }
 
 
@@ -123,7 +123,7 @@ def test_overwrite_leaves_no_file_of_the_earlier_kind(
     (out / "notes.txt").write_text("my notes")
     capsys.readouterr()
     ckpt, extra = kinds[second]
-    export(ckpt, tiny_model_dir, out, *extra, "--overwrite=true")
+    export(ckpt, tiny_model_dir, out, *extra, "--output.overwrite=true")
     assert "kept your files that no export writes: notes.txt" in capsys.readouterr().out
     assert snapshot(out) == {**snapshot(fresh[second]), "notes.txt": b"my notes"}
     assert siblings(out) == []
@@ -144,7 +144,7 @@ def test_user_files_and_folders_are_kept_and_named(earlier, trained, tiny_model_
     results.write_text('{"win_rate": 0.5}')
     (earlier / ".gitattributes").write_text("*.safetensors filter=lfs\n")
     capsys.readouterr()
-    export(trained, tiny_model_dir, earlier, "--overwrite=true")
+    export(trained, tiny_model_dir, earlier, "--output.overwrite=true")
     out = capsys.readouterr().out
     assert "kept your files that no export writes: .gitattributes, eval, notes.txt" in out
     assert (earlier / "notes.txt").read_text() == "my notes"
@@ -162,7 +162,7 @@ def test_a_readme_of_the_users_is_refused_before_anything_loads(
         no_model_load("treg_lightning.module.PreferenceModule.build_policy"),
         pytest.raises(SystemExit) as info,
     ):
-        export(trained, tiny_model_dir, earlier, "--overwrite=true")
+        export(trained, tiny_model_dir, earlier, "--output.overwrite=true")
     err = capsys.readouterr().err
     assert info.value.code == 2 and "Traceback" not in err
     assert err.strip().splitlines()[-1] == (
@@ -177,7 +177,7 @@ def test_a_readme_of_the_users_is_refused_before_anything_loads(
 def test_an_earlier_model_card_is_replaced(earlier, trained, tiny_model_dir):
     card = earlier / "README.md"
     card.write_text(card.read_text() + "\nA line I added.\n")
-    export(trained, tiny_model_dir, earlier, "--overwrite=true")
+    export(trained, tiny_model_dir, earlier, "--output.overwrite=true")
     assert "A line I added." not in card.read_text()
     assert card.read_text().rstrip().endswith(".")
 
@@ -186,15 +186,15 @@ def test_output_dir_that_is_a_file_is_refused(trained, tiny_model_dir, tmp_path,
     out = tmp_path / "policy"
     out.write_text("a file of mine")
     with pytest.raises(SystemExit) as info:
-        export(trained, tiny_model_dir, out, "--overwrite=true")
+        export(trained, tiny_model_dir, out, "--output.overwrite=true")
     assert info.value.code == 2
     message = capsys.readouterr().err.strip().splitlines()[-1]
-    assert message.startswith(f"error: cannot write to {out} (--output_dir): File exists.")
+    assert message.startswith(f"error: cannot write to {out} (--output.path): File exists.")
     assert out.read_text() == "a file of mine"
     from treg_lightning.errors import ConfigError
     from treg_lightning.models.save import staged_folder
 
-    with pytest.raises(ConfigError, match=r"\(--output_dir\) is a file, not a folder"):
+    with pytest.raises(ConfigError, match=r"\(--output.path\) is a file, not a folder"):
         with staged_folder(out):  # the same check for a Python caller
             pass
     assert out.read_text() == "a file of mine"
@@ -214,7 +214,7 @@ def test_export_failing_mid_write_leaves_the_earlier_export(
         mock.patch("treg_lightning.models.export.save_pretrained", side_effect=disk_full),
         pytest.raises((SystemExit, OSError)),
     ):
-        export(trained, tiny_model_dir, earlier, "--overwrite=true")
+        export(trained, tiny_model_dir, earlier, "--output.overwrite=true")
     assert snapshot(earlier) == before
     assert siblings(earlier) == []  # the temporary folder is gone
 
@@ -224,7 +224,8 @@ def test_export_failing_its_checks_leaves_the_earlier_export(
 ):
     before = snapshot(earlier)
     with pytest.raises(SystemExit) as info:  # adapter_only, but the run has no LoRA adapters
-        export(trained, tiny_model_dir, earlier, "--overwrite=true", "--adapter_only=true")
+        export(trained, tiny_model_dir, earlier, "--output.overwrite=true",
+               "--export.adapter_only=true")  # fmt: skip
     assert info.value.code == 2
     assert "adapter_only writes the LoRA adapter alone" in capsys.readouterr().err
     assert snapshot(earlier) == before
@@ -236,7 +237,7 @@ def test_finished_overwrite_replaces_the_weights_and_keeps_other_files(
 ):
     stale = earlier / "model-00002-of-00002.safetensors"  # a shard of another, larger export
     stale.write_bytes(b"another model")
-    export(trained, tiny_model_dir, earlier, "--overwrite=true")
+    export(trained, tiny_model_dir, earlier, "--output.overwrite=true")
     assert not stale.exists()
     assert (earlier / "notes.txt").read_text() == "my notes"
     assert siblings(earlier) == []

@@ -263,7 +263,7 @@ def test_export_to_unwritable_folder_fails_before_loading(tiny_model_dir, tmp_pa
         "export",
         *base_args(tiny_model_dir, data, tmp_path),
         f"--ckpt_path={tmp_path / 'x.ckpt'}",
-        f"--output_dir={bad}",
+        f"--output.path={bad}",
     ]
     with no_model_load(), pytest.raises(OutputFolderError, match=f"cannot write to {bad}"):
         cli(args)

@@ -374,7 +374,8 @@ def test_each_renamed_module_exists_under_its_new_name_only(old):
 
 def test_verbs_keep_lightnings_signatures():
     """``TRegTrainer.predict`` takes Lightning's arguments in Lightning's order (its own settings
-    are keyword-only), and ``plan`` is no Trainer method."""
+    are keyword-only), Lightning's own verbs are untouched, and ``plan`` is a classmethod (it
+    runs without a trainer)."""
     from lightning.pytorch import Trainer
 
     from treg_lightning.training.trainer import TRegTrainer
@@ -383,7 +384,9 @@ def test_verbs_keep_lightnings_signatures():
     theirs = list(inspect.signature(Trainer.predict).parameters)
     positional = [n for n, p in ours.items() if p.kind is p.POSITIONAL_OR_KEYWORD]
     assert positional == theirs
-    assert not hasattr(TRegTrainer, "plan")
+    for verb in ("fit", "validate", "test"):
+        assert getattr(TRegTrainer, verb) is getattr(Trainer, verb)
+    assert isinstance(inspect.getattr_static(TRegTrainer, "plan"), classmethod)
 
 
 def test_predict_with_dataloaders_runs_lightnings_loop():

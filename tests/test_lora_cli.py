@@ -69,12 +69,12 @@ def test_fit_and_export_merged_and_adapter_only(tiny_model_dir, tmp_path, capsys
     merged, adapter = tmp_path / "merged", tmp_path / "adapter"
     # The run's settings (model.peft included) come from the checkpoint.
     status, err, out = treg(
-        ["export", *args, f"--ckpt_path={ckpt}", f"--output_dir={merged}"], capsys
+        ["export", *args, f"--ckpt_path={ckpt}", f"--output.path={merged}"], capsys
     )
     assert status == 0, err
     assert f"policy written to {merged.resolve()}" in out
-    export = ["export", *args, f"--ckpt_path={ckpt}", f"--output_dir={adapter}"]
-    status, err, out = treg([*export, "--adapter_only=true"], capsys)
+    export = ["export", *args, f"--ckpt_path={ckpt}", f"--output.path={adapter}"]
+    status, err, out = treg([*export, "--export.adapter_only=true"], capsys)
     assert status == 0, err
     assert f"LoRA adapter written to {adapter.resolve()}" in out
     ids = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(0))

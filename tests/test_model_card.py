@@ -66,7 +66,7 @@ def run(tiny_model_dir, tmp_path_factory) -> SimpleNamespace:
 
 
 def export_card(run, step: int, out: Path, *extra: str) -> str:
-    args = [*run.args, f"--ckpt_path={run.ckpts[step]}", f"--output_dir={out}", *extra]
+    args = [*run.args, f"--ckpt_path={run.ckpts[step]}", f"--output.path={out}", *extra]
     with mock.patch.object(sys, "argv", ["treg"]):
         cli_main(["export", *args])
     return (out / "README.md").read_text()

@@ -41,7 +41,7 @@ PROMPTS = [
     "Name a color.",
     "Say hi.",  # a repeat: sampled once
 ]
-SEEDS = ["--k=3"]  # 13, 21, 42
+SEEDS = ["--pairs.k=3"]  # 13, 21, 42
 # Float32 scores through two code paths (batched / alone): a few float32 ulps of the value.
 TOL = 64 * torch.finfo(torch.float32).eps
 
@@ -98,15 +98,15 @@ def pairs_args(model: Path, env: dict, out: Path, *extra: str) -> list[str]:
         "--data.max_prompt_length=64",
         "--trainer.accelerator=cpu",
         "--trainer.logger=false",
-        f"--prompts={env['prompts']}",
-        f"--output={out}",
+        f"--prompts.file={env['prompts']}",
+        f"--output.path={out}",
         *SEEDS,
-        "--max_new_tokens=8",
-        "--temperature=1.0",
-        "--top_p=0.95",
-        "--batch_size=1",
-        "--shard_size=1",
-        "--progress=false",
+        "--sampling.max_new_tokens=8",
+        "--sampling.temperature=1.0",
+        "--sampling.top_p=0.95",
+        "--generation.batch_size=1",
+        "--generation.shard_size=1",
+        "--generation.progress=false",
         "--scorer=treg_lightning.answers.scorers.ImplicitRewardScorer",
         f"--scorer.policy={env['judge']}",
         f"--scorer.reference={model}",
@@ -145,16 +145,18 @@ def test_outputs_and_samples_per_seed_equal_predict(env, tiny_model_dir, straigh
         assert pair["rejected_score"] == min(s["score"] for s in mine)
     assert pairs[2]["prompt"][0] == {"role": "system", "content": "Be brief."}
     assert pairs[1]["dataset"] == "mine"
-    # Seed 13's samples are the answers `treg predict --seed 13` gives with the same batching.
+    # Seed 13's samples are the answers `treg predict --sampling.seed 13` gives with the same
+    # batching.
     predicted = env["root"] / "seed13.jsonl"
-    cli(["predict", *pairs_args(tiny_model_dir, env, predicted)[1:8], f"--output={predicted}",
-         "--seed=13", "--max_new_tokens=8", "--temperature=1.0", "--top_p=0.95",
-         "--batch_size=1", "--shard_size=1", "--progress=false"])  # fmt: skip
+    cli(["predict", *pairs_args(tiny_model_dir, env, predicted)[1:8],
+         f"--output.path={predicted}", "--sampling.seed=13", "--sampling.max_new_tokens=8",
+         "--sampling.temperature=1.0", "--sampling.top_p=0.95", "--generation.batch_size=1",
+         "--generation.shard_size=1", "--generation.progress=false"])  # fmt: skip
     answers = [r["output"] for r in read(predicted)]
     assert answers[:4] == [s["output"] for s in samples if s["seed"] == 13]
     # The same seeds in another order and number give the same sample per seed.
     other = env["root"] / "other.jsonl"
-    cli([*pairs_args(tiny_model_dir, env, other), "--seeds=[42, 13]", "--k=null"])
+    cli([*pairs_args(tiny_model_dir, env, other), "--pairs.seeds=[42, 13]", "--pairs.k=null"])
     again = read(other.with_name("other.samples.jsonl"))
     for seed in (13, 42):
         assert [s["output"] for s in again if s["seed"] == seed] == [
@@ -360,7 +362,7 @@ def test_pairs_train_with_fit_and_are_never_overwritten(env, tiny_model_dir, str
     pairs = read(straight)
     assert len(pairs) >= 2
     cli(["fit", *tiny_fit_args(tiny_model_dir, straight, tmp_path, max_steps=2)])
-    with pytest.raises(OutputFolderError, match="--overwrite"):
+    with pytest.raises(OutputFolderError, match="--output.overwrite"):
         cli(pairs_args(tiny_model_dir, env, straight))
     stem = tmp_path / "fresh.jsonl"
     (tmp_path / "fresh.samples.jsonl").write_text('{"fingerprint": "another run"}\n')
@@ -388,10 +390,11 @@ def test_bad_inputs_are_refused_before_any_model_loads(env, tiny_model_dir, tmp_
     args = pairs_args(tiny_model_dir, env, out)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
-    assert "holds no prompt" in refused([*args, f"--prompts={empty}"], capsys)
-    assert "--limit 0: pairs needs at least one prompt" in refused([*args, "--limit=0"], capsys)
-    assert "--k 1: pairs needs k >= 2" in refused([*args, "--k=1"], capsys)
-    assert "k >= 2" in refused([*args, "--seeds=[5]", "--k=null"], capsys)
+    assert "holds no prompt" in refused([*args, f"--prompts.file={empty}"], capsys)
+    want = "--prompts.limit 0: pairs needs at least one prompt"
+    assert want in refused([*args, "--prompts.limit=0"], capsys)
+    assert "--pairs.k 1: pairs needs k >= 2" in refused([*args, "--pairs.k=1"], capsys)
+    assert "k >= 2" in refused([*args, "--pairs.seeds=[5]", "--pairs.k=null"], capsys)
     rm = ["--scorer=treg_lightning.answers.scorers.SequenceClassifierScorer",
           f"--scorer.name_or_path={env['rm2']}"]  # fmt: skip
     err = refused([*args[:-4], *rm], capsys)
@@ -420,4 +423,4 @@ def test_shipped_onpolicy_config_parses(monkeypatch):
     assert info.value.code in (0, None)
     printed = yaml.safe_load(out.getvalue())
     assert printed["scorer"]["class_path"] == "treg_lightning.answers.scorers.ImplicitRewardScorer"
-    assert printed["seeds"] == [13, 21, 42, 79] and printed["model"]["model"] == "smollm2"
+    assert printed["pairs"]["seeds"] == [13, 21, 42, 79] and printed["model"]["model"] == "smollm2"

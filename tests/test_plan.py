@@ -257,7 +257,7 @@ def test_fsdp2_shards_weights_gradients_and_states(empty_hub_cache):
     assert parts["gradients"] == params * 4 / 8
     assert parts["optimizer states"] == 2 * params * 4 / 8
     assert "FSDP all-gather buffers" in parts
-    # --devices 4 on the command line re-derives the data-parallel size of an explicit 8.
+    # --plan.devices 4 on the command line re-derives the data-parallel size of an explicit 8.
     with pytest.raises(PlanError, match="data_parallel_size 8"):
         plan_from_config(config_for(LLAMA, trainer={"devices": 4, "strategy": strategy}))
     strategy["init_args"]["data_parallel_size"] = "auto"
@@ -468,9 +468,9 @@ def test_treg_plan_composes_strategy_configs(strategy, no_weights, capsys):
             str(ROOT / "configs/llama3_dpo_treg.yaml"),
             "--config",
             str(strategy),
-            "--devices",
+            "--plan.devices",
             "8",
-            "--gpu-memory",
+            "--plan.gpu_memory",
             "80GB",
         ]
     )
@@ -483,8 +483,8 @@ def test_treg_plan_overrides_and_suggestions(no_weights, capsys):
         "plan",
         "--config",
         str(ROOT / "configs/llama3_simpo_treg.yaml"),
-        "--devices=2",
-        "--gpu-memory=40GB",
+        "--plan.devices=2",
+        "--plan.gpu_memory=40GB",
         "--data.batch_size",
         "4",
         "--model.gradient_checkpointing",
@@ -549,16 +549,28 @@ def test_fit_logs_the_plan(tiny_model_dir, tmp_path, caplog):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--devices", "0"], "error: --devices 0: the number of devices per node must be >= 1."),
-        (["--devices", "-1"], "error: --devices -1: the number of devices per node must be >= 1."),
-        (["--num-nodes", "0"], "error: --num-nodes 0: the number of machines must be >= 1."),
+        (
+            ["--plan.devices", "0"],
+            "error: --plan.devices 0: the number of devices per node must be >= 1.",
+        ),
+        (
+            ["--plan.devices", "-1"],
+            "error: --plan.devices -1: the number of devices per node must be >= 1.",
+        ),
+        (
+            ["--plan.num_nodes", "0"],
+            "error: --plan.num_nodes 0: the number of machines must be >= 1.",
+        ),
         (["--trainer.devices", "0"], "error: trainer.devices '0': a run needs at least one device"),
         (["--trainer.num_nodes", "0"], "error: trainer.num_nodes 0: the number of machines"),
         (
             ["--model.peft", "peft.LoraConfig", "--model.peft.r", "0"],
             "error: model.peft r 0: the LoRA rank must be >= 1",
         ),
-        (["--gpu-memory", "1GB"], "error: --gpu_memory 1GB leaves nothing after --reserve 1GiB"),
+        (
+            ["--plan.gpu_memory", "1GB"],
+            "error: --plan.gpu_memory 1GB leaves nothing after --plan.reserve 1GiB",
+        ),
     ],
     ids=[
         "devices-0",
@@ -575,7 +587,9 @@ def test_treg_plan_refuses_counts_a_run_cannot_have(extra, message, no_weights, 
     fits", no ZeroDivisionError); a count is refused before the model's config is looked up."""
     from treg_lightning.plan import report
 
-    lookup = report.resolve_shape if extra[0] == "--gpu-memory" else mock.Mock(side_effect=OSError)
+    lookup = (
+        report.resolve_shape if extra[0] == "--plan.gpu_memory" else mock.Mock(side_effect=OSError)
+    )
     with mock.patch.object(report, "resolve_shape", lookup), pytest.raises(SystemExit) as exit_info:
         run_cli(["plan", "--config", str(ROOT / "configs/demo.yaml"), *extra])
     assert exit_info.value.code == 2

@@ -20,10 +20,11 @@ from builders import write_pairs
 from test_cli import PAIRS
 from treg_lightning.answers.generation import SamplingSettings, TransformersBackend, cut_at_stop
 from treg_lightning.answers.predictions import AnswerJob, PredictJob, PredictSettings, run_predict
+from treg_lightning.answers.settings import GenerationSettings
 from treg_lightning.cli.main import TRegCLI, TRegTrainer
 from treg_lightning.data.errors import DataFormatError
 from treg_lightning.data.prompt_files import read_prompts_file
-from treg_lightning.outputs import OutputFolderError
+from treg_lightning.outputs import Output, OutputFolderError
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 PROMPTS = [
@@ -159,11 +160,11 @@ def base_args(model: Path, data: Path, out: Path) -> list[str]:
         "--data.val_fraction=0.3",
         "--trainer.accelerator=cpu",
         "--trainer.logger=false",
-        f"--output={out}",
-        "--max_new_tokens=6",
-        "--batch_size=2",
-        "--shard_size=2",
-        "--progress=false",
+        f"--output.path={out}",
+        "--sampling.max_new_tokens=6",
+        "--generation.batch_size=2",
+        "--generation.shard_size=2",
+        "--generation.progress=false",
     ]
 
 
@@ -219,11 +220,11 @@ def test_predict_cli_data_prompts_and_no_overwrite(setup, tiny_model_dir):
     assert not Path(f"{out}.parts").exists()  # parts removed once merged
     assert "vllm" not in sys.modules  # imported only when its backend is chosen
     before = out.read_bytes()
-    with pytest.raises(OutputFolderError, match="--overwrite"):
-        cli_main(["predict", *base_args(tiny_model_dir, setup["data"], out), "--seed=5"])
+    with pytest.raises(OutputFolderError, match="--output.overwrite"):
+        cli_main(["predict", *base_args(tiny_model_dir, setup["data"], out), "--sampling.seed=5"])
     assert out.read_bytes() == before
-    cli_main(["predict", *base_args(tiny_model_dir, setup["data"], out), "--overwrite=true",
-              "--generator=mine"])  # fmt: skip
+    cli_main(["predict", *base_args(tiny_model_dir, setup["data"], out), "--output.overwrite=true",
+              "--generation.generator=mine"])  # fmt: skip
     assert [r["generator"] for r in read(out)] == ["mine"] * 3
 
 
@@ -232,13 +233,13 @@ def single(setup, tiny_model_dir):
     """The untrained tiny model's answers to the prompts file, one process."""
     out = setup["root"] / "single.jsonl"
     args = base_args(tiny_model_dir, setup["data"], out)
-    cli_main(["predict", *args, f"--prompts={setup['prompts']}", "--shard_size=1"])
+    cli_main(["predict", *args, f"--prompts.file={setup['prompts']}", "--generation.shard_size=1"])
     return out
 
 
 def test_checkpoint_sharded_folder_and_export_give_the_same_answers(setup, tiny_model_dir,
                                                                     single):  # fmt: skip
-    args = [f"--prompts={setup['prompts']}"]
+    args = [f"--prompts.file={setup['prompts']}"]
     outs = {"base": single}
     for name, extra in (
         ("ckpt", [f"--ckpt_path={setup['ckpt']}"]),
@@ -279,8 +280,8 @@ def predict_direct(model_dir, data, out, backend=None, temperature=0.0, overwrit
     )
     trainer = TRegTrainer(accelerator="cpu", devices=1, logger=False)
     sampling = SamplingSettings(max_new_tokens=5, temperature=temperature, seed=1)
-    settings = PredictSettings(str(out), overwrite, None, sampling, batch_size=1, shard_size=2,
-                               progress=False)  # fmt: skip
+    generation = GenerationSettings(batch_size=1, shard_size=2, progress=False)
+    settings = PredictSettings(Output(str(out), overwrite), generation, sampling)
     answers = AnswerJob(module, datamodule, None, None, "train", 7,
                         backend or TransformersBackend())  # fmt: skip
     return run_predict(trainer, PredictJob(answers, settings))
@@ -347,7 +348,8 @@ def test_sigkill_then_resume_gives_the_same_file(setup, tiny_model_dir, tmp_path
     file a straight run writes (batch_size 1 here, 2 there: padding changes no answer)."""
     (tmp_path / "pausekit.py").write_text(PAUSEKIT)
     args = base_args(tiny_model_dir, setup["data"], tmp_path / "out.jsonl")
-    args += [f"--prompts={setup['prompts']}", "--shard_size=1", "--batch_size=1"]
+    args += [f"--prompts.file={setup['prompts']}", "--generation.shard_size=1",
+             "--generation.batch_size=1"]  # fmt: skip
     marker = tmp_path / "paused"
     killed = start(
         [*args, "--backend=pausekit.PauseAfter", "--backend.calls=2", f"--backend.marker={marker}"],
@@ -371,7 +373,7 @@ def test_sigkill_then_resume_gives_the_same_file(setup, tiny_model_dir, tmp_path
 def test_two_ddp_processes_merge_in_prompt_order(setup, tiny_model_dir, tmp_path, single):
     """Shards 0 and 2 on rank 0, shard 1 on rank 1; rank 0 merges them in prompt order."""
     args = base_args(tiny_model_dir, setup["data"], tmp_path / "ddp.jsonl")
-    args += [f"--prompts={setup['prompts']}", "--shard_size=1"]
+    args += [f"--prompts.file={setup['prompts']}", "--generation.shard_size=1"]
     process = start([*args, "--trainer.devices=2", "--trainer.strategy=ddp"], tmp_path)
     try:
         log = process.communicate(timeout=180)[0]
@@ -420,8 +422,8 @@ def test_a_failing_rank_ends_both_ddp_processes_with_its_error(setup, tiny_model
     (tmp_path / "failkit.py").write_text(FAILKIT)
     marker = tmp_path / "failed-at"
     args = base_args(tiny_model_dir, setup["data"], tmp_path / "ddp.jsonl")
-    args += [f"--prompts={setup['prompts']}", "--shard_size=1", "--trainer.devices=2",
-             "--trainer.strategy=ddp", "--backend=failkit.FailOnRank1",
+    args += [f"--prompts.file={setup['prompts']}", "--generation.shard_size=1",
+             "--trainer.devices=2", "--trainer.strategy=ddp", "--backend=failkit.FailOnRank1",
              f"--backend.marker={marker}"]  # fmt: skip
     process = start(args, tmp_path)
     try:  # stdout reaches its end when both ranks (they share it) have exited
@@ -445,6 +447,20 @@ def _treg_status(args: list[str], capsys) -> tuple[int, str]:
     with mock.patch.object(sys, "argv", ["treg"]), pytest.raises(SystemExit) as info:
         treg_main(args)
     return info.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("limit", [0, -1])
+def test_predict_limit_below_one_is_refused_at_start_up(setup, tiny_model_dir, limit, capsys):
+    from builders import no_model_load
+
+    out = setup["root"] / f"limit{limit}.jsonl"
+    with no_model_load("treg_lightning.answers.prompt_sets.load_prompt_set"):
+        args = ["predict", *base_args(tiny_model_dir, setup["data"], out)]
+        status, err = _treg_status([*args, f"--prompts.limit={limit}"], capsys)
+    assert status == 2
+    want = "predict needs at least one prompt (--prompts.limit N with N >= 1)"
+    assert f"error: --prompts.limit {limit}: {want}" in err
+    assert "Traceback" not in err and not out.exists()
 
 
 def test_vllm_backend_without_vllm_is_refused_at_start_up(setup, tiny_model_dir, capsys):

@@ -150,6 +150,25 @@ def test_subcommand_parsers_are_reachable():
     assert subcommands._name_parser_map["fit"] is fit
 
 
+def test_docstring_parse_options_are_readable():
+    """cli/parser.py (attribute_docstrings) reads jsonargparse's current attribute-docstring
+    setting through ``jsonargparse._optionals.get_docstring_parse_options`` to restore it."""
+    from jsonargparse import set_parsing_settings
+    from jsonargparse._optionals import get_docstring_parse_options
+
+    from treg_lightning.cli.parser import attribute_docstrings
+
+    assert inspect.signature(get_docstring_parse_options).parameters == {}
+    before = get_docstring_parse_options()["attribute_docstrings"]
+    try:
+        set_parsing_settings(docstring_parse_attribute_docstrings=False)
+        with attribute_docstrings():
+            assert get_docstring_parse_options()["attribute_docstrings"] is True
+        assert get_docstring_parse_options()["attribute_docstrings"] is False
+    finally:
+        set_parsing_settings(docstring_parse_attribute_docstrings=before)
+
+
 def test_lazy_instance_public_description():
     """module/hparams.py (real_class) and module/preference.py read a ``lazy_instance`` through
     its public ``lazy_get_init_data`` / ``lazy_get_init_args`` (no private attribute)."""

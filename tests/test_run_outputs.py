@@ -139,11 +139,11 @@ def test_export_into_a_non_empty_folder_is_refused(checkpoint, tmp_path, capsys)
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    message = treg_refused([*args, f"--output_dir={out}"], capsys)
+    message = treg_refused([*args, f"--output.path={out}"], capsys)
     assert message == (
-        f"{out} (--output_dir) already holds 1 entries (e.g. notes.txt); writing there would "
-        "replace files of an earlier run. Choose a new or empty folder, or set --overwrite to "
-        "replace them."
+        f"{out} (--output.path) already holds 1 entries (e.g. notes.txt); writing there would "
+        "replace files of an earlier run. Choose a new or empty folder, or set --output.overwrite "
+        "to replace them."
     )
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
@@ -152,11 +152,11 @@ def test_export_into_an_empty_folder_or_with_overwrite(checkpoint, tmp_path):
     _, args = checkpoint
     out = tmp_path / "empty"
     out.mkdir()
-    treg([*args, f"--output_dir={out}"])
+    treg([*args, f"--output.path={out}"])
     assert (out / "model.safetensors").is_file()
     stale = out / "model-00002-of-00002.safetensors"  # a shard of an earlier, larger export
     stale.write_bytes(b"old")
     (out / "notes.txt").write_text("keep me")
-    treg([*args, f"--output_dir={out}", "--overwrite=true"])
+    treg([*args, f"--output.path={out}", "--output.overwrite=true"])
     assert (out / "model.safetensors").is_file() and not stale.exists()
     assert (out / "notes.txt").read_text() == "keep me"

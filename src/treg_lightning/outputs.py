@@ -1,4 +1,5 @@
-"""Output folders: check them at start-up, and say clearly when the disk fills up.
+"""Outputs: where a verb writes (:class:`Output`), checked at start-up, and a clear message when
+the disk fills up.
 
 A long run must not die after hours because its checkpoint folder is read-only, nor with a bare
 ``OSError: [Errno 28]`` from deep inside a writer. :func:`check_writable` runs before any model is
@@ -13,11 +14,34 @@ import os
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
-from treg_lightning.errors import UserError
+from treg_lightning.errors import ConfigError, UserError
 
 _DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+@dataclass(frozen=True)
+class Output:
+    """Where a verb writes its result (``--output.path``, ``--output.overwrite``); the verbs that
+    write one result (export, predict, evaluate, audit, pairs) share it, each with its own
+    default path."""
+
+    path: str = ""
+    """The file (predict, pairs) or folder (export, evaluate, audit) the verb writes (each verb
+    has its own default)."""
+
+    overwrite: bool = False
+    """Replace an earlier result at ``path``; without it an existing result is never written
+    over."""
+
+    def __post_init__(self) -> None:
+        if not str(self.path).strip():
+            raise ConfigError(
+                "--output.path is empty: give the file or folder to write, e.g. "
+                "--output.path results/answers.jsonl."
+            )
 
 
 class OutputFolderError(UserError, OSError):
@@ -62,9 +86,9 @@ def check_not_overwriting(
 
     Args:
         path: the output folder (or file); None is skipped. An empty folder is fine.
-        setting: the setting that names it, e.g. "--output_dir" (named in the error).
+        setting: the setting that names it, e.g. "--output.path" (named in the error).
         overwrite: the user allowed replacing what is there.
-        how_to_allow: the setting that allows it, e.g. "--overwrite".
+        how_to_allow: the setting that allows it, e.g. "--output.overwrite".
 
     Raises:
         OutputFolderError: something is there and ``overwrite`` is False.

@@ -61,17 +61,17 @@ def common(model, env, out: Path) -> list[str]:
         "--data.max_prompt_length=64",
         "--trainer.accelerator=cpu",
         "--trainer.logger=false",
-        f"--prompts={env['prompts']}",
-        f"--output={out}",
-        "--max_new_tokens=5",
-        "--batch_size=2",
-        "--shard_size=2",
-        "--progress=false",
+        f"--prompts.file={env['prompts']}",
+        f"--output.path={out}",
+        "--sampling.max_new_tokens=5",
+        "--generation.batch_size=2",
+        "--generation.shard_size=2",
+        "--generation.progress=false",
     ]
 
 
 def pairs_extra(env, model) -> list[str]:
-    return ["--k=2", "--temperature=1.0", "--top_p=0.95",
+    return ["--pairs.k=2", "--sampling.temperature=1.0", "--sampling.top_p=0.95",
             "--scorer=treg_lightning.answers.scorers.ImplicitRewardScorer",
             f"--scorer.policy={env['judge']}", f"--scorer.reference={model}"]  # fmt: skip
 
@@ -111,7 +111,7 @@ def test_other_output_names_are_refused_at_start_up(env, tiny_model_dir, tmp_pat
     assert info.value.code == 2 and "Traceback" not in err
     named = f"ends with {out.suffix}" if out.suffix else "has no suffix"
     assert err.strip().splitlines()[-1] == (
-        f"error: --output {out}: the name {named}, which says neither of the two layouts "
+        f"error: --output.path {out}: the name {named}, which says neither of the two layouts "
         "written here. Name the file .jsonl (JSON lines, one object a line) or .json (one JSON "
         "list, as AlpacaEval's model_outputs.json)."
     )

@@ -79,10 +79,10 @@ def common(folders, out: Path, model=None) -> list[str]:
         "--data.max_prompt_length=32",
         "--trainer.accelerator=cpu",
         "--trainer.logger=false",
-        f"--prompts={folders['prompts']}",
-        f"--output={out}",
-        "--max_new_tokens=4",
-        "--progress=false",
+        f"--prompts.file={folders['prompts']}",
+        f"--output.path={out}",
+        "--sampling.max_new_tokens=4",
+        "--generation.progress=false",
     ]
 
 
@@ -90,7 +90,7 @@ def pairs(folders, out: Path, *extra: str, model=None, reference=None) -> list[s
     return [
         "pairs",
         *common(folders, out, model),
-        "--temperature=1.0",
+        "--sampling.temperature=1.0",
         "--scorer=treg_lightning.answers.scorers.ImplicitRewardScorer",
         f"--scorer.policy={folders['judge']}",
         f"--scorer.reference={reference or folders['policy']}",
@@ -111,11 +111,11 @@ def test_pairs_k_below_two_is_refused(folders, tmp_path, capsys, k):
     """-1 used to cut the default seeds to [13, 21, 42, 79] (4 samples, exit 0); 0 and 1 leave no
     second sample to pair with."""
     out = tmp_path / "pairs.jsonl"
-    message = refused(pairs(folders, out, f"--k={k}"), capsys)
+    message = refused(pairs(folders, out, f"--pairs.k={k}"), capsys)
     assert message == (
-        f"error: --k {k}: pairs needs k >= 2 samples per prompt, since chosen and rejected are "
-        "two different samples of one prompt (with fewer, no pair can be formed). Set --k 5, "
-        "SimPO's setting (or list --seeds)."
+        f"error: --pairs.k {k}: pairs needs k >= 2 samples per prompt, since chosen and rejected "
+        "are two different samples of one prompt (with fewer, no pair can be formed). Set "
+        "--pairs.k 5, SimPO's setting (or list --pairs.seeds)."
     )
     nothing_written(out)
 
@@ -127,10 +127,10 @@ def test_limit_below_one_is_refused_by_both_verbs(folders, tmp_path, capsys, ver
     out = tmp_path / "out.jsonl"
     args = pairs(folders, out) if verb == "pairs" else ["predict", *common(folders, out)]
     with mock.patch("treg_lightning.answers.prompt_sets.load_prompt_set", side_effect=REACHED):
-        message = refused([*args, f"--limit={limit}"], capsys)
+        message = refused([*args, f"--prompts.limit={limit}"], capsys)
     assert message == (
-        f"error: --limit {limit}: {verb} needs at least one prompt (--limit N with N >= 1), or "
-        "drop --limit to take every prompt."
+        f"error: --prompts.limit {limit}: {verb} needs at least one prompt (--prompts.limit N "
+        "with N >= 1), or drop --prompts.limit to take every prompt."
     )
     nothing_written(out)
 
@@ -249,7 +249,7 @@ def evaluate(folders, out: Path, *extra: str) -> list[str]:
         "--data.val_fraction=0.5",
         "--trainer.accelerator=cpu",
         "--trainer.logger=false",
-        f"--output_dir={out}",
+        f"--output.path={out}",
         f"--runs=[{{name: a, predictions: {answers}}}]",
         *extra,
     ]
@@ -259,16 +259,22 @@ def test_evaluate_reward_model_is_named_by_its_kind(folders, tmp_path, capsys):
     """A causal LM given as --reward_model used to be loaded under a random two-output head and
     called a model "with 2 outputs"."""
     out = tmp_path / "report"
-    message = refused(evaluate(folders, out, f"--reward_model={folders['policy']}"), capsys)
+    message = refused(
+        evaluate(folders, out, f"--evaluate.reward_model={folders['policy']}"), capsys
+    )
     assert message.startswith(
-        f"error: --reward_model '{folders['policy']}' is a causal LM (LlamaForCausalLM), not a "
+        f"error: --evaluate.reward_model '{folders['policy']}' is a causal LM "
+        "(LlamaForCausalLM), not a "
         "reward model"
     )
     assert "2 outputs" not in message
-    message = refused(evaluate(folders, out, f"--reward_model={folders['adapter']}"), capsys)
-    assert f"--reward_model '{folders['adapter']}' is a LoRA adapter folder" in message
-    message = refused(evaluate(folders, out, f"--reward_model={folders['data']}"), capsys)
-    assert message.startswith(f"error: --reward_model {folders['data']} does not exist (or is "
+    message = refused(
+        evaluate(folders, out, f"--evaluate.reward_model={folders['adapter']}"), capsys
+    )
+    assert f"--evaluate.reward_model '{folders['adapter']}' is a LoRA adapter folder" in message
+    message = refused(evaluate(folders, out, f"--evaluate.reward_model={folders['data']}"), capsys)
+    assert message.startswith(f"error: --evaluate.reward_model {folders['data']} does not exist "
+                              "(or is "
                               "not a folder)")  # fmt: skip
     assert not out.exists()
 

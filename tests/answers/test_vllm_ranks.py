@@ -128,12 +128,12 @@ def args(env, model, out: Path, *extra: str) -> list[str]:
         "--data.max_prompt_length=64",
         "--trainer.accelerator=cpu",
         "--trainer.logger=false",
-        f"--prompts={env['prompts']}",
-        f"--output={out}",
+        f"--prompts.file={env['prompts']}",
+        f"--output.path={out}",
         f"--ckpt_path={env['ckpt']}",
-        "--max_new_tokens=16",
-        "--shard_size=1",
-        "--progress=false",
+        "--sampling.max_new_tokens=16",
+        "--generation.shard_size=1",
+        "--generation.progress=false",
         "--backend=treg_lightning.answers.generation.VLLMBackend",
         *extra,
     ]
@@ -207,7 +207,7 @@ def test_a_rank_without_shards_still_builds_its_engine(env, tiny_model_dir):
     """One prompt, one shard (rank 0's): rank 1 must still take part in building the engines,
     or rank 0 waits for it forever."""
     out = env["root"] / "one.jsonl"
-    records = two_ranks(env, tiny_model_dir, out, "--limit=1")
+    records = two_ranks(env, tiny_model_dir, out, "--prompts.limit=1")
     engines = [r for r in records if r["event"] == "engine"]
     assert sorted(int(e["env"]["RANK"]) for e in engines) == [0, 1]
     assert [json.loads(line)["output"] for line in out.read_text().splitlines()] == ["Re: Say hi."]

@@ -91,7 +91,7 @@ SCRIPT = textwrap.dedent(
                       "--config", f"{spec['configs_dir']}/strategy/{strategy}",
                       *spec["strategy_args"][strategy], *spec["pairs_args"],
                       f"--scorer.init_args.policy={judge}",
-                      f"--output={root / f'{strategy}-pairs.jsonl'}"])
+                      f"--output.path={root / f'{strategy}-pairs.jsonl'}"])
     """
 )
 
@@ -138,7 +138,7 @@ def matrix(tmp_path_factory):
             f"--data.source={data}",
             "--data.limit=2",
             "--trainer.accelerator=cpu",
-            "--max_new_tokens=4",
+            "--sampling.max_new_tokens=4",
             f"--scorer.init_args.reference={llama}",
         ],  # fmt: skip
         "llama": str(llama),

@@ -2,8 +2,8 @@
 
 The commands come from the fenced shell blocks of README.md, docs/*.md and bench/README.md (lines
 joined at a trailing backslash, comments dropped, shell variables of the block filled in). A
-`treg` command is parsed by the parser `treg` itself builds (the `LightningCLI` subcommands, or
-`treg plan`'s own), so a renamed flag, a misspelt key or a missing config file fails here; `make
+`treg` command is parsed by the parser `treg` itself builds (its `LightningCLI` subcommands), so a
+renamed flag, a misspelt key or a missing config file fails here; `make
 TARGET` must be a Makefile target, `python bench/X.py` / `bench/X.sh` a file, `python -m MODULE` a
 module. YAML blocks must load, and those holding run settings must parse on top of the demo
 config; Python blocks must compile. The flag tables of docs/reference.md must list exactly the
@@ -26,7 +26,6 @@ import pytest
 import yaml
 
 from treg_lightning.cli.main import TRegCLI
-from treg_lightning.cli.plan import plan_option, plan_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "bench" / "README.md"]
@@ -131,7 +130,7 @@ class _ParserOnly(TRegCLI):
 
 @pytest.fixture(scope="module")
 def treg_parser():
-    """The parser `treg` builds (every subcommand but plan), without running anything."""
+    """The parser `treg` builds (every subcommand), without running anything."""
     with mock.patch.object(sys, "argv", ["treg"]), pytest.raises(_ParserBuilt) as built:
         _ParserOnly(args=[])
     return built.value.args[0]
@@ -155,10 +154,7 @@ def parse_treg(parser, argv: list[str]) -> None:
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            if argv[0] == "plan":
-                plan_parser().parse_args([plan_option(a) for a in argv[1:]])
-            else:
-                parser.parse_args(argv)
+            parser.parse_args(argv)
     except SystemExit as stop:
         if not (helps and stop.code in (0, None)):
             pytest.fail(f"does not parse (exit {stop.code}): {err.getvalue().strip()}")
@@ -237,17 +233,20 @@ def reference_flags() -> dict[str, set[str]]:
     for section in sections:
         verb = re.match(r"`treg (\w+)`", section)
         if verb:
-            rows = re.findall(r"^\| `(--[\w-]+)`", section, re.M)
+            rows = re.findall(r"^\| `(--[\w.-]+)`", section, re.M)
             flags[verb.group(1)] = set(rows)
     return flags
 
 
 def own_flags(parser) -> set[str]:
+    """The verb's flags; a settings group's own flag (``--sampling``, the whole group as YAML)
+    is documented once, in "Flags of every verb", its fields per verb."""
     names = {o for a in parser._actions for o in a.option_strings if o.startswith("--")}
+    names = {n for n in names if not n.endswith((".help", "+"))}
+    groups = {n for n in names if any(m.startswith(n + ".") for m in names)}
     return {
-        n for n in names
+        n for n in names - groups
         if n not in COMMON and not n.startswith(("--model.", "--data.", "--trainer.", "--guard."))
-        and not n.endswith((".help", "+"))
     }  # fmt: skip
 
 
@@ -255,7 +254,6 @@ def test_reference_lists_every_flag_of_every_verb(treg_parser):
     documented = reference_flags()
     subparsers = treg_parser._subcommands_action._name_parser_map
     actual = {verb: own_flags(p) for verb, p in subparsers.items()}
-    actual["plan"] = own_flags(plan_parser())
     assert set(documented) == set(actual), "docs/reference.md: one section per verb"
     for verb, flags in actual.items():
         assert documented[verb] == flags, (

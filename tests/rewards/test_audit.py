@@ -288,8 +288,8 @@ def test_treg_audit_end_to_end(tmp_path, tiny_model_dir, capsys):
     args += [
         "--data.rewards.value_range=[-1, 1]",
         f"--data.rewards.cache_dir={tmp_path / 'cache'}",
-        f"--output_dir={out}",
-        "--bootstrap=50",
+        f"--output.path={out}",
+        "--audit.bootstrap=50",
     ]
     with mock.patch.object(sys, "argv", ["treg"]):
         cli_main(["audit", *args])
@@ -309,6 +309,11 @@ def test_treg_audit_end_to_end(tmp_path, tiny_model_dir, capsys):
     assert info.value.code == 2
     assert "audit never writes over a report" in capsys.readouterr().err
     assert (out / "audit.json").read_text() == before
+    # --output.overwrite replaces the report as a whole: no heat map asked, none left behind
+    with mock.patch.object(sys, "argv", ["treg"]):
+        cli_main(["audit", *args, "--output.overwrite=true", "--audit.heatmap_pairs=0"])
+    assert json.loads((out / "audit.json").read_text())["disagreeing"] == []
+    assert (out / "audit_histogram.png").is_file() and not (out / "audit_disagreeing.png").exists()
 
 
 # --- `treg audit` refuses bad settings and output folders before the annotate pass ----------
@@ -344,18 +349,21 @@ def refused_audit(args: list[str], capsys) -> str:
 @pytest.mark.parametrize(
     ("flag", "expected"),
     [
-        ("--heatmap_pairs=-1", "--heatmap_pairs -1: must be >= 0"),
-        ("--bootstrap=-5", "--bootstrap -5: must be >= 0 (resamples; 0: no intervals)"),
-        ("--k=-3", "--k -3: must be >= 1"),
-        ("--k=0", "--k 0: must be >= 1"),
-        ("--near_zero_below=-1", "--near_zero_below -1.0: must be >= 0"),
-        ("--split=valid", "--split 'valid': audit one of train, val, test"),
-        ("--split=test", "treg audit --split test needs test pairs, but none are configured"),
+        ("--audit.heatmap_pairs=-1", "--audit.heatmap_pairs -1: must be >= 0"),
+        ("--audit.bootstrap=-5", "--audit.bootstrap -5: must be >= 0 (resamples; 0: no intervals)"),
+        ("--audit.precision_k=-3", "--audit.precision_k -3: must be >= 1"),
+        ("--audit.precision_k=0", "--audit.precision_k 0: must be >= 1"),
+        ("--audit.near_zero_below=-1", "--audit.near_zero_below -1.0: must be >= 0"),
+        ("--audit.data_split=valid", "--audit.data_split 'valid': audit one of train, val, test"),
+        (
+            "--audit.data_split=test",
+            "treg audit --audit.data_split test needs test pairs, but none are configured",
+        ),
     ],
 )
 def test_audit_settings_refused_at_start_up(tmp_path, tiny_model_dir, capsys, flag, expected):
     out = tmp_path / "report"
-    err = refused_audit(audit_args(tmp_path, tiny_model_dir, f"--output_dir={out}", flag), capsys)
+    err = refused_audit(audit_args(tmp_path, tiny_model_dir, f"--output.path={out}", flag), capsys)
     assert expected in err, err
     assert not out.exists() and not (tmp_path / "cache").exists()
 
@@ -363,12 +371,12 @@ def test_audit_settings_refused_at_start_up(tmp_path, tiny_model_dir, capsys, fl
 def test_audit_output_dir_that_is_a_file_is_refused(tmp_path, tiny_model_dir, capsys):
     out = tmp_path / "report.md"
     out.write_text("my notes\n")
-    err = refused_audit(audit_args(tmp_path, tiny_model_dir, f"--output_dir={out}"), capsys)
-    assert f"--output_dir {out} is a file: the audit writes a folder" in err, err
+    err = refused_audit(audit_args(tmp_path, tiny_model_dir, f"--output.path={out}"), capsys)
+    assert f"--output.path {out} is a file: the audit writes a folder" in err, err
     assert out.read_text() == "my notes\n" and not (tmp_path / "cache").exists()
     # a folder under that file cannot be created either
-    err = refused_audit(audit_args(tmp_path, tiny_model_dir, f"--output_dir={out / 'a'}"), capsys)
-    assert f"cannot write to {out / 'a'} (--output_dir)" in err, err
+    err = refused_audit(audit_args(tmp_path, tiny_model_dir, f"--output.path={out / 'a'}"), capsys)
+    assert f"cannot write to {out / 'a'} (--output.path)" in err, err
     assert out.read_text() == "my notes\n"
 
 
@@ -403,6 +411,6 @@ def test_audit_output_dir_under_a_read_only_folder_is_refused(
     tmp_path, tiny_model_dir, capsys, read_only_folder
 ):
     out = read_only_folder / "treg-audit-report"
-    err = refused_audit(audit_args(tmp_path, tiny_model_dir, f"--output_dir={out}"), capsys)
-    assert f"cannot write to {out} (--output_dir)" in err, err
+    err = refused_audit(audit_args(tmp_path, tiny_model_dir, f"--output.path={out}"), capsys)
+    assert f"cannot write to {out} (--output.path)" in err, err
     assert not out.exists() and not (tmp_path / "cache").exists()

@@ -144,7 +144,7 @@ def test_audit_second_source_checked_before_the_annotate_pass(tmp_path, tiny_mod
     args = run_args(
         tmp_path, tiny_model_dir, "treg_lightning.rewards.SpanRewards",
         f"--second={CONTRAST}", f"--second.positive={tiny_model_dir}",
-        f"--output_dir={tmp_path / 'report'}",
+        f"--output.path={tmp_path / 'report'}",
     )  # fmt: skip
     args = [a for a in args if not a.startswith("--trainer.max_steps")]
     err = refused("audit", args, tmp_path, capsys)

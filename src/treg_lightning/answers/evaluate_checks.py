@@ -32,7 +32,7 @@ def check_run_names(names: list[str], has_reference: bool) -> None:
     if has_reference and REFERENCE_ROW in seen:
         raise ConfigError(
             f"--runs: run {seen[REFERENCE_ROW]} is named {REFERENCE_ROW!r}, the name of the row "
-            "of the --reference answers. Give the run another name."
+            "of the --evaluate.reference answers. Give the run another name."
         )
 
 
@@ -49,7 +49,7 @@ def check_answers_file(path: str | Path, what: str) -> None:
         where = "is a folder" if path.is_dir() else "does not exist"
         raise MissingFileError(
             f"{what} {path} {where}: give the answers file written by treg predict "
-            "(--output of treg predict: .jsonl, one JSON object per line, or a .json list)."
+            "(--output.path of treg predict: .jsonl, one JSON object per line, or a .json list)."
         )
     try:
         text = path.read_text(encoding="utf-8")
@@ -144,8 +144,8 @@ def check_evaluate_inputs(runs, reference: str | None, reward_model: str | None)
         if run.policy is not None:
             check_run_policy(run.policy, f"{label} policy")
     if reference is not None:
-        check_answers_file(reference, "--reference")
+        check_answers_file(reference, "--evaluate.reference")
     if reward_model is not None:
         from treg_lightning.answers.reward_model import check_reward_model
 
-        check_reward_model(reward_model, "--reward_model")
+        check_reward_model(reward_model, "--evaluate.reward_model")

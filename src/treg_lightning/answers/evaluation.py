@@ -65,17 +65,40 @@ class EvalRun:
     log_dir: str | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvaluateSettings:
-    """See ``TRegTrainer.evaluate`` for each field."""
+    """The own settings of ``treg evaluate`` (``--evaluate.*``): what the answers are compared
+    with and scored by."""
 
     reference: str | None = None
+    """The reference policy's answers (``treg predict`` of the starting model), for the win
+    rates; None: no win rates."""
+
     reward_model: str | None = None
+    """A sequence-classification reward model (hub id or folder) scoring (prompt, answer) with
+    its chat template; None: no reward columns."""
+
     reward_batch_size: int = 8
+    """Conversations per reward-model forward."""
+
     reward_dtype: str = "float32"
-    max_new_tokens: int | None = None
-    output_dir: str = "evaluation"
-    overwrite: bool = False
+    """Dtype of the reward model (a torch dtype name, e.g. "float32" or "bfloat16")."""
+
+    answer_max_new_tokens: int | None = None
+    """The ``--sampling.max_new_tokens`` the answers were generated with, for answers files
+    without ``finish_reason`` (the share that hit it); None: unknown."""
+
+    def __post_init__(self) -> None:
+        if self.reward_batch_size < 1:
+            raise ConfigError(
+                f"--evaluate.reward_batch_size {self.reward_batch_size}: give a number of "
+                "conversations >= 1."
+            )
+        if self.answer_max_new_tokens is not None and self.answer_max_new_tokens < 1:
+            raise ConfigError(
+                f"--evaluate.answer_max_new_tokens {self.answer_max_new_tokens}: give the "
+                "predict run's --sampling.max_new_tokens (>= 1), or leave it unset."
+            )
 
 
 # --- answers ---------------------------------------------------------------------------------
@@ -165,7 +188,7 @@ def matched(rows: list[dict], reference: list[dict], name: str) -> list[int]:
             raise ConfigError(
                 f"run {name!r}: the reference answers have no answer to the prompt "
                 f"{row['instruction'][:80]!r}. Generate both with the same prompts "
-                "(treg predict --prompts FILE, or the same data split and limit)."
+                "(treg predict --prompts.file FILE, or the same data split and limit)."
             )
         out.append(found.pop(0) if len(found) > 1 else found[0])
     return out
@@ -252,12 +275,14 @@ def evaluate_runs(trainer, base_module, datamodule, runs: list[EvalRun],
             result["pairs"] = pair_metrics(trainer, module, datamodule)
             del module
         if run.name in answers:
-            result["answers"] = answer_stats(answers[run.name], tokenizer, settings.max_new_tokens)
+            result["answers"] = answer_stats(
+                answers[run.name], tokenizer, settings.answer_max_new_tokens
+            )
         results.append(result)
     if reference is not None:
         results.append(
             {"run": "reference", "predictions": settings.reference,
-             "answers": answer_stats(reference, tokenizer, settings.max_new_tokens)}
+             "answers": answer_stats(reference, tokenizer, settings.answer_max_new_tokens)}
         )  # fmt: skip
     if settings.reward_model:
         score_answers(results, answers, reference, settings)
@@ -364,5 +389,5 @@ def check_report_folder(
             raise OutputFolderError(
                 errno.EEXIST,
                 f"{path} exists: evaluate never writes over a report or a file of that name. "
-                "Choose another --output_dir or pass --overwrite true.",
+                "Choose another --output.path or pass --output.overwrite true.",
             )

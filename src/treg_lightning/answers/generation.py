@@ -26,32 +26,41 @@ from treg_lightning.errors import ConfigError
 
 
 @dataclass(frozen=True)
-class SamplingSettings:
-    """How answers are decoded.
-
-    Attributes:
-        max_new_tokens: the most tokens an answer may have (its end-of-turn token included).
-        temperature: 0 decodes greedily (deterministic); > 0 samples.
-        top_p: nucleus sampling mass (1.0: the whole distribution); ignored when greedy.
-        seed: seeds the sampling of every batch (with the batch's key).
-    """
+class Decoding:
+    """How answers are decoded (``--sampling.*`` of ``treg pairs``, which seeds each sample
+    itself: ``--pairs.seeds``)."""
 
     max_new_tokens: int = 512
+    """The most tokens an answer may have (its end-of-turn token included)."""
+
     temperature: float = 0.0
+    """0 decodes greedily (deterministic); > 0 samples."""
+
     top_p: float = 1.0
-    seed: int = 0
+    """Nucleus sampling mass (1.0: the whole distribution); ignored when greedy."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}.")
+            raise ConfigError(f"--sampling.max_new_tokens must be >= 1, got {self.max_new_tokens}.")
         if self.temperature < 0:
-            raise ConfigError(f"temperature must be >= 0 (0: greedy), got {self.temperature}.")
+            raise ConfigError(
+                f"--sampling.temperature must be >= 0 (0: greedy), got {self.temperature}."
+            )
         if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}.")
+            raise ConfigError(f"--sampling.top_p must be in (0, 1], got {self.top_p}.")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+@dataclass(frozen=True)
+class SamplingSettings(Decoding):
+    """How answers are decoded, and the seed of their sampling (``--sampling.*`` of ``treg
+    predict``; what a backend generates with)."""
+
+    seed: int = 0
+    """Seeds the sampling of every batch (with the batch's key)."""
 
 
 @dataclass(frozen=True)

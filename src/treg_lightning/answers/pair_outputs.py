@@ -50,17 +50,17 @@ def check_outputs(output: str | Path, overwrite: bool) -> OutputPaths:
     paths = OutputPaths.of(output)
     if paths.pairs.is_dir():
         raise OutputFolderError(
-            errno.EISDIR, f"--output {paths.pairs} is a folder; give a .jsonl or .json name."
+            errno.EISDIR, f"--output.path {paths.pairs} is a folder; give a .jsonl or .json name."
         )
     check_suffix(paths.pairs)
     if paths.pairs.exists() and not overwrite:
         raise OutputFolderError(
             errno.EEXIST,
             f"{paths.pairs} exists: pairs never writes over a pairs file. Choose another "
-            "--output, or pass --overwrite true to replace it (and its .samples.jsonl and "
-            ".summary.json).",
+            "--output.path, or pass --output.overwrite true to replace it (and its "
+            ".samples.jsonl and .summary.json).",
         )
-    check_writable([("--output", paths.pairs.parent)])
+    check_writable([("--output.path", paths.pairs.parent)])
     return paths
 
 
@@ -75,7 +75,7 @@ def check_sidecars(paths: OutputPaths, digest: str, overwrite: bool) -> None:
             raise OutputFolderError(
                 errno.EEXIST,
                 f"{path} exists and belongs to another run: pairs never writes over it. Choose "
-                "another --output, move the file, or pass --overwrite true.",
+                "another --output.path, move the file, or pass --output.overwrite true.",
             )
 
 

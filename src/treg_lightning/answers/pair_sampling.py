@@ -1,7 +1,8 @@
 """The sampling stage of ``treg pairs``: ``k`` answers to every distinct prompt, one
 ``treg predict`` pass per seed (:func:`~treg_lightning.answers.predictions.generate_shards`), so a
-seed's answers are the answers ``treg predict --seed <seed>`` gives. The shards of seed ``s`` lie
-in ``<parts folder>/samples-seed<s>/``; the parts folder is named by :func:`samples_fingerprint`.
+seed's answers are the answers ``treg predict --sampling.seed <seed>`` gives. The shards of seed
+``s`` lie in ``<parts folder>/samples-seed<s>/``; the parts folder is named by
+:func:`samples_fingerprint`.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def distinct_prompts(prompts: list[dict]) -> list[dict]:
 
 def samples_fingerprint(prompts, policy, settings, backend, device) -> dict:
     """Everything that changes the samples (predict's fingerprint, with all the seeds of the
-    :class:`~treg_lightning.answers.onpolicy.PairsSettings` ``settings``)."""
+    :class:`~treg_lightning.answers.onpolicy.PairsJob` ``settings``)."""
     record = fingerprint(prompts, policy, settings.predict_settings(0), backend, device)
     record.pop("digest")
     record["sampling"].pop("seed")
@@ -54,21 +55,23 @@ def seed_parts(work_dir: Path, seed: int) -> Parts:
     return Parts(work_dir / f"samples-seed{seed}")
 
 
-def unsampled(prompts, settings, work_dir: Path) -> bool:
-    """Whether any shard of any seed is still to be sampled (read by every rank in the same
-    step, before any rank samples: see :func:`~treg_lightning.answers.predictions.unfinished`)."""
-    plan = ShardPlan(len(prompts), settings.shard_size)
-    return any(unfinished(seed_parts(work_dir, seed), plan) for seed in settings.seeds)
+def unsampled(prompts, job, work_dir: Path) -> bool:
+    """Whether any shard of any seed of the :class:`~treg_lightning.answers.onpolicy.PairsJob`
+    ``job`` is still to be sampled (read by every rank in the same step, before any rank samples:
+    see :func:`~treg_lightning.answers.predictions.unfinished`)."""
+    plan = ShardPlan(len(prompts), job.generation.shard_size)
+    return any(unfinished(seed_parts(work_dir, seed), plan) for seed in job.seeds)
 
 
 def sample_seeds(prompts, answers: AnswerJob, policy: PolicySource, tokenizer, settings,
                  work_dir: Path, device: torch.device, ranks: Ranks,
                  pending: bool = False) -> None:  # fmt: skip
-    """This rank's unfinished shards of every seed; the policy loads once for all the seeds
-    (in ``work_dir``) and is freed at the end (the scorer needs the device). ``pending``: some
-    rank has shards left (:func:`unsampled`)."""
+    """This rank's unfinished shards of every seed of the
+    :class:`~treg_lightning.answers.onpolicy.PairsJob` ``settings``; the policy loads once for
+    all the seeds (in ``work_dir``) and is freed at the end (the scorer needs the device).
+    ``pending``: some rank has shards left (:func:`unsampled`)."""
     backend = _SetupOnce(answers.backend)
-    generator = answers.generator(settings.generator)
+    generator = answers.generator(settings.generation.generator)
     for seed in settings.seeds:
         parts = seed_parts(work_dir, seed)
         parts.folder.mkdir(parents=True, exist_ok=True)

@@ -56,7 +56,8 @@ def data_prompts(datamodule, split: str) -> list[dict[str, Any]]:
         raise ConfigError(
             f"the data has no {split!r} pairs to take prompts from (splits: "
             f"{sorted(k for k, v in rows.items() if v)}). Set data.val_fraction or "
-            "data.val_source for held-out prompts, --split train, or give --prompts FILE."
+            "data.val_source for held-out prompts, --prompts.split train, or give "
+            "--prompts.file FILE."
         )
     seen, out = set(), []
     for row in rows[split]:

@@ -22,7 +22,7 @@ from treg_lightning.passes import write_jsonl, write_text
 LAYOUTS = {".jsonl": "JSON lines", ".json": "one JSON list"}
 
 
-def check_suffix(path: str | Path, setting: str = "--output") -> Path:
+def check_suffix(path: str | Path, setting: str = "--output.path") -> Path:
     """Refuse a name whose suffix is neither ``.jsonl`` nor ``.json``; returns the path."""
     path = Path(path).expanduser()
     if path.suffix not in LAYOUTS:

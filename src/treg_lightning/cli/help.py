@@ -5,7 +5,9 @@ lists every ``data.*`` argument.
 - A value refused by an ``X | None`` setting gives X's error, not jsonargparse's list of every
   type tried.
 - A misspelled key, in YAML (``does not accept option``) or on the command line
-  (``unrecognized arguments``), gets "Did you mean ...?" with the closest key.
+  (``unrecognized arguments``), gets "Did you mean ...?" with the closest key; a bare flag of a
+  verb's settings group (``--temperature``) gets the group's (``--sampling.temperature``), and a
+  value given to the group itself (``--output answers.jsonl``) the list of its flags.
 - A setting of the previous config schema (``data.rewards: annotate``, ``data.template``,
   ``token_rewards: self``) gets a one-line hint with its new form (:func:`old_schema_hint`).
 - A class path through a module that has moved (``treg_lightning.schedulers.WarmupCosineLR``)
@@ -40,11 +42,33 @@ def did_you_mean(message: str, keys: Iterable[str]) -> str:
         for word in match.group(1).split():
             key = word.split("=", 1)[0].removeprefix("--")
             if word.startswith("--") and key:
-                close = difflib.get_close_matches(key, keys, n=1, cutoff=0.75)
+                close = _in_a_group(key, keys) or difflib.get_close_matches(key, keys, cutoff=0.75)
                 guesses += [f"--{close[0]}"] if close else []
         if guesses:
             return f"{message}. Did you mean {', '.join(repr(g) for g in guesses)}?"
     return message
+
+
+def group_file_hint(message: str, keys: Iterable[str]) -> str:
+    """``message`` plus the fields of a settings group given a value that is not a YAML of the
+    group (``--output answers.jsonl``: the file is read as the group's config)."""
+    match = re.search(r'Parser key "(\w+)":\s*Unable to load config', message)
+    fields = sorted({k for k in keys if match and k.startswith(f"{match.group(1)}.")})
+    if not fields:
+        return message
+    group, listed = match.group(1), ", ".join(f"--{k}" for k in fields)
+    return (
+        f"{message}\n--{group} alone takes the whole {group} group as a YAML file or string; "
+        f"one setting of it is a flag of its own: {listed}."
+    )
+
+
+def _in_a_group(key: str, keys: list[str]) -> list[str]:
+    """The verb's own ``GROUP.key`` for a bare ``key`` (``temperature`` ->
+    ``sampling.temperature``): a verb's settings are groups, so a flat flag misses its group."""
+    sections, key = ("model.", "data.", "trainer.", "guard."), key.replace("-", "_")
+    return [k for k in keys if k.endswith(f".{key}") and k.count(".") == 1
+            and not k.startswith(sections)]  # fmt: skip
 
 
 _REWARDS = "treg_lightning.rewards.ContrastiveRewards"

@@ -2,20 +2,20 @@
 :class:`PreferenceDataModule`.
 
 Subcommands: Lightning's ``fit``, ``validate`` and ``test``, plus ``annotate``, ``export``,
-``predict``, ``evaluate`` and ``audit``, each a method of
+``predict``, ``evaluate``, ``audit``, ``pairs`` and ``plan``, each a method of
 :class:`~treg_lightning.training.trainer.TRegTrainer` (LightningCLI builds their parsers from the
-signatures); ``plan`` is a plain function with its own parser (:mod:`treg_lightning.cli.plan`),
-building no trainer, model or data. This module
-holds the parsing: short usage and "did you mean" on errors, start-up checks before any weights
-load, ``--ckpt_path`` checks (and hyperparameters of older checkpoints upgraded,
+signatures: a verb's flags are the fields of its settings dataclasses, ``--GROUP.FIELD``).
+``plan`` builds no trainer, model or data: it runs on the parsed config alone. This module holds
+the parsing: short usage and "did you mean" on errors, start-up checks before any weights load,
+``--ckpt_path`` checks (and hyperparameters of older checkpoints upgraded,
 :func:`treg_lightning.models.checkpoints.upgrade_hparams`), exit statuses.
 
 Usage::
 
     treg fit --config configs/demo.yaml
     treg fit --config configs/llama3_simpo_treg.yaml --trainer.devices 8
-    treg export --config configs/demo.yaml --ckpt_path path/to.ckpt --output_dir policy/
-    treg plan --config configs/llama3_dpo_treg.yaml --devices 4 --gpu-memory 80GB
+    treg export --config configs/demo.yaml --ckpt_path path/to.ckpt --output.path policy/
+    treg plan --config configs/llama3_dpo_treg.yaml --plan.devices 4 --plan.gpu_memory 80GB
 """
 
 from __future__ import annotations
@@ -34,13 +34,12 @@ from treg_lightning.cli.exits import (
 )
 from treg_lightning.cli.noise import known_noise_hidden
 from treg_lightning.cli.parser import TRegArgumentParser, add_treg_arguments
-from treg_lightning.cli.plan import plan_main
 from treg_lightning.data.datamodule import PreferenceDataModule
 from treg_lightning.models.adapters import check_lora_targets, refuse_adalora
 from treg_lightning.models.checkpoints import check_checkpoint_fits, is_file_path, read_hparams
 from treg_lightning.module import PreferenceModule
 from treg_lightning.outputs import check_not_overwriting, check_writable
-from treg_lightning.plan.report import log_fit_plan
+from treg_lightning.plan.report import PlanSettings, log_fit_plan
 from treg_lightning.training.callbacks import ExportOnFitEnd
 from treg_lightning.training.trainer import TRegTrainer
 
@@ -49,8 +48,9 @@ class TRegCLI(LightningCLI):
     """``LightningCLI`` for preference optimization with T-REG.
 
     Links ``model.model`` to ``data.tokenizer`` (the policy's tokenizer tokenizes the data, and
-    the evaluator defaults to it), adds the ``annotate`` and ``export`` subcommands and reads the
-    run's settings from sharded checkpoint folders too.
+    the evaluator defaults to it), adds the verbs of
+    :class:`~treg_lightning.training.trainer.TRegTrainer` as subcommands (``plan`` instantiates
+    nothing) and reads the run's settings from sharded checkpoint folders too.
     """
 
     def __init__(
@@ -82,6 +82,7 @@ class TRegCLI(LightningCLI):
             "evaluate": {"model", "datamodule"},
             "audit": {"model", "datamodule"},
             "pairs": {"model", "datamodule"},
+            "plan": {"config"},  # the parsed config itself, handed over by _run_subcommand
         }
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -90,17 +91,28 @@ class TRegCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         self._given_args = sys.argv[1:] if args is None else args  # for --ckpt_path conflicts
         super().parse_arguments(parser, args)
-
-    def instantiate_classes(self) -> None:
-        refuse_adalora(self.config)  # `error:` before peft's constructor fails on total_step
-        super().instantiate_classes()
+        if self.config.get("subcommand") == "plan":
+            self.config["plan"]["seed_everything"] = False  # nothing runs: no seed to set or log
 
     def _instantiate_trainer(self, config, callbacks):
         trainer = super()._instantiate_trainer(config, [c for c in callbacks if c is not None])
         startup.fill_data_parallel_size(trainer)
         return trainer
 
+    def instantiate_classes(self) -> None:
+        """As Lightning's, except that an AdaLoRA ``peft`` setting is refused first (`error:`
+        before peft's constructor fails on ``total_step``), and ``plan`` builds no trainer (the
+        configured accelerator may not exist on this machine), model or data."""
+        refuse_adalora(self.config)
+        if self.subcommand != "plan":
+            super().instantiate_classes()
+
     def _run_subcommand(self, subcommand: str) -> None:
+        if subcommand == "plan":  # on the parsed config alone: nothing was instantiated
+            config = self.config[subcommand]
+            settings = PlanSettings(**config["plan"].as_dict())
+            self.trainer_class.plan(config.as_dict(), plan=settings)
+            return
         try:
             super()._run_subcommand(subcommand)
         except (KeyboardInterrupt, SystemExit) as stop:
@@ -143,11 +155,10 @@ class TRegCLI(LightningCLI):
             check_lora_targets(self.model)  # on the meta device, before any weights load
 
     def before_export(self) -> None:
-        config = self.config_init[self.subcommand]
-        output_dir = config.get("output_dir")
+        output = self.config_init[self.subcommand]["output"]
         self._check_ckpt_fits()
-        check_not_overwriting(output_dir, "--output_dir", config.get("overwrite"), "--overwrite")
-        check_writable([("--output_dir", output_dir)])
+        check_not_overwriting(output.path, "--output.path", output.overwrite, "--output.overwrite")
+        check_writable([("--output.path", output.path)])
 
     def _check_ckpt_fits(self) -> None:
         ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
@@ -221,12 +232,8 @@ def cli_main(args: ArgsType = None) -> None:
     """
     # Parse errors are the parser's own messages and exit as they are (JSONARGPARSE_DEBUG=true
     # shows the parser's internals).
-    argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
     with exit_statuses(debug_requested(args)), known_noise_hidden():
-        if argv[:1] == ["plan"]:  # builds nothing: its own parser, no trainer
-            plan_main(argv[1:])
-        else:
-            TRegCLI(args=args)
+        TRegCLI(args=args)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Prompts files: the prompts ``treg predict`` and ``treg pairs`` answer, one a row.
+"""Prompts files: the prompts ``treg predict --prompts.file`` and ``treg pairs --prompts.file``
+answer, one a row.
 
 A prompts file is ``.jsonl`` (one JSON value a line) or ``.json`` (a list), either possibly
 gzipped (``.jsonl.gz``), or a ``.csv`` / ``.parquet`` table (one prompt a row; a CSV cell may hold
@@ -63,7 +64,7 @@ def read_prompts_file(path: str | Path) -> list[dict[str, Any]]:
             "prompts file not found",
             file=str(path),
             hint="Give a .jsonl (one prompt a line), .json, .csv or .parquet file of prompts, "
-            "or leave --prompts unset to use the data's validation prompts.",
+            "or leave --prompts.file unset to use the data's validation prompts.",
         )
     prompts = []
     for row, (line, value) in enumerate(_numbered_values(path)):

@@ -16,12 +16,22 @@ Either folder loads with ``AutoModelForCausalLM.from_pretrained(folder)``. A LoR
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from treg_lightning.errors import ConfigError
 from treg_lightning.models.checkpoints import load_policy_weights, policy_state, read_state
 from treg_lightning.models.save import save_pretrained
 from treg_lightning.models.state_names import WRAPPER_PREFIX
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """The own settings of ``treg export`` (``--export.*``)."""
+
+    adapter_only: bool = False
+    """With LoRA, write the adapter alone (``adapter_config.json`` + safetensors;
+    ``PeftModel.from_pretrained(base, folder)`` loads it) instead of the merged model."""
 
 
 def export_checkpoint(

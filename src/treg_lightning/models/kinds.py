@@ -91,8 +91,8 @@ def adapter_folder_error(
     return ConfigError(
         f"{where} is a {kind} adapter folder ({ADAPTER_CONFIG}{about}), not a whole model: it "
         "holds only the adapter's weights. Give a merged model instead: export the run without "
-        "--adapter_only (treg export --config <its config> --ckpt_path <its checkpoint> "
-        "--output_dir <folder> writes the adapters merged into the base weights), or merge it "
+        "--export.adapter_only (treg export --config <its config> --ckpt_path <its checkpoint> "
+        "--output.path <folder> writes the adapters merged into the base weights), or merge it "
         "yourself with peft (PeftModel.from_pretrained(base, folder).merge_and_unload()"
         ".save_pretrained(out)) and give that folder."
     )

@@ -95,7 +95,7 @@ def user_entries(folder: str | Path) -> list[str]:
     return sorted(e.name for e in folder.iterdir() if not is_export_entry(e.name))
 
 
-def check_replaceable(output_dir: str | Path, setting: str = "--output_dir") -> None:
+def check_replaceable(output_dir: str | Path, setting: str = "--output.path") -> None:
     """Refuse an export folder whose replacement would lose a file of the user's: run before the
     export loads anything.
 
@@ -120,7 +120,7 @@ def check_replaceable(output_dir: str | Path, setting: str = "--output_dir") -> 
 
 @contextlib.contextmanager
 def staged_folder(
-    output_dir: str | Path, kept: list[str] | None = None, setting: str = "--output_dir"
+    output_dir: str | Path, kept: list[str] | None = None, setting: str = "--output.path"
 ) -> Iterator[Path]:
     """An empty temporary sibling folder to write an export into, swapped in for
     ``output_dir`` at the end: the folder then holds the new export and nothing of an earlier

@@ -25,7 +25,7 @@ _UNITS = {
 DEFAULT_RESERVE = "1GiB"  # CUDA context, NCCL and cuBLAS workspaces, allocator slack
 
 
-def parse_size(text: str | int | float, setting: str = "--gpu_memory") -> float:
+def parse_size(text: str | int | float, setting: str = "--plan.gpu_memory") -> float:
     """``"80GB"`` (10**9 bytes), ``"79.6GiB"`` (2**30), ``"81559MiB"``... -> bytes."""
     if isinstance(text, (int, float)):
         return float(text)
@@ -37,6 +37,24 @@ def parse_size(text: str | int | float, setting: str = "--gpu_memory") -> float:
             "bytes) or 79.6GiB (2^30 bytes; an 80 GB H100 has 79.6 GiB)."
         )
     return float(match.group(1)) * _UNITS[unit]
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    """The own settings of ``treg plan`` (``--plan.*``): the machines the run is planned for."""
+
+    devices: int | None = None
+    """Devices per node (>= 1); None: ``trainer.devices``."""
+
+    num_nodes: int | None = None
+    """Nodes (>= 1); None: ``trainer.num_nodes``."""
+
+    gpu_memory: str | None = None
+    """Memory of one device, e.g. 80GB (10^9 bytes) or 79.6GiB (2^30); None: 80GB, or this
+    machine's RAM when trainer.accelerator is cpu."""
+
+    reserve: str = DEFAULT_RESERVE
+    """Memory kept aside per device (CUDA context, NCCL and cuBLAS workspaces)."""
 
 
 @dataclass(frozen=True)
@@ -91,13 +109,13 @@ def plan_from_config(
         reference_shape = resolve_shape(reference, trust_remote_code=trust)
     if gpu_memory is None:
         gpu_memory = "80GB" if settings.device_type == "cuda" else machine_memory()
-    memory = parse_size(gpu_memory, "--gpu_memory")
-    kept = parse_size(reserve, "--reserve")
+    memory = parse_size(gpu_memory, "--plan.gpu_memory")
+    kept = parse_size(reserve, "--plan.reserve")
     budget = memory - kept
     if budget <= 0:
         raise PlanError(
-            f"--gpu_memory {gpu_memory} leaves nothing after --reserve {reserve}: give the "
-            "memory of one device (e.g. 80GB) and a smaller reserve."
+            f"--plan.gpu_memory {gpu_memory} leaves nothing after --plan.reserve {reserve}: give "
+            "the memory of one device (e.g. 80GB) and a smaller reserve."
         )
     result = estimate(settings, shape, reference_shape)
     best = max_micro_batch(settings, shape, budget, reference_shape)
@@ -163,18 +181,13 @@ def format_plan(plan: Plan, short: bool = False) -> str:
     return "\n".join(lines)
 
 
-def run_plan(
-    config: dict,
-    devices: int | None = None,
-    num_nodes: int | None = None,
-    gpu_memory: str | None = None,
-    reserve: str = DEFAULT_RESERVE,
-) -> Plan:
+def run_plan(config: dict, settings: PlanSettings = PlanSettings()) -> Plan:
     """``treg plan``: print the plan of the config; a bad setting exits with status 2."""
     import sys
 
     try:
-        plan = plan_from_config(config, devices, num_nodes, gpu_memory, reserve)
+        plan = plan_from_config(config, settings.devices, settings.num_nodes,
+                                settings.gpu_memory, settings.reserve)  # fmt: skip
     except PlanError as err:
         sys.stderr.write(f"error: {err}\n")
         raise SystemExit(2) from err

@@ -250,12 +250,12 @@ def check_counts(config: dict, devices: int | None, num_nodes: int | None) -> No
     """Refuse device counts and LoRA ranks a run cannot have, before anything is read.
 
     Raises:
-        PlanError: ``--devices`` / ``--num-nodes`` below 1, ``trainer.devices`` 0 or below -1,
-            ``trainer.num_nodes`` below 1, or a ``model.peft`` rank below 1 or dropout outside
-            [0, 1).
+        PlanError: ``--plan.devices`` / ``--plan.num_nodes`` below 1, ``trainer.devices`` 0 or
+            below -1, ``trainer.num_nodes`` below 1, or a ``model.peft`` rank below 1 or dropout
+            outside [0, 1).
     """
-    for value, flag, what in ((devices, "--devices", "devices per node"),
-                              (num_nodes, "--num-nodes", "machines")):  # fmt: skip
+    for value, flag, what in ((devices, "--plan.devices", "devices per node"),
+                              (num_nodes, "--plan.num_nodes", "machines")):  # fmt: skip
         if value is not None and int(value) < 1:
             raise PlanError(f"{flag} {value}: the number of {what} must be >= 1.")
     trainer = config.get("trainer") or {}
@@ -263,7 +263,7 @@ def check_counts(config: dict, devices: int | None, num_nodes: int | None) -> No
     if isinstance(configured, int) and configured < -1 or configured in (0, "0"):
         raise PlanError(
             f"trainer.devices {configured!r}: a run needs at least one device per node; set "
-            "trainer.devices to a count >= 1 (-1 or 'auto': all of them), or pass --devices N."
+            "trainer.devices to a count >= 1 (-1 or 'auto': all of them), or pass --plan.devices N."
         )
     nodes = trainer.get("num_nodes")
     if num_nodes is None and nodes is not None and int(nodes) < 1:
@@ -299,7 +299,8 @@ def settings_from_config(
     notes: list[str] = []
     per_node = devices or count_devices(trainer.get("devices", "auto"))
     if per_node is None:
-        notes.append(f"trainer.devices={trainer.get('devices')!r}: planned for 1; pass --devices")
+        devices_set = trainer.get("devices")
+        notes.append(f"trainer.devices={devices_set!r}: planned for 1; pass --plan.devices")
         per_node = 1
     nodes = num_nodes or int(trainer.get("num_nodes") or 1)
     overridden = devices is not None or num_nodes is not None

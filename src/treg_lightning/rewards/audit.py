@@ -47,6 +47,7 @@ import errno
 import json
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -199,7 +200,7 @@ class _Pairs:
 
 def check_settings(names: Mapping[str, str] | None = None, **settings) -> None:
     """Refuse audit settings outside their range, naming the setting (``names`` maps a keyword
-    to the name the user wrote, e.g. ``{"disagreeing": "--heatmap_pairs"}``).
+    to the name the user wrote, e.g. ``{"disagreeing": "--audit.heatmap_pairs"}``).
 
     Keywords: ``k`` (None or >= 1), ``near_zero_below`` (>= 0), ``bootstrap``, ``disagreeing``
     (>= 0) and ``bins`` (>= 1).
@@ -228,6 +229,45 @@ def check_settings(names: Mapping[str, str] | None = None, **settings) -> None:
         ok, need = rules[key]
         if not ok(value):  # NaN fails every comparison, so it is refused too
             raise ConfigError(f"{names.get(key, key)} {value!r}: {need}.")
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """The own settings of ``treg audit`` (``--audit.*``): the split and how its token rewards
+    are measured. Out-of-range values are refused when the settings are made."""
+
+    data_split: str = "train"
+    """The data split to audit ("train", "val" or "test")."""
+
+    precision_k: int | None = None
+    """Tokens per response of precision@k (>= 1); None: each response's number of negatively
+    marked tokens."""
+
+    near_zero_below: float = 0.01
+    """``|r_hat|`` under which a reward counts as near zero (>= 0)."""
+
+    bootstrap: int = 1000
+    """Resamples over pairs for the 95% intervals (>= 0; 0: no intervals)."""
+
+    bootstrap_seed: int = 0
+    """Seed of the resampling."""
+
+    heatmap_pairs: int = 4
+    """Pairs in the heat map of the most disagreeing pairs (>= 0)."""
+
+    def __post_init__(self) -> None:
+        flags = {"k": "--audit.precision_k", "near_zero_below": "--audit.near_zero_below",
+                 "bootstrap": "--audit.bootstrap",
+                 "disagreeing": "--audit.heatmap_pairs"}  # fmt: skip
+        ranged = self.figures()
+        ranged.pop("seed")  # any integer seeds the resampling
+        check_settings(flags, **ranged)
+
+    def figures(self) -> dict[str, Any]:
+        """The keywords of :func:`audit_rows` these settings give (``seed`` included)."""
+        return {"k": self.precision_k, "near_zero_below": self.near_zero_below,
+                "bootstrap": self.bootstrap, "seed": self.bootstrap_seed,
+                "disagreeing": self.heatmap_pairs}  # fmt: skip
 
 
 def audit_rows(
@@ -330,7 +370,7 @@ def audit_split(
     tokenized = datamodule.tokenized_rows()
     if split not in tokenized:
         raise ConfigError(
-            f"treg audit --split {split}: the data has no {split} split (it has "
+            f"treg audit --audit.data_split {split}: the data has no {split} split (it has "
             f"{', '.join(tokenized)}); configure data.val_source / data.test_source or pick one."
         )
     rows = tokenized[split]
@@ -363,24 +403,25 @@ LABELS = {
 }
 
 
-def check_report_folder(output_dir: str | Path) -> None:
+def check_report_folder(output_dir: str | Path, overwrite: bool = False) -> None:
     """Refuse an ``output_dir`` that is a file, or a folder that already holds an audit report
-    (checked before any work)."""
+    unless ``overwrite`` (checked before any work)."""
 
     folder = Path(output_dir).expanduser()
     if folder.exists() and not folder.is_dir():
         raise OutputFolderError(
             errno.EEXIST,
-            f"--output_dir {folder} is a file: the audit writes a folder (audit.md, audit.json "
+            f"--output.path {folder} is a file: the audit writes a folder (audit.md, audit.json "
             "and its PNGs). Give a folder path (a new one, or one without a report).",
         )
     for name in REPORT_FILES:
         path = folder / name
-        if path.exists():
+        if path.exists() and not overwrite:
             raise OutputFolderError(
                 errno.EEXIST,
-                f"{path} exists: audit never writes over a report. Choose another --output_dir "
-                "or move the old report away.",
+                f"{path} exists: audit never writes over a report unless asked to. Choose "
+                "another --output.path, move the old report away, or pass --output.overwrite "
+                "true to replace it.",
             )
 
 
@@ -440,11 +481,16 @@ def write_report(
     output_dir: str | Path,
     rows: Sequence[Mapping[str, Any]] | None = None,
     tokenizer=None,
+    overwrite: bool = False,
 ) -> dict[str, Path]:
     """``audit.md``, ``audit.json`` and (matplotlib installed) the histogram and the heat map of
-    the most disagreeing pairs (needs ``rows`` with ids and ``tokenizer``); never overwrites."""
+    the most disagreeing pairs (needs ``rows`` with ids and ``tokenizer``). An earlier report in
+    ``output_dir`` is refused, or with ``overwrite`` removed as a whole first (a PNG this report
+    does not draw must not stay beside it)."""
     output_dir = Path(output_dir)
-    check_report_folder(output_dir)
+    check_report_folder(output_dir, overwrite)
+    for name in REPORT_FILES:
+        (output_dir / name).unlink(missing_ok=True)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {"markdown": output_dir / "audit.md", "json": output_dir / "audit.json"}
     paths["json"].write_text(json.dumps(result, indent=1))

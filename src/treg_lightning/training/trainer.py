@@ -1,7 +1,17 @@
-"""The ``treg`` trainer: Lightning's ``Trainer`` plus the entry points the CLI adds.
+"""The ``treg`` trainer: Lightning's ``Trainer`` plus the verbs the CLI adds.
 
-Each subcommand of ``treg`` beyond Lightning's is a method here, so ``LightningCLI`` builds its
-parser from the signature and docstring and runs it like ``fit``:
+Every verb of ``treg`` beyond Lightning's ``fit``, ``validate`` and ``test`` is made the same
+way: a method here (``plan``: a classmethod, no trainer is built) whose parameters are what it
+runs on (``model``, ``datamodule``, ``--ckpt_path``), its components, given by class path
+(``--backend``, ``--scorer``, ``--selection``, ``--second``), and its settings groups: frozen
+dataclasses, each declared once and taken by every verb that has its knobs. ``LightningCLI``
+builds each verb's parser from the signature: a group's fields are the verb's flags,
+``--GROUP.FIELD`` (``--sampling.temperature``, ``--output.path``), and the docstring under each
+field is the flag's ``--help`` text. Shared groups: :class:`~treg_lightning.outputs.Output`
+(``--output.*``), :class:`~treg_lightning.answers.settings.PromptSet` (``--prompts.*``),
+:class:`~treg_lightning.answers.settings.GenerationSettings` (``--generation.*``) and the
+decoding knobs (``--sampling.*``); a verb's own knobs are the group named after it
+(``--audit.*``, ``--pairs.*``, ``--evaluate.*``, ``--export.*``, ``--plan.*``).
 
 - ``annotate``: build the token-reward cache of the ``data`` section on its own, on every device
   of the configured strategy (each process annotates its shard; rank 0 merges);
@@ -12,7 +22,8 @@ parser from the signature and docstring and runs it like ``fit``:
 - ``evaluate``: one table row per run (:mod:`treg_lightning.answers.evaluation`);
 - ``audit``: whether the token rewards of the data point at the right tokens
   (:mod:`treg_lightning.rewards.audit`);
-- ``pairs``: on-policy preference pairs (:mod:`treg_lightning.answers.onpolicy`).
+- ``pairs``: on-policy preference pairs (:mod:`treg_lightning.answers.onpolicy`);
+- ``plan``: the memory per device of a run, from its config (:mod:`treg_lightning.plan`).
 """
 
 from __future__ import annotations
@@ -22,18 +33,35 @@ from pathlib import Path
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
-from treg_lightning.answers.evaluation import EvalRun
-from treg_lightning.answers.generation import GenerationBackend
-from treg_lightning.answers.onpolicy import pairs_command
-from treg_lightning.data.datamodule import PreferenceDataModule
+from treg_lightning.answers.evaluation import EvalRun, EvaluateSettings
+from treg_lightning.answers.generation import (
+    Decoding,
+    GenerationBackend,
+    SamplingSettings,
+    TransformersBackend,
+)
+from treg_lightning.answers.onpolicy import PairsJob, PairsSettings, run_pairs
+from treg_lightning.answers.predictions import AnswerJob, PredictJob, PredictSettings, run_predict
+from treg_lightning.answers.scorers import Scorer
+from treg_lightning.answers.selection import BestWorst
+from treg_lightning.answers.settings import GenerationSettings, PromptSet
+from treg_lightning.data.datamodule import SPLITS, PreferenceDataModule
 from treg_lightning.errors import ConfigError
-from treg_lightning.outputs import check_writable, disk_full_hint
+from treg_lightning.models.export import ExportSettings
+from treg_lightning.outputs import Output, check_writable, disk_full_hint
 from treg_lightning.passes import distributed
+from treg_lightning.plan.report import Plan, PlanSettings
+from treg_lightning.rewards.audit import AuditSettings
 from treg_lightning.rewards.source import TokenRewardSource
 
 
 class TRegTrainer(Trainer):
-    """Lightning's ``Trainer`` plus the ``annotate`` and ``export`` entry points."""
+    """Lightning's ``Trainer`` plus the verbs of ``treg``.
+
+    The verbs: ``annotate``, ``export``, ``predict`` (Lightning's own when given dataloaders),
+    ``evaluate``, ``audit``, ``pairs`` and the classmethod ``plan``; each takes its settings as
+    the dataclass groups described in :mod:`treg_lightning.training.trainer`.
+    """
 
     def save_checkpoint(self, filepath, weights_only: bool = False, storage_options=None) -> None:
         # A full disk mid-run must say which file and what to do, not a bare errno 28.
@@ -89,9 +117,9 @@ class TRegTrainer(Trainer):
         model: LightningModule,
         datamodule: LightningDataModule | None = None,
         ckpt_path: str | None = None,
-        output_dir: str = "export",
-        overwrite: bool = False,
-        adapter_only: bool = False,
+        *,
+        output: Output = Output("export"),
+        export: ExportSettings = ExportSettings(),
     ) -> Path:
         """Write the policy of a checkpoint as a Hugging Face folder (safetensors + tokenizer).
 
@@ -100,18 +128,18 @@ class TRegTrainer(Trainer):
         model card (``README.md``) names the data and the metrics of the checkpoint's own run
         and step, read from the checkpoint and the ``metrics.csv`` beside it.
 
+        ``from_pretrained(output.path)`` loads the folder. One that already holds files is
+        refused unless ``output.overwrite``: the new export is then written into an empty
+        temporary sibling folder and swapped in at the end, so the folder holds no file of the
+        earlier one (merged or adapter-only: two models never mix) and a failed export leaves
+        the earlier one intact. Files of yours that no export writes (notes, results) are kept
+        and named; a ``README.md`` that is not a treg-lightning model card is refused, before
+        anything loads.
+
         Args:
             ckpt_path: a ``.ckpt`` file or a sharded checkpoint folder (FSDP2 / FSDP).
-            output_dir: the folder written; ``from_pretrained(output_dir)`` loads it. A folder
-                that already holds files is refused unless ``overwrite`` is set.
-            overwrite: replace an earlier export in ``output_dir`` as a whole: the new export is
-                written into an empty temporary sibling folder and swapped in at the end, so the
-                folder holds no file of the earlier one (merged or adapter-only: two models never
-                mix) and a failed export leaves the earlier one intact. Files of yours that no
-                export writes (notes, results) are kept and named; a ``README.md`` that is not a
-                treg-lightning model card is refused, before anything loads.
-            adapter_only: write the LoRA adapter alone (``adapter_config.json`` + safetensors;
-                ``PeftModel.from_pretrained(base, output_dir)`` loads it).
+            output: the folder written.
+            export: what is written.
         """
         from treg_lightning.models.export import export_checkpoint
         from treg_lightning.models.save import staged_folder
@@ -119,13 +147,14 @@ class TRegTrainer(Trainer):
 
         if ckpt_path is None:
             raise ConfigError("export needs --ckpt_path (a .ckpt file or a checkpoint folder).")
-        folder = Path(output_dir).expanduser()
+        folder = Path(output.path).expanduser()
+        adapter_only = export.adapter_only
         kept: list[str] = []
 
         def write() -> None:
-            # Checks output_dir first, before anything loads; written beside it and swapped in
-            # at the end: a failed export (or --overwrite) leaves an earlier one intact.
-            with staged_folder(output_dir, kept) as staging:
+            # Checks the folder first, before anything loads; written beside it and swapped in
+            # at the end: a failed export (or --output.overwrite) leaves an earlier one intact.
+            with staged_folder(folder, kept) as staging:
                 export_checkpoint(model, ckpt_path, staging, adapter_only)
                 write_card(staging, model, ckpt_path, adapter_only)
             what = "LoRA adapter" if adapter_only else "policy"
@@ -152,25 +181,18 @@ class TRegTrainer(Trainer):
         ckpt_path: str | None = None,
         weights_only: bool | None = None,
         *,
-        prompts: str | None = None,
-        split: str = "val",
-        limit: int | None = None,
-        output: str = "predictions.jsonl",
-        overwrite: bool = False,
-        generator: str | None = None,
-        max_new_tokens: int = 512,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int = 0,
-        batch_size: int = 8,
-        shard_size: int = 64,
+        prompts: PromptSet = PromptSet(),
+        sampling: SamplingSettings = SamplingSettings(),
+        generation: GenerationSettings = GenerationSettings(),
+        output: Output = Output("predictions.jsonl"),
         backend: GenerationBackend | None = None,
-        progress: bool = True,
     ):
         """Generate the policy's answers for a prompt set, as AlpacaEval-format JSONL.
 
         With ``dataloaders``, or a datamodule that is not a :class:`PreferenceDataModule`, this is
-        Lightning's ``Trainer.predict`` (the prediction loop over ``predict_step``).
+        Lightning's ``Trainer.predict`` (the prediction loop over ``predict_step``). An existing
+        answers file is never replaced unless ``output.overwrite``; unfinished work lies in
+        ``<output.path>.parts/`` and is resumed by the same command.
 
         Args:
             dataloaders (Any): Lightning's prediction loop over these instead (not a ``treg`` flag).
@@ -178,44 +200,21 @@ class TRegTrainer(Trainer):
             weights_only: passed to Lightning's prediction loop.
             ckpt_path: weights to generate with: a ``.ckpt`` file or a sharded checkpoint
                 folder; None: model.model as it is (e.g. an exported policy folder).
-            prompts: a prompts file (.jsonl, .jsonl.gz or a .json list: strings, message lists
-                or objects with a prompt/messages/instruction field; .csv / .parquet: one of
-                those columns); None: the data's prompts of ``split``.
-            split: the data split whose prompts are answered ("val" or "train").
-            limit: answer only the first ``limit`` prompts.
-            output: the answers file (JSONL); an existing file is never replaced unless
-                ``overwrite``. Unfinished work lies in ``<output>.parts/`` and is resumed.
-            overwrite: replace an existing ``output``.
-            generator: the ``generator`` field of every row; None: the model / checkpoint name.
-            max_new_tokens: the most tokens an answer may have.
-            temperature: 0 decodes greedily (deterministic); > 0 samples.
-            top_p: nucleus sampling mass when sampling.
-            seed: seeds the sampling of each batch.
-            batch_size: prompts per generate call (left-padded).
-            shard_size: prompts per resumable shard file; shard k goes to rank k % world_size.
+            prompts: the prompts answered.
+            sampling: how answers are decoded.
+            generation: how answers are batched, sharded and labelled.
+            output: the answers file (JSONL).
             backend: the generation engine; None: TransformersBackend (``generate``), or
                 ``treg_lightning.answers.generation.VLLMBackend`` (vLLM installed, GPU).
-            progress: show a progress bar (rank 0).
         """
         if dataloaders is not None or not isinstance(datamodule, PreferenceDataModule):
             return super().predict(
                 model, dataloaders, datamodule, return_predictions, ckpt_path, weights_only
             )
-        from treg_lightning.answers.generation import SamplingSettings, TransformersBackend
-        from treg_lightning.answers.predictions import (
-            AnswerJob,
-            PredictJob,
-            PredictSettings,
-            run_predict,
-        )
-
-        sampling = SamplingSettings(max_new_tokens, temperature, top_p, seed)
-        settings = PredictSettings(
-            output, overwrite, generator, sampling, batch_size, shard_size, progress
-        )
         backend = backend if backend is not None else TransformersBackend()
-        answers = AnswerJob(model, datamodule, ckpt_path, prompts, split, limit, backend)
-        return run_predict(self, PredictJob(answers, settings))
+        answers = AnswerJob(model, datamodule, ckpt_path, prompts.file, prompts.split,
+                            prompts.limit, backend)  # fmt: skip
+        return run_predict(self, PredictJob(answers, PredictSettings(output, generation, sampling)))
 
     # ---- evaluate: one table row per run (logic in treg_lightning.answers.evaluation) ---------
 
@@ -223,48 +222,36 @@ class TRegTrainer(Trainer):
         self,
         model: LightningModule | None = None,
         datamodule: LightningDataModule | None = None,
+        *,
         runs: list[EvalRun] | None = None,
-        reference: str | None = None,
-        reward_model: str | None = None,
-        reward_batch_size: int = 8,
-        reward_dtype: str = "float32",
-        max_new_tokens: int | None = None,
-        output_dir: str = "evaluation",
-        overwrite: bool = False,
+        evaluate: EvaluateSettings = EvaluateSettings(),
+        output: Output = Output("evaluation"),
     ) -> list[dict]:
         """Compare runs on held-out pairs and on their answers; write a Markdown + JSON table.
+
+        Writes ``evaluation.md``, ``evaluation.json`` and the PNG plots into ``output.path``;
+        an earlier report there is replaced only with ``output.overwrite``.
 
         Args:
             runs: the runs, each ``{name, predictions, ckpt_path | policy, log_dir}``: held-out
                 pair metrics need ``ckpt_path`` or ``policy``, answer metrics ``predictions``
                 (a ``treg predict`` file), training curves ``log_dir``.
-            reference: the reference policy's answers (``treg predict`` of the starting model)
-                for the win rates.
-            reward_model: a sequence-classification reward model (hub id or folder) scoring
-                (prompt, answer) with its chat template; None: no reward columns.
-            reward_batch_size: conversations per reward-model forward.
-            reward_dtype: dtype of the reward model.
-            max_new_tokens: the predict setting, for answers files without finish_reason.
-            output_dir: folder of evaluation.md, evaluation.json and the PNG plots.
-            overwrite: replace an earlier report in ``output_dir``.
+            evaluate: what the answers are compared with and scored by.
+            output: the report folder.
         """
         from treg_lightning.answers.evaluate_checks import check_evaluate_inputs
         from treg_lightning.answers.evaluation import (
-            EvaluateSettings,
             check_report_folder,
             evaluate_runs,
             markdown_table,
             write_report,
         )
 
-        settings = EvaluateSettings(
-            reference, reward_model, reward_batch_size, reward_dtype, max_new_tokens,
-            output_dir, overwrite,
-        )  # fmt: skip
-        check_report_folder(output_dir, overwrite, runs or [])
-        check_evaluate_inputs(runs or [], reference, reward_model)
-        results = evaluate_runs(self, model, datamodule, runs or [], settings)
-        paths = write_report(results, runs or [], output_dir, overwrite)
+        runs = runs or []
+        check_report_folder(output.path, output.overwrite, runs)
+        check_evaluate_inputs(runs, evaluate.reference, evaluate.reward_model)
+        results = evaluate_runs(self, model, datamodule, runs, evaluate)
+        paths = write_report(results, runs, output.path, output.overwrite)
         print(markdown_table(results), flush=True)
         print("\n".join(f"{kind}: {path.resolve()}" for kind, path in paths.items()), flush=True)
         return results
@@ -275,14 +262,10 @@ class TRegTrainer(Trainer):
         self,
         model: LightningModule | None = None,
         datamodule: LightningDataModule | None = None,
-        split: str = "train",
+        *,
+        audit: AuditSettings = AuditSettings(),
+        output: Output = Output("audit"),
         second: TokenRewardSource | None = None,
-        output_dir: str = "audit",
-        k: int | None = None,
-        near_zero_below: float = 0.01,
-        bootstrap: int = 1000,
-        seed: int = 0,
-        heatmap_pairs: int = 4,
     ) -> dict:
         """Audit the token rewards of data.rewards on one split (the cache is built or reused):
         with ground-truth spans in the data (``chosen_spans`` / ``rejected_spans``) how well
@@ -292,50 +275,94 @@ class TRegTrainer(Trainer):
         the second source's models are checked before the annotate pass.
 
         Args:
-            split: the split to audit ("train", "val" or "test").
+            audit: the split and how its token rewards are measured.
+            output: the report folder (audit.md, audit.json and the PNGs); an earlier report
+                there is replaced only with ``output.overwrite``.
             second: a second token-reward source (another template, another model) for the rank
                 correlation of the two per token; None: none.
-            output_dir: folder of audit.md, audit.json and the PNGs (never overwritten).
-            k: tokens per response of precision@k (>= 1); None: each response's number of
-                negatively marked tokens.
-            near_zero_below: ``|r_hat|`` under which a reward counts as near zero (>= 0).
-            bootstrap: resamples over pairs for the 95% intervals (>= 0; 0: no intervals).
-            seed: seed of the resampling.
-            heatmap_pairs: pairs in the heat map of the most disagreeing pairs (>= 0).
         """
-        from treg_lightning.data.datamodule import SPLITS
         from treg_lightning.data.splits import require_split
-        from treg_lightning.rewards.audit import (
-            audit_split,
-            check_report_folder,
-            check_settings,
-            write_report,
-        )
+        from treg_lightning.rewards.audit import audit_split, check_report_folder, write_report
 
-        flags = {"k": "--k", "near_zero_below": "--near_zero_below", "bootstrap": "--bootstrap",
-                 "disagreeing": "--heatmap_pairs"}  # fmt: skip
-        check_settings(
-            flags, k=k, near_zero_below=near_zero_below, bootstrap=bootstrap,
-            disagreeing=heatmap_pairs,
-        )  # fmt: skip
+        split = audit.data_split
         if split not in SPLITS:
-            raise ConfigError(f"--split {split!r}: audit one of {', '.join(SPLITS)}.")
+            raise ConfigError(f"--audit.data_split {split!r}: audit one of {', '.join(SPLITS)}.")
         if isinstance(datamodule, PreferenceDataModule):
-            require_split(datamodule.split_plan(), split, f"treg audit --split {split}")
-        check_report_folder(output_dir)  # a file, or a folder holding a report: refused
-        check_writable([("--output_dir", output_dir)])
+            require_split(datamodule.split_plan(), split, f"treg audit --audit.data_split {split}")
+        check_report_folder(output.path, output.overwrite)  # a file, or a report kept: refused
+        check_writable([("--output.path", output.path)])
         if second is not None and isinstance(datamodule, PreferenceDataModule):
             second.check_models(datamodule.annotation_context(), setting="--second")
         self.annotate(model, datamodule)  # the checks, the processes, the cache
-        result, rows = audit_split(
-            datamodule, split, second, k=k, near_zero_below=near_zero_below,
-            bootstrap=bootstrap, seed=seed, disagreeing=heatmap_pairs,
-        )  # fmt: skip
+        result, rows = audit_split(datamodule, split, second, **audit.figures())
         if self.global_rank == 0:
-            paths = write_report(result, output_dir, rows, datamodule.tokenizer)
+            paths = write_report(result, output.path, rows, datamodule.tokenizer, output.overwrite)
             print("\n".join(f"{kind}: {path.resolve()}" for kind, path in paths.items()))
         return result
 
-    # ---- pairs: on-policy preference pairs (logic and signature in pair_building) ----------
+    # ---- pairs: on-policy preference pairs (logic in treg_lightning.answers.onpolicy) ----------
 
-    pairs = pairs_command
+    def pairs(
+        self,
+        model: LightningModule | None = None,
+        datamodule: LightningDataModule | None = None,
+        ckpt_path: str | None = None,
+        *,
+        prompts: PromptSet = PromptSet(split="train"),
+        sampling: Decoding = Decoding(temperature=0.8, top_p=0.95),
+        generation: GenerationSettings = GenerationSettings(),
+        output: Output = Output("pairs.jsonl"),
+        pairs: PairsSettings = PairsSettings(),
+        scorer: Scorer | None = None,
+        selection: BestWorst | None = None,
+        backend: GenerationBackend | None = None,
+    ) -> Path | None:
+        """Build on-policy preference pairs: k answers per prompt from the policy, scored, the best
+        as chosen and the worst as rejected (a conversational pairs file for treg fit).
+
+        Writes ``output.path`` (JSONL) with ``<stem>.samples.jsonl`` (every sample) and
+        ``<stem>.summary.json`` beside it, never over earlier ones unless ``output.overwrite``.
+        Unfinished work lies in ``<output.path>.parts/`` and is resumed by the same command.
+
+        Args:
+            ckpt_path: weights to sample with: a ``.ckpt`` file or a sharded checkpoint folder;
+                None: model.model as it is (e.g. an exported policy folder).
+            prompts: the prompts answered, each once.
+            sampling: how the samples are decoded (temperature > 0; each sample has its own
+                seed, ``pairs.seeds``).
+            generation: how the samples are batched, sharded and labelled.
+            output: the pairs file.
+            pairs: how many samples per prompt, under which seeds.
+            scorer: scores (prompt, answer):
+                ``treg_lightning.answers.scorers.ImplicitRewardScorer`` (policy, reference, beta,
+                length_normalized) or ``treg_lightning.answers.scorers.SequenceClassifierScorer``
+                (name_or_path, output_field, trust_remote_code).
+            selection: picks chosen / rejected; None:
+                ``treg_lightning.answers.selection.BestWorst()`` (best and worst, no margin).
+            backend: the generation engine; None: TransformersBackend, or
+                ``treg_lightning.answers.generation.VLLMBackend`` (vLLM installed, GPU).
+        """
+        backend = backend if backend is not None else TransformersBackend()
+        answers = AnswerJob(model, datamodule, ckpt_path, prompts.file, prompts.split,
+                            prompts.limit, backend)  # fmt: skip
+        selection = selection if selection is not None else BestWorst()
+        job = PairsJob(answers, pairs, sampling, generation, output, scorer, selection)
+        return run_pairs(self, job)
+
+    # ---- plan: the memory per device of a run (logic in treg_lightning.plan) --------------------
+
+    @classmethod
+    def plan(cls, config: dict, *, plan: PlanSettings = PlanSettings()) -> Plan:
+        """Print the per-device memory of a run, from the model's config.json (no weights load).
+
+        A classmethod: a run is planned from its parsed config alone, building no trainer (its
+        accelerator may not exist on this machine), model or data (:mod:`treg_lightning.plan`).
+
+        Args:
+            config: the run's parsed config, its ``trainer``, ``model`` and ``data`` sections as
+                dicts (``treg plan`` passes its own; not a flag).
+            plan: the machines the run is planned for.
+        """
+        from treg_lightning.plan.report import run_plan
+
+        return run_plan(config, plan)
