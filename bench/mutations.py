@@ -32,6 +32,7 @@ def mutation(name: str, tests: list[str], *edits: tuple[str, str, str]) -> Mutat
 LOSSES = "tests/losses/test_losses.py"
 TREG = "tests/losses/test_treg.py"
 RESUME = "tests/test_resume.py"
+PREFLIGHT = "tests/models/test_preflight.py"
 
 MUTATIONS = [
     # --- losses, T-REG -----------------------------------------------------------------------
@@ -186,20 +187,32 @@ MUTATIONS = [
         ["tests/rewards/test_annotate.py::test_rewards_match_independent_full_logits"],
         (
             "src/treg_lightning/rewards/annotate.py",
-            "return (torch.sigmoid(diff) - 0.5).numpy().astype(np.float32)",
-            "return torch.sigmoid(diff).numpy().astype(np.float32)",
+            "return (torch.sigmoid(diff * scale) - 0.5).numpy().astype(np.float32)",
+            "return torch.sigmoid(diff * scale).numpy().astype(np.float32)",
         ),
     ),
     mutation(
-        "annotate: every rank scores every chunk (no rank split)",
+        "passes: every rank makes every shard (no rank split)",
         [
+            "tests/test_passes.py::test_rank_rule_gives_shard_k_to_rank_k_mod_world_size",
             "tests/rewards/test_annotate.py::test_two_process_gloo_equals_single_process",
-            "tests/test_parallel.py::test_annotate_subcommand_on_two_processes",
         ],
         (
-            "src/treg_lightning/rewards/cache/chunks.py",
-            "return list(range(rank, -(-num_rows // chunk_pairs), world_size))",
-            "return list(range(0, -(-num_rows // chunk_pairs)))",
+            "src/treg_lightning/passes/shards.py",
+            "return list(range(ranks.rank, self.count, ranks.world_size))",
+            "return list(range(self.count))",
+        ),
+    ),
+    mutation(
+        "passes: finished parts made again (skip-if-done lost)",
+        [
+            "tests/test_passes.py::test_todo_skips_finished_parts",
+            "tests/test_predict.py::test_resume_keeps_finished_shards_and_never_mixes_settings",
+        ],
+        (
+            "src/treg_lightning/passes/shards.py",
+            "return [k for k in plan.shards_of(ranks) if not done(k)]",
+            "return list(plan.shards_of(ranks))",
         ),
     ),
     mutation(
@@ -267,6 +280,138 @@ MUTATIONS = [
             "        fully_shard(layer, reshard_after_forward=index < len(layers) - 1, **kwargs)\n"
             "        layer.set_force_sum_reduction_for_comms(True)\n"
             "        layer.set_gradient_divide_factor(1.0)\n",
+        ),
+    ),
+    # --- the audit ------------------------------------------------------------------------------
+    mutation(
+        "audit: ties ranked by position, not averaged",
+        [
+            "tests/rewards/test_audit.py::test_auroc_by_hand",
+            "tests/rewards/test_audit.py::test_a_constant_source_scores_chance_exactly",
+        ],
+        (
+            "src/treg_lightning/rewards/audit.py",
+            "    ranks = rankdata(scores)\n",
+            '    ranks = 1.0 + np.argsort(np.argsort(scores, kind="stable"))\n',
+        ),
+    ),
+    mutation(
+        "audit: precision@k takes tied tokens at the cut in order",
+        [
+            "tests/rewards/test_audit.py::test_precision_at_k_scores_ties_as_ties",
+            "tests/rewards/test_audit.py::test_a_constant_source_scores_chance_exactly",
+        ],
+        (
+            "src/treg_lightning/rewards/audit.py",
+            "hits = labels[above].sum() + (k - above.sum()) * labels[tied].mean()",
+            'hits = labels[np.argsort(-scores, kind="mergesort")[:k]].sum()',
+        ),
+    ),
+    mutation(
+        "audit: one response of a pair counted (the other's figure dropped)",
+        [
+            "tests/rewards/test_audit.py::test_audit_rows_by_hand",
+            "tests/rewards/test_audit.py::test_per_response_auroc_equals_sklearn_per_response",
+        ],
+        (
+            "src/treg_lightning/rewards/audit.py",
+            "self.per_response[name][i].append(value)",
+            "self.per_response[name][i][:] = [value]",
+        ),
+    ),
+    mutation(
+        "audit: an interval over a single pair",
+        ["tests/rewards/test_audit.py::test_intervals_only_over_more_than_one_pair"],
+        (
+            "src/treg_lightning/rewards/audit.py",
+            "if support > 1 and len(drawn):",
+            "if len(drawn):",
+        ),
+    ),
+    # --- spans ----------------------------------------------------------------------------------
+    mutation(
+        "spans: only the previous span checked for an overlap (nesting missed)",
+        ["tests/rewards/test_spans.py::test_nested_overlap_with_different_values_is_refused"],
+        (
+            "src/treg_lightning/rewards/spans.py",
+            "open_spans = [k for k in open_spans if spans[k][1] > start]",
+            "open_spans = [k for k in open_spans if spans[k][1] > start][-1:]",
+        ),
+    ),
+    # --- model checks ---------------------------------------------------------------------------
+    mutation(
+        "models: a model of the wrong kind passes",
+        [f"{PREFLIGHT}::test_kinds_named_in_both_directions"],
+        (
+            "src/treg_lightning/models/preflight.py",
+            "if facts.kind in (expected, UNKNOWN):",
+            "if True:",
+        ),
+    ),
+    mutation(
+        "models: an embedding table smaller than the tokenizer passes",
+        [f"{PREFLIGHT}::test_vocabulary_compared_with_the_tokenizer_it_will_be_fed"],
+        (
+            "src/treg_lightning/models/preflight.py",
+            "if facts.vocab_size is not None and size > facts.vocab_size:",
+            "if False:",
+        ),
+    ),
+    mutation(
+        "models: tokenizers compared by size only",
+        [f"{PREFLIGHT}::test_vocabulary_compared_with_the_tokenizer_it_will_be_fed"],
+        (
+            "src/treg_lightning/models/preflight.py",
+            "    if ours != theirs:\n",
+            "    if len(ours) != len(theirs):\n",
+        ),
+    ),
+    # --- export and its model card ---------------------------------------------------------------
+    mutation(
+        "export: the new export copied over the earlier one (files of both kinds mix)",
+        ["tests/test_export_staging.py::test_overwrite_leaves_no_file_of_the_earlier_kind"],
+        (
+            "src/treg_lightning/models/save.py",
+            "            os.replace(output_dir, replaced / output_dir.name)\n"
+            "            os.replace(staging, output_dir)\n",
+            "            shutil.copytree(staging, output_dir, dirs_exist_ok=True)\n",
+        ),
+    ),
+    mutation(
+        "model card: metrics logged after the exported step shown",
+        ["tests/test_model_card.py::test_metrics_at_step_from_a_hand_written_csv"],
+        (
+            "src/treg_lightning/training/card_metrics.py",
+            "if s + 1 <= limit and math.isfinite(v)]",
+            "if math.isfinite(v)]",
+        ),
+    ),
+    mutation(
+        "model card: the checkpoint's data not named",
+        ["tests/test_model_card.py::test_data_is_the_checkpoints_not_the_export_configs"],
+        (
+            "src/treg_lightning/training/card_metrics.py",
+            "return None if source is None else str(source)",
+            "return None",
+        ),
+    ),
+    # --- on-policy pairs -------------------------------------------------------------------------
+    mutation(
+        "selection: ties among the best go to the latest seed",
+        ["tests/test_pairs_build.py::test_selection_against_a_hand_made_table"],
+        (
+            "src/treg_lightning/answers/selection.py",
+            "best = min(good, key=lambda s: (-s.score, s.position))",
+            "best = min(good, key=lambda s: (-s.score, -s.position))",
+        ),
+    ),
+    mutation(
+        "selection: a prompt whose samples all tie is kept",
+        ["tests/test_pairs_build.py::test_selection_against_a_hand_made_table"],
+        (
+            "src/treg_lightning/answers/selection.py",
+            '        if best.score == worst.score:\n            return Choice(dropped="tied")\n',
+            "",
         ),
     ),
 ]
