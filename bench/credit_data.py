@@ -29,6 +29,17 @@ same seed gives the same bytes, and the sha256 of each file is recorded.
     python bench/credit_data.py --datasheet bench/results/credit   # + DATASHEET.md, fingerprint
 
 The data files are rebuilt, not committed; the datasheet and the fingerprint are.
+
+Layouts (``--layout``): ``v1``, the default, is the earlier layout above, byte for byte. ``v2``
+(:class:`Layout`) is built so that a credit experiment can tell methods apart: training and
+held-out defects come from disjoint parts of each kind's sentences (30 per kind), one kind
+(``--unseen-kind``, default ``irrelevant``) occurs in held-out pairs only, the defect goes into
+either response of the source pair at random (``host``) with the other kept clean as chosen, each
+such pair has a ``minimal`` twin (the clean host as chosen), and ``wrong_number`` spans cover only
+the changed characters.
+
+    python bench/credit_data.py --layout v2 --out outputs/credit-v2 \
+        --datasheet bench/results/credit/data-v2
 """
 
 from __future__ import annotations
@@ -581,6 +592,7 @@ def main(argv: list[str] | None = None) -> dict:
     unseen = None if args.unseen_kind == "none" else args.unseen_kind
     layout = Layout(args.layout, args.heldout_sentences, unseen)
     record = build(args.out, args.seed, hh, overwrite=args.overwrite, layout=layout)
+    (args.out / "fingerprint.json").write_text(json.dumps(record, indent=1) + "\n")
     if args.datasheet is not None:
         args.datasheet.mkdir(parents=True, exist_ok=True)
         (args.datasheet / "DATASHEET.md").write_text(datasheet(record))
