@@ -487,6 +487,7 @@ def run(size: Size, size_name: str, out: Path, work: Path, data_dir: Path, overw
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "cpus": os.cpu_count(), "torch": torch.__version__,
                     "torch_threads": torch.get_num_threads(),
+                    "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                     "load_average_before": [round(x, 2) for x in load_before],
                     "load_average_after": [round(x, 2) for x in os.getloadavg()]},
         "wall_minutes": round(sum(clock.seconds.values()) / 60, 1),
@@ -510,7 +511,8 @@ def header(settings: dict) -> str:
             f"trained kinds {settings['train_kinds']}. Two-model variant: "
             f"{settings['two_model']}. Wall time {settings['wall_minutes']} min on "
             f"{m['cpus']} CPUs ({m['processor'] or m['platform']}), torch threads "
-            f"{m['torch_threads']}, load average {m['load_average_before'][0]} before, "
+            f"{m['torch_threads']} (OMP_WAIT_POLICY {m.get('omp_wait_policy')}), load average "
+            f"{m['load_average_before'][0]} before, "
             f"{m['load_average_after'][0]} after.")  # fmt: skip
 
 
