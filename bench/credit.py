@@ -418,9 +418,42 @@ def ensure_data(data_dir: Path, size: Size) -> None:
         )
 
 
+def saved_scores(work: Path, size: Size, files: dict, name: str, seed: int) -> Path:
+    """Where one (variant, seed)'s held-out scores are kept, so an interrupted run resumes
+    at the first unscored training. The folder is named by the settings and the selected
+    files' bytes: a changed setting or file never reuses an earlier score."""
+    import hashlib
+
+    key = json.dumps({"size": asdict(size), "files": {s: hashlib.sha256(p.read_bytes())
+                      .hexdigest() for s, p in sorted(files.items())}}, sort_keys=True,
+                     default=str)  # fmt: skip
+    folder = work / "scores" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    return folder / f"{slug(name)}-seed{seed}.json"
+
+
+def load_scores(path: Path) -> list[dict]:
+    import numpy as np
+
+    return [{k: np.asarray(v) if isinstance(v, list) else v for k, v in r.items()}
+            for r in json.loads(path.read_text())]  # fmt: skip
+
+
+def keep_scores(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [{k: v.tolist() if hasattr(v, "tolist") else v for k, v in r.items()} for r in records]
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(rows))
+    os.replace(partial, path)
+
+
 def train_and_score(size, names, files, heldout_rows, tokenizer, work, clock, runs, notes):
     for seed in range(size.seeds):
         for name in names:
+            kept = saved_scores(work, size, files, name, seed)
+            if kept.exists():
+                print(f"--- {name}, seed {seed}: scores from {kept}", flush=True)
+                runs.setdefault(name, []).append(load_scores(kept))
+                continue
             key = source_key(name)
             with clock(f"train: {name}, seed {seed}"):
                 source = credit_sources.WithReference(
@@ -428,7 +461,9 @@ def train_and_score(size, names, files, heldout_rows, tokenizer, work, clock, ru
                 )
                 module = train(size, name, seed, train_file(name, files), source, work)
             with clock(f"score: {name}, seed {seed}"):
-                runs.setdefault(name, []).append(score(module, heldout_rows, tokenizer))
+                records = score(module, heldout_rows, tokenizer)
+            keep_scores(kept, records)
+            runs.setdefault(name, []).append(records)
             if size.save_policies:
                 from treg_lightning.models.export import export_module
 

@@ -10,6 +10,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -161,7 +162,7 @@ def test_the_two_model_gate():
     assert shown and "+0.100" in why
     shown, why = credit.two_model_gate(size, runs(0.0))
     assert not shown and "no effect" in why
-    from dataclasses import replace
+
 
     assert not credit.two_model_gate(replace(size, two_model="never"), runs(0.1))[0]
     assert credit.two_model_gate(replace(size, two_model="always"), runs(0.0))[0]
@@ -212,7 +213,7 @@ def test_an_external_heldout_file_is_scored(heldout_file):
 
 @pytest.fixture
 def tiny_size(tiny_model_dir):
-    from dataclasses import replace
+
 
     return replace(load("credit").SIZES["dry-run"], model=str(tiny_model_dir))
 
@@ -277,3 +278,27 @@ def test_the_script_exits_2_before_training(tmp_path):
     assert done.returncode == 2, done.stderr[-2000:]
     assert "nowhere.jsonl" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "work" / "logs").exists() and not (tmp_path / "out").exists()
+
+
+def test_a_rerun_resumes_from_the_kept_scores(tiny_run, tmp_path, monkeypatch):
+    root, results = tiny_run
+    credit = load("credit")
+    trained = []
+    monkeypatch.setattr(credit, "train", lambda *a, **k: trained.append(a) or 1 / 0)
+    again = credit.main(["--size", "dry-run", "--seeds", "1", "--variants", *VARIANTS,
+                         "--out", str(tmp_path / "out"), "--work-dir", str(root / "work"),
+                         "--data", str(root / "data")])  # fmt: skip
+    assert trained == []  # every (variant, seed) was scored by the first run
+    for key in ("levels", "paired", "contrasts", "decision"):
+        assert again[key] == results[key], key
+
+
+def test_a_changed_setting_does_not_reuse_scores(tmp_path):
+    credit = load("credit")
+    files = {"train": tmp_path / "t.jsonl"}
+    files["train"].write_text("{}\n")
+    size = credit.SIZES["dry-run"]
+    first = credit.saved_scores(tmp_path, size, files, "DPO", 0)
+    assert credit.saved_scores(tmp_path, replace(size, lr=0.5), files, "DPO", 0) != first
+    files["train"].write_text("{} \n")
+    assert credit.saved_scores(tmp_path, size, files, "DPO", 0) != first
