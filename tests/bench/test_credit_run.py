@@ -163,7 +163,6 @@ def test_the_two_model_gate():
     shown, why = credit.two_model_gate(size, runs(0.0))
     assert not shown and "no effect" in why
 
-
     assert not credit.two_model_gate(replace(size, two_model="never"), runs(0.1))[0]
     assert credit.two_model_gate(replace(size, two_model="always"), runs(0.0))[0]
 
@@ -213,7 +212,6 @@ def test_an_external_heldout_file_is_scored(heldout_file):
 
 @pytest.fixture
 def tiny_size(tiny_model_dir):
-
 
     return replace(load("credit").SIZES["dry-run"], model=str(tiny_model_dir))
 
