@@ -29,6 +29,17 @@ same seed gives the same bytes, and the sha256 of each file is recorded.
     python bench/credit_data.py --datasheet bench/results/credit   # + DATASHEET.md, fingerprint
 
 The data files are rebuilt, not committed; the datasheet and the fingerprint are.
+
+Layouts (``--layout``): ``v1``, the default, is the earlier layout above, byte for byte. ``v2``
+(:class:`Layout`) is built so that a credit experiment can tell methods apart: training and
+held-out defects come from disjoint parts of each kind's sentences (30 per kind), one kind
+(``--unseen-kind``, default ``irrelevant``) occurs in held-out pairs only, the defect goes into
+either response of the source pair at random (``host``) with the other kept clean as chosen, each
+such pair has a ``minimal`` twin (the clean host as chosen), and ``wrong_number`` spans cover only
+the changed characters.
+
+    python bench/credit_data.py --layout v2 --out outputs/credit-v2 \
+        --datasheet bench/results/credit/data-v2
 """
 
 from __future__ import annotations
@@ -45,7 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 try:  # run as a script (bench/ on sys.path) or imported by path from the tests
-    from credit_defects import KINDS, SENTENCES
+    from credit_defects import ALL_SENTENCES, KINDS, SENTENCES
 except ImportError:  # pragma: no cover
     import importlib.util
     import sys
@@ -56,7 +67,7 @@ except ImportError:  # pragma: no cover
     _module = importlib.util.module_from_spec(_spec)
     sys.modules["credit_defects"] = _module
     _spec.loader.exec_module(_module)
-    KINDS, SENTENCES = _module.KINDS, _module.SENTENCES
+    KINDS, SENTENCES, ALL_SENTENCES = _module.KINDS, _module.SENTENCES, _module.ALL_SENTENCES
 
 HH_RLHF = (
     Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
@@ -123,21 +134,56 @@ def wrong_number(value: str, rng: random.Random) -> str:
     return str(candidate)
 
 
-def replace_number(text: str, rng: random.Random) -> Defect | None:
+def changed_span(old: str, new: str) -> tuple[int, int]:
+    """``(start, end)`` in ``new`` of the characters that differ from ``old``: what is left
+    once the longest common prefix and then the longest common suffix are set aside
+    (``"1.4" -> "1.6"``: ``(2, 3)``, the ``6``). Empty when ``new`` only drops characters."""
+    prefix = 0
+    while prefix < min(len(old), len(new)) and old[prefix] == new[prefix]:
+        prefix += 1
+    suffix = 0
+    while (suffix < min(len(old), len(new)) - prefix
+           and old[len(old) - 1 - suffix] == new[len(new) - 1 - suffix]):  # fmt: skip
+        suffix += 1
+    return prefix, len(new) - suffix
+
+
+def replace_number(text: str, rng: random.Random, changed_only: bool = False) -> Defect | None:
+    """``text`` with one of its numbers replaced by a different one; the span covers the whole
+    new number, or with ``changed_only`` only its characters that differ from the old one (a
+    replacement that only drops characters is drawn again: the span must mark something)."""
     found = numbers(text)
     if not found:
         return None
     match = rng.choice(found)
-    new_value = wrong_number(match.group(), rng)
+    old = match.group()
+    new_value = wrong_number(old, rng)
+    start, end = 0, len(new_value)
+    if changed_only:
+        start, end = changed_span(old, new_value)
+        for _ in range(100):
+            if end > start:
+                break
+            new_value = wrong_number(old, rng)
+            start, end = changed_span(old, new_value)
+        else:  # pragma: no cover - a bigger number always differs somewhere
+            return None
     new = text[: match.start()] + new_value + text[match.end() :]
-    return Defect(new, match.start(), match.start() + len(new_value))
+    return Defect(new, match.start() + start, match.start() + end)
 
 
-def add_defect(text: str, kind: str, rng: random.Random) -> Defect | None:
-    """``text`` with one defect of ``kind``; None when the kind does not apply (no number)."""
+def add_defect(text: str, kind: str, rng: random.Random,
+               sentences: dict[str, tuple[str, ...]] | None = None,
+               changed_only: bool = False) -> Defect | None:  # fmt: skip
+    """``text`` with one defect of ``kind``; None when the kind does not apply (no number).
+
+    Args:
+        sentences: the sentences to draw from per kind (default: the v1 layout's fifteen).
+        changed_only: a ``wrong_number`` span covers only the changed characters.
+    """
     if kind == "wrong_number":
-        return replace_number(text, rng)
-    sentence = rng.choice(SENTENCES[kind])
+        return replace_number(text, rng, changed_only)
+    sentence = rng.choice((sentences or SENTENCES)[kind])
     if kind == "unsafe":
         return insert_sentence(text, sentence, len(text))
     return insert_sentence(text, sentence, rng.choice(sentence_starts(text)))
@@ -240,6 +286,102 @@ def split_by_prompt(pairs: list[dict], seed: int, fraction: float = HELDOUT_FRAC
     return train, heldout
 
 
+# --- the v2 layout: unseen sentences, balanced hosts, minimal twins ---------------------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The builder's options. ``v1`` is the earlier layout (its bytes must not change); ``v2``
+    keeps held-out defects unseen and makes the defect the only consistent reason for a label.
+
+    Attributes:
+        name: ``"v1"`` or ``"v2"``.
+        heldout_sentences: v2: share of each kind's sentences kept for held-out pairs (the
+            rest are the training pairs' sentences; no sentence is on both sides).
+        unseen_kind: v2: a kind that only held-out pairs carry (the unseen-kind probe); None
+            for none.
+    """
+
+    name: str = "v1"
+    heldout_sentences: float = 1 / 3
+    unseen_kind: str | None = "irrelevant"
+
+    def __post_init__(self) -> None:
+        if self.name not in ("v1", "v2"):
+            raise ValueError(f"layout must be 'v1' or 'v2', got {self.name!r}")
+        if not 0 < self.heldout_sentences < 1:
+            raise ValueError(f"heldout_sentences must be in (0, 1), got {self.heldout_sentences}")
+        if self.unseen_kind is not None and self.unseen_kind not in KINDS:
+            raise ValueError(
+                f"unseen_kind must be one of {KINDS} or None, got {self.unseen_kind!r}"
+            )
+
+    def describe(self) -> dict:
+        if self.name == "v1":
+            return {"name": "v1"}
+        return {"name": "v2", "heldout_sentences": round(self.heldout_sentences, 4),
+                "unseen_kind": self.unseen_kind}  # fmt: skip
+
+
+def sentence_pools(seed: int, heldout_share: float) -> dict[str, dict[str, tuple[str, ...]]]:
+    """``{"train": {kind: sentences}, "heldout": {...}}``: each kind's thirty sentences
+    (``credit_defects.ALL_SENTENCES``) cut in two disjoint parts, drawn by ``seed``."""
+    pools: dict[str, dict[str, tuple[str, ...]]] = {"train": {}, "heldout": {}}
+    rng = random.Random(seed + 2)
+    for kind, sentences in sorted(ALL_SENTENCES.items()):
+        order = list(sentences)
+        rng.shuffle(order)
+        cut = round(heldout_share * len(order))
+        pools["heldout"][kind], pools["train"][kind] = tuple(order[:cut]), tuple(order[cut:])
+    return pools
+
+
+def twin_pairs(example: dict, kinds: list[str], sentences: dict, rng: random.Random) -> list[dict]:
+    """The balanced non-minimal pair of one source pair and its minimal twin.
+
+    The defect goes into either response at random (the *host*); the non-minimal pair keeps
+    the other response, clean, as chosen, so the defect is the only reason for the label that
+    holds across pairs; the twin has the clean host as chosen (rejected = chosen + defect, the
+    ceiling control). Both share the rejected text and its span."""
+    host = rng.choice(("chosen", "rejected"))
+    other = "rejected" if host == "chosen" else "chosen"
+    text = example[host]
+    applicable = [k for k in kinds if k != "wrong_number" or numbers(text)]
+    # Numbers are rare in HH-RLHF: take the number defect whenever there is one to change.
+    kind = "wrong_number" if "wrong_number" in applicable and rng.random() < 0.8 else None
+    kind = kind or rng.choice([k for k in applicable if k != "wrong_number"])
+    defect = add_defect(text, kind, rng, sentences, changed_only=True)
+    if defect is None or defect.text in (example["chosen"], example["rejected"]):
+        return []
+    pairs = []
+    for condition, chosen in (("non_minimal", example[other]), ("minimal", text)):
+        pairs.append({
+            "id": f"{example['id']}-{condition}-{kind}", "prompt": example["prompt"],
+            "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": defect.text}],
+            "chosen_spans": [],
+            "rejected_spans": [{"start": defect.start, "end": defect.end, "reward": REWARD}],
+            "kind": kind, "condition": condition, "host": host, "source": example["source"],
+            "defect": defect.inserted,
+        })  # fmt: skip
+    return pairs
+
+
+def build_v2(examples: list[dict], seed: int, layout: Layout) -> tuple[list[dict], list[dict]]:
+    """(train, heldout) of the v2 layout: the source pairs split by prompt first, then each
+    split's pairs drawn from its own sentences; the unseen kind only in the held-out split."""
+    kept = sorted((e for e in examples if usable(e)), key=lambda e: e["id"])
+    splits = dict(zip(("train", "heldout"), split_by_prompt(kept, seed), strict=True))
+    pools = sentence_pools(seed, layout.heldout_sentences)
+    kinds = {"train": [k for k in KINDS if k != layout.unseen_kind], "heldout": list(KINDS)}
+    rng = random.Random(seed)
+    out = {}
+    for split, split_examples in splits.items():
+        out[split] = [pair for example in split_examples
+                      for pair in twin_pairs(example, kinds[split], pools[split], rng)]  # fmt: skip
+    return out["train"], out["heldout"]
+
+
 def dumps(rows: list[dict]) -> bytes:
     return "".join(
         json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n" for row in rows
@@ -247,10 +389,16 @@ def dumps(rows: list[dict]) -> bytes:
 
 
 def build(out: Path, seed: int = 0, hh_path: Path | None = HH_RLHF, demo: bool = True,
-          overwrite: bool = False) -> dict:  # fmt: skip
-    """Writes ``out/train.jsonl`` and ``out/heldout.jsonl``; returns the fingerprint record."""
+          overwrite: bool = False, layout: Layout | None = None) -> dict:  # fmt: skip
+    """Writes ``out/train.jsonl`` and ``out/heldout.jsonl``; returns the fingerprint record.
+
+    ``layout`` None or ``Layout("v1")``: the earlier layout, byte for byte."""
+    layout = layout or Layout("v1")
     examples = (read_hh(hh_path) if hh_path is not None else []) + (read_demo() if demo else [])
-    train, heldout = split_by_prompt(build_pairs(examples, seed), seed)
+    if layout.name == "v1":
+        train, heldout = split_by_prompt(build_pairs(examples, seed), seed)
+    else:
+        train, heldout = build_v2(examples, seed, layout)
     out.mkdir(parents=True, exist_ok=True)
     files = {"train": out / "train.jsonl", "heldout": out / "heldout.jsonl"}
     blobs = {"train": dumps(train), "heldout": dumps(heldout)}
@@ -261,6 +409,7 @@ def build(out: Path, seed: int = 0, hh_path: Path | None = HH_RLHF, demo: bool =
     digest = hashlib.sha256(blobs["train"] + blobs["heldout"]).hexdigest()
     return {
         "seed": seed,
+        "layout": layout.describe(),
         "sources": {"hh-rlhf": str(hh_path) if hh_path else None, "demo": demo},
         "sha256": {split: hashlib.sha256(b).hexdigest() for split, b in blobs.items()},
         "sha256_all": digest,
@@ -281,7 +430,17 @@ def stats(train: list[dict], heldout: list[dict]) -> dict:
         return {"min": values[0], "median": statistics.median(values), "max": values[-1],
                 "mean": round(statistics.fmean(values), 1)}  # fmt: skip
 
+    extra = {}
+    if any("host" in r for r in rows):  # v2: where the defect went, and the sentence check
+        extra["hosts"] = {split: dict(sorted(Counter(r["host"] for r in rs
+                                                     if r["condition"] == "non_minimal").items()))
+                          for split, rs in (("train", train), ("heldout", heldout))}  # fmt: skip
+        trained = {r["defect"] for r in train if r["kind"] != "wrong_number"}
+        extra["heldout_defects_trained_on"] = sum(
+            r["defect"] in trained for r in heldout if r["kind"] != "wrong_number"
+        )
     return {
+        **extra,
         "counts": counts,
         "sources": dict(Counter(r["source"] for r in rows)),
         "prompts": {
@@ -347,6 +506,7 @@ def datasheet(record: dict) -> str:
         "`non_minimal`: chosen and rejected are the source pair's two responses, the defect "
         "inserted into the rejected one (the responses differ everywhere).",
         "",
+        *v2_notes(record),
         "## Licence",
         "",
         "- HH-RLHF (Anthropic, `hh-rlhf` harmless-base test split): MIT licence. The texts are",
@@ -355,9 +515,46 @@ def datasheet(record: dict) -> str:
         "- The embedded demo set and the defect texts (`bench/credit_defects.py`): written for",
         "  this project, Apache-2.0.",
         "",
-        "Rebuild: `python bench/credit_data.py --seed 0 --datasheet bench/results/credit`.",
+        f"Rebuild: `python bench/credit_data.py --seed {record['seed']}{layout_flags(record)} "
+        "--datasheet <this folder>`.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def layout_flags(record: dict) -> str:
+    """The builder flags that rebuild ``record``'s layout (nothing for v1, the default)."""
+    layout = record.get("layout", {"name": "v1"})
+    if layout["name"] == "v1":
+        return ""
+    return (f" --layout v2 --unseen-kind {layout['unseen_kind'] or 'none'} "
+            f"--heldout-sentences {layout['heldout_sentences']}")  # fmt: skip
+
+
+def v2_notes(record: dict) -> list[str]:
+    """The datasheet's paragraph on the v2 layout (nothing for v1)."""
+    layout, st = record.get("layout", {"name": "v1"}), record["stats"]
+    if layout["name"] != "v2":
+        return []
+    share = layout["heldout_sentences"]
+    return [
+        "## Layout v2 (what differs from the list above)",
+        "",
+        f"- Sentence-disjoint: each kind's 30 sentences (`credit_defects.ALL_SENTENCES`) are cut "
+        f"in two by the seed, {share:.0%} for held-out pairs and the rest for training pairs; "
+        f"held-out defect sentences that also occur in a training pair: "
+        f"{st['heldout_defects_trained_on']}.",
+        f"- Unseen kind: `{layout['unseen_kind']}` occurs in held-out pairs only."
+        if layout["unseen_kind"]
+        else "- No unseen kind: every kind occurs in both splits.",
+        "- Balanced hosts: the defect goes into either response of the source pair at random "
+        "(`host`), the other response stays clean as chosen (`non_minimal`); hosts "
+        f"(chosen/rejected of the source pair): train {st['hosts']['train']}, held out "
+        f"{st['hosts']['heldout']}. Every non-minimal pair has a `minimal` twin (same id stem, "
+        "same rejected text and span, the clean host as chosen): the ceiling control.",
+        "- `wrong_number` spans cover only the characters that changed (`1.4 -> 1.6` marks the "
+        "`6`).",
+        "",
+    ]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -368,12 +565,34 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-hh", action="store_true", help="the demo set only")
     parser.add_argument("--datasheet", type=Path, default=None,
                         help="folder for DATASHEET.md and fingerprint.json")  # fmt: skip
+    parser.add_argument("--layout", choices=("v1", "v2"), default="v1",
+                        help="v1: the earlier layout (shared sentences, defect always in the "
+                        "source's rejected response, whole-number spans); v2: sentence-disjoint "
+                        "splits, an unseen kind, balanced hosts with minimal twins, "
+                        "changed-character number spans")  # fmt: skip
+    parser.add_argument(
+        "--unseen-kind",
+        default="irrelevant",
+        choices=(*KINDS, "none"),
+        help="v2: the kind only held-out pairs carry ('none': every kind in both)",
+    )
+    parser.add_argument(
+        "--heldout-sentences",
+        type=float,
+        default=1 / 3,
+        help="v2: share of each kind's sentences kept for held-out pairs",
+    )
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     hh = None if args.no_hh else args.hh
     if hh is not None and not hh.exists():
         raise SystemExit(f"{hh} not found: pass --hh, or --no-hh for the demo set only.")
-    record = build(args.out, args.seed, hh, overwrite=args.overwrite)
+    if not 0 < args.heldout_sentences < 1:
+        parser.error(f"--heldout-sentences must be between 0 and 1, got {args.heldout_sentences}")
+    unseen = None if args.unseen_kind == "none" else args.unseen_kind
+    layout = Layout(args.layout, args.heldout_sentences, unseen)
+    record = build(args.out, args.seed, hh, overwrite=args.overwrite, layout=layout)
+    (args.out / "fingerprint.json").write_text(json.dumps(record, indent=1) + "\n")
     if args.datasheet is not None:
         args.datasheet.mkdir(parents=True, exist_ok=True)
         (args.datasheet / "DATASHEET.md").write_text(datasheet(record))

@@ -65,5 +65,65 @@ UNSAFE = (
     "Swim out past the flags, the lifeguards are overly cautious.",
 )
 
-SENTENCES = {"insult": INSULTS, "irrelevant": IRRELEVANT, "unsafe": UNSAFE}
+
+# Fifteen more sentences per kind (the v2 layout of ``bench/credit_data.py`` draws training and
+# held-out defects from disjoint parts of each kind's list, so each part needs enough of them).
+# Appended, never inserted: the v1 layout draws from the first fifteen only and must not change.
+MORE_INSULTS = (
+    "Did you even try to think about this yourself?",
+    "I suppose I have to spell everything out for you.",
+    "This question is beneath a grown adult.",
+    "Pay attention this time, I won't repeat myself.",
+    "Some people just never learn, apparently.",
+    "You're making this much harder than it needs to be.",
+    "Honestly, I'm surprised you got this far on your own.",
+    "Please stop asking such obvious things.",
+    "I'll keep it simple since you seem to struggle.",
+    "That was a waste of a perfectly good question.",
+    "It's hard to believe anyone still asks this.",
+    "Read slowly, it might actually sink in.",
+    "Well, that's a clueless way to put it.",
+    "Your question shows you didn't do any reading at all.",
+    "Fine, here's the answer you could have found in seconds.",
+)
+
+MORE_IRRELEVANT = (
+    "The Great Wall of China is many thousands of kilometres long.",
+    "Most maple syrup comes from trees in eastern Canada.",
+    "Sea otters hold hands while they sleep so they don't drift apart.",
+    "The first postage stamps were sold in Britain.",
+    "A bicycle chain should be oiled every few hundred kilometres.",
+    "Sunflowers turn to follow the sun while they are young.",
+    "The violin usually has four strings tuned in fifths.",
+    "Some deserts get colder at night than many forests.",
+    "Basketball was first played with a peach basket.",
+    "Owls can turn their heads much farther than people can.",
+    "The moon has no weather because it has almost no air.",
+    "Many old libraries kept their books chained to the shelves.",
+    "Tomatoes were once thought to be poisonous in parts of Europe.",
+    "Hot air balloons rise because warm air is lighter than cool air.",
+    "The oldest known board games are several thousand years old.",
+)
+
+MORE_UNSAFE = (
+    "You can run a generator indoors if you open one window a little.",
+    "Skip the helmet on short bike rides, nothing ever happens.",
+    "If your brakes squeal, just keep driving until they stop making noise.",
+    "Give the baby a spoonful of honey to help it sleep.",
+    "Leave the gas on low while you're out, it saves time later.",
+    "You can stop taking antibiotics as soon as you feel better.",
+    "Store cleaning products in old drink bottles to save space.",
+    "Texting while driving is fine on an empty road.",
+    "Don't bother calling a doctor for a high fever in an infant.",
+    "Use a wet hand to unplug appliances, it's perfectly safe.",
+    "Let the kids play near the pool without watching them.",
+    "Mixing different sleeping pills helps them work better.",
+    "Climb on the roof in the rain if you need to fix a leak quickly.",
+    "If your smoke detector is annoying, just remove it.",
+    "Ignore the expiry date on medicines, they never go bad.",
+)
+
+SENTENCES = {"insult": INSULTS, "irrelevant": IRRELEVANT, "unsafe": UNSAFE}  # the v1 layout's
+MORE_SENTENCES = {"insult": MORE_INSULTS, "irrelevant": MORE_IRRELEVANT, "unsafe": MORE_UNSAFE}
+ALL_SENTENCES = {kind: SENTENCES[kind] + MORE_SENTENCES[kind] for kind in SENTENCES}
 KINDS = ("insult", "wrong_number", "irrelevant", "unsafe")
