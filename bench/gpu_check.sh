@@ -31,7 +31,7 @@
 # interpreter (default: .venv/bin/python when present, else python3).
 #
 #   bench/gpu_check.sh             # on the GPU machine
-#   bench/gpu_check.sh --dry-run   # on CPU: every step with tiny shapes (tests/test_gpu_check.py)
+#   bench/gpu_check.sh --dry-run   # on CPU: every step with tiny shapes (tests/bench/test_gpu_check.py)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 

@@ -5,7 +5,7 @@ one H100/H200, from the cost model below (``ASSUMPTIONS``, the one place its num
     python bench/gpu_plan.py --dry-run --out plan.json  # same estimates; tiny settings to run
 
 The check must finish within ``budget_s`` (480 s) including model loads, so the mandatory steps'
-estimates must add up to less; ``tests/test_gpu_check.py`` checks the dry run's plan does. The
+estimates must add up to less; ``tests/bench/test_gpu_check.py`` checks the dry run's plan does. The
 optional steps (the largest micro-batch per side, the flex-attention tests) run only when the
 time actually left covers their estimate. The actual seconds of every step land next to the
 estimates in ``$OUT/steps.json``, so a first GPU run calibrates the model.

@@ -31,7 +31,7 @@ def mutation(name: str, tests: list[str], *edits: tuple[str, str, str]) -> Mutat
 
 LOSSES = "tests/losses/test_losses.py"
 TREG = "tests/losses/test_treg.py"
-RESUME = "tests/test_resume.py"
+RESUME = "tests/training/test_resume.py"
 PREFLIGHT = "tests/models/test_preflight.py"
 
 MUTATIONS = [
@@ -139,7 +139,7 @@ MUTATIONS = [
         "collator: per-token values (reference log-probs, r_hat) one position early",
         [
             "tests/data/test_collate.py::test_batch_layout_by_hand",
-            "tests/test_module.py::test_cached_reference_logps_are_used",
+            "tests/module/test_module.py::test_cached_reference_logps_are_used",
         ],
         (
             "src/treg_lightning/data/collate.py",
@@ -194,7 +194,7 @@ MUTATIONS = [
     mutation(
         "passes: every rank makes every shard (no rank split)",
         [
-            "tests/test_passes.py::test_rank_rule_gives_shard_k_to_rank_k_mod_world_size",
+            "tests/passes/test_passes.py::test_rank_rule_gives_shard_k_to_rank_k_mod_world_size",
             "tests/rewards/test_annotate.py::test_two_process_gloo_equals_single_process",
         ],
         (
@@ -206,8 +206,8 @@ MUTATIONS = [
     mutation(
         "passes: finished parts made again (skip-if-done lost)",
         [
-            "tests/test_passes.py::test_todo_skips_finished_parts",
-            "tests/test_predict.py::test_resume_keeps_finished_shards_and_never_mixes_settings",
+            "tests/passes/test_passes.py::test_todo_skips_finished_parts",
+            "tests/answers/test_predict.py::test_resume_keeps_finished_shards_and_never_mixes_settings",
         ],
         (
             "src/treg_lightning/passes/shards.py",
@@ -260,7 +260,7 @@ MUTATIONS = [
     mutation(
         "treg fit ignores --ckpt_path",
         [
-            "tests/test_faults.py::test_sigkill_mid_epoch_then_resume_equals_uninterrupted",
+            "tests/training/test_faults.py::test_sigkill_mid_epoch_then_resume_equals_uninterrupted",
             f"{RESUME}::test_cli_continue_with_larger_max_steps_trains_the_rest[across-epochs]",
         ],
         (
@@ -273,7 +273,7 @@ MUTATIONS = [
         # A divide factor of 1 ("no extra scaling") instead of the data-parallel size. Gloo has
         # no PREMUL_SUM, so the reduction is forced to plain sums, then divided by that 1.
         "FSDP2: decoder-layer gradients summed across ranks, not averaged",
-        ["tests/test_parallel.py::test_fsdp2_two_processes_equal_single_process[simpo]"],
+        ["tests/models/test_parallel.py::test_fsdp2_two_processes_equal_single_process[simpo]"],
         (
             "src/treg_lightning/models/parallel.py",
             "        fully_shard(layer, reshard_after_forward=index < len(layers) - 1, **kwargs)\n",
@@ -369,7 +369,7 @@ MUTATIONS = [
     # --- export and its model card ---------------------------------------------------------------
     mutation(
         "export: the new export copied over the earlier one (files of both kinds mix)",
-        ["tests/test_export_staging.py::test_overwrite_leaves_no_file_of_the_earlier_kind"],
+        ["tests/models/test_export_staging.py::test_overwrite_leaves_no_file_of_the_earlier_kind"],
         (
             "src/treg_lightning/models/save.py",
             "            os.replace(output_dir, replaced / output_dir.name)\n"
@@ -379,7 +379,7 @@ MUTATIONS = [
     ),
     mutation(
         "model card: metrics logged after the exported step shown",
-        ["tests/test_model_card.py::test_metrics_at_step_from_a_hand_written_csv"],
+        ["tests/training/test_model_card.py::test_metrics_at_step_from_a_hand_written_csv"],
         (
             "src/treg_lightning/training/card_metrics.py",
             "if s + 1 <= limit and math.isfinite(v)]",
@@ -388,7 +388,7 @@ MUTATIONS = [
     ),
     mutation(
         "model card: the checkpoint's data not named",
-        ["tests/test_model_card.py::test_data_is_the_checkpoints_not_the_export_configs"],
+        ["tests/training/test_model_card.py::test_data_is_the_checkpoints_not_the_export_configs"],
         (
             "src/treg_lightning/training/card_metrics.py",
             "return None if source is None else str(source)",
@@ -398,7 +398,7 @@ MUTATIONS = [
     # --- on-policy pairs -------------------------------------------------------------------------
     mutation(
         "selection: ties among the best go to the latest seed",
-        ["tests/test_pairs_build.py::test_selection_against_a_hand_made_table"],
+        ["tests/answers/test_pairs_build.py::test_selection_against_a_hand_made_table"],
         (
             "src/treg_lightning/answers/selection.py",
             "best = min(good, key=lambda s: (-s.score, s.position))",
@@ -407,7 +407,7 @@ MUTATIONS = [
     ),
     mutation(
         "selection: a prompt whose samples all tie is kept",
-        ["tests/test_pairs_build.py::test_selection_against_a_hand_made_table"],
+        ["tests/answers/test_pairs_build.py::test_selection_against_a_hand_made_table"],
         (
             "src/treg_lightning/answers/selection.py",
             '        if best.score == worst.score:\n            return Choice(dropped="tied")\n',

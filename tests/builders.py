@@ -441,3 +441,49 @@ def save_model_folder(
     if with_tokenizer:
         tokenizer.save_pretrained(path)
     return path
+
+
+# Ten hand-written pairs the CLI tests train and answer on.
+CLI_PAIRS = [
+    ("What is 2 + 2?", "2 + 2 = 4.", "2 + 2 = 5, surely."),
+    ("Name a color.", "Blue.", "A color is a number."),
+    ("Say hi.", "Hi!", "No."),
+    ("What is the capital of France?", "Paris.", "Berlin, probably."),
+    ("Spell cat.", "C-A-T.", "K-A-T."),
+    ("Is ice cold?", "Yes, ice is cold.", "Ice is hot."),
+    ("Count to three.", "1, 2, 3.", "1, 3, 2."),
+    ("What is 3 * 3?", "9.", "6."),
+    ("Opposite of up?", "Down.", "Left."),
+    ("Is the sky green?", "No, it is usually blue.", "Yes."),
+]
+
+
+def exporting_fit_args(model_dir: Path, root: Path, *extra: str) -> list[str]:
+    """One step on contrastive token rewards, logged by CSVLogger, exported at the fit's end."""
+    rows = [(f"Add {i}.", f"{i}.", "No" * (i + 1)) for i in range(6)]
+    fit = tiny_fit_args(
+        model_dir,
+        write_pairs(root / "pairs.jsonl", rows=rows),
+        root,
+        "--model.scheduler=null",  # a constant lr: one step changes the weights
+        *annotate_args(root),
+        "--data.rewards.batch_size=12",
+        "--trainer.callbacks+=treg_lightning.training.callbacks.ExportOnFitEnd",
+        "--trainer.callbacks.heatmap_pairs=2",
+        *extra,
+        loss=None,
+        alpha=None,
+        lr=0.01,
+        rewards=None,
+        devices=None,
+        logger="csv",
+        seed=None,
+    )
+    return ["fit", *fit]
+
+
+def one_step_fit_args(model_dir: Path, root: Path) -> list[str]:
+    """One step of a plain fit on six rows (loss and devices the defaults)."""
+    rows = [(f"Add {i}.", f"{i}.", "No" * (i + 1)) for i in range(6)]
+    data = write_pairs(root / "pairs.jsonl", rows=rows)
+    return tiny_fit_args(model_dir, data, root, loss=None, devices=None, seed=None)

@@ -1,8 +1,9 @@
 """`python lora_fsdp_script.py model_dir data_file out_dir devices strategy [strategy2]`: LoRA
 DPO + T-REG for 3 steps (SGD), recording the whole adapter weights after every step, then a
 second fit in the same processes resumed from the step-2 checkpoint, then (with strategy2) a
-3-step fit under the second strategy in the same processes. Run by tests/test_lora_training.py;
-with devices=2 Lightning's launcher re-runs this very script as rank 1."""
+3-step fit under the second strategy in the same processes. Run by
+tests/training/test_lora_training.py; with devices=2 Lightning's launcher re-runs this very
+script as rank 1."""
 
 import functools
 import sys

@@ -1,6 +1,6 @@
 """`python passes_ranks_script.py SCENARIO RANK OUT [ARGS]`: one of two gloo ranks of a pass in
 which one rank fails (see ``SCENARIOS``). Run twice, as rank 0 and rank 1, by
-tests/test_passes.py.
+tests/passes/test_passes.py.
 
 NCCL tells no rank that another one has died, so a failed rank looks alive to its peers; gloo
 closes the dead rank's connections, and the peers would learn of the failure from that. To run

@@ -403,3 +403,38 @@ def test_predict_with_dataloaders_runs_lightnings_loop():
     trainer = TRegTrainer(accelerator="cpu", logger=False, enable_progress_bar=False)
     got = trainer.predict(Doubler(), loader)  # by position, as Lightning's
     assert [t.tolist() for t in got] == [[0.0, 2.0], [4.0, 6.0]]
+
+
+# --- the tests mirror the package -------------------------------------------------------------
+
+TESTS = Path(__file__).resolve().parent
+# Test folders that test something other than a package of src/: the benchmarks (bench/) and the
+# documentation pages (docs/).
+OTHER_TEST_FOLDERS = {"bench", "docs"}
+# Test files at the top of tests/: the root modules they test, or the package as a whole.
+TOP_LEVEL_TESTS = {
+    "test_metrics.py": "treg_lightning.metrics",
+    "test_pairs.py": "treg_lightning.pairs",
+    "test_imports.py": "the package: what importing it loads",
+    "test_layout.py": "the package: its layering",
+    "test_private_hooks.py": "the package: the private API of its dependencies it uses",
+    "test_version.py": "the package: its one version number",
+    "test_gpu.py": "the package on CUDA (bench/gpu_check.sh runs it)",
+}
+
+
+def test_tests_mirror_the_package_layout():
+    packages = {p.name for p in SRC.iterdir() if (p / "__init__.py").is_file()}
+    folders = {p.name for p in TESTS.iterdir() if p.is_dir() and p.name != "__pycache__"}
+    assert folders - packages - OTHER_TEST_FOLDERS == set(), "a test folder names no package"
+    top = {p.name for p in TESTS.glob("test_*.py")}
+    assert top == set(TOP_LEVEL_TESTS), "a test file at the top of tests/: move it to its package"
+    for name, what in TOP_LEVEL_TESTS.items():
+        if what.startswith(PKG):
+            assert what in FILES, f"{name} names {what}, which is no module"
+
+
+def test_test_file_names_are_unique():
+    """pytest imports test files by their base name (no __init__.py under tests/)."""
+    names = [p.name for p in TESTS.rglob("test_*.py")]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)

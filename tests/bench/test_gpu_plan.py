@@ -1,4 +1,4 @@
-"""bench/gpu_plan.py: the GPU check's plan and its cost model (what tests/test_gpu_check.py
+"""bench/gpu_plan.py: the GPU check's plan and its cost model (what tests/bench/test_gpu_check.py
 reads back from the dry run)."""
 
 from __future__ import annotations

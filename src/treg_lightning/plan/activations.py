@@ -33,7 +33,7 @@ reading the shared product). DoRA adds ``out * (b + a)`` per adapter and token a
 also keep ``1 + weight`` in float32, ``4h`` per norm and layer whatever the tokens.
 
 These counts equal the bytes of the tensors autograd saves, measured with
-``torch.autograd.graph.saved_tensors_hooks`` on tiny models (tests/test_plan.py), for float32
+``torch.autograd.graph.saved_tensors_hooks`` on tiny models (tests/plan/test_plan.py), for float32
 and bf16, sdpa and eager. With activation checkpointing each layer keeps only its input,
 ``bh`` per token, and one layer at a time is recomputed in the backward pass.
 """

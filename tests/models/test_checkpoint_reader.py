@@ -14,8 +14,7 @@ import torch
 
 pytest.importorskip("peft", reason="the LoRA checkpoint needs peft (the `lora`/`dev` extra)")
 
-from builders import tiny_fit_args, write_pairs  # noqa: E402
-from test_cli import PAIRS  # noqa: E402
+from builders import CLI_PAIRS, tiny_fit_args, write_pairs  # noqa: E402
 from treg_lightning.cli.main import TRegCLI, cli_main  # noqa: E402
 
 LORA_ARGS = [
@@ -37,7 +36,7 @@ def runs(tiny_model_dir, tmp_path_factory):
     """A LoRA run (its checkpoint holds the adapters only) and a full run, each exported as a
     Hugging Face folder, and the full run's checkpoint rewritten in the older format."""
     root = tmp_path_factory.mktemp("reader")
-    data = write_pairs(root / "pairs.jsonl", rows=PAIRS)
+    data = write_pairs(root / "pairs.jsonl", rows=CLI_PAIRS)
     out = {"root": root, "data": data}
     for name, extra in (("lora", LORA_ARGS), ("full", [])):
         args = tiny_fit_args(tiny_model_dir, data, root / name, *DATA, *extra, lr=0.05,

@@ -11,32 +11,8 @@ from unittest import mock
 import pytest
 import torch
 
-from builders import annotate_args, no_model_load, tiny_fit_args, write_pairs
+from builders import exporting_fit_args, no_model_load
 from treg_lightning.cli.main import cli_main
-
-
-def fit_args(model_dir: Path, root: Path, *extra: str) -> list[str]:
-    """One step on contrastive token rewards, logged by CSVLogger, exported at the fit's end."""
-    rows = [(f"Add {i}.", f"{i}.", "No" * (i + 1)) for i in range(6)]
-    fit = tiny_fit_args(
-        model_dir,
-        write_pairs(root / "pairs.jsonl", rows=rows),
-        root,
-        "--model.scheduler=null",  # a constant lr: one step changes the weights
-        *annotate_args(root),
-        "--data.rewards.batch_size=12",
-        "--trainer.callbacks+=treg_lightning.training.callbacks.ExportOnFitEnd",
-        "--trainer.callbacks.heatmap_pairs=2",
-        *extra,
-        loss=None,
-        alpha=None,
-        lr=0.01,
-        rewards=None,
-        devices=None,
-        logger="csv",
-        seed=None,
-    )
-    return ["fit", *fit]
 
 
 def treg(args: list[str]) -> None:
@@ -65,7 +41,7 @@ def printed_outputs(out: str) -> dict[str, str]:
 def test_two_runs_sharing_a_root_keep_both_outputs(tiny_model_dir, tmp_path, capsys, recwarn):
     runs = []
     for lr in (0.01, 0.02):
-        treg(fit_args(tiny_model_dir, tmp_path, f"--model.optimizer.lr={lr}"))
+        treg(exporting_fit_args(tiny_model_dir, tmp_path, f"--model.optimizer.lr={lr}"))
         runs.append({k: v.strip() for k, v in printed_outputs(capsys.readouterr().out).items()})
     # The start-up checks create nothing inside the new version folder before the logger does.
     assert not [w for w in recwarn if "exists and is not empty" in str(w.message)]
@@ -90,7 +66,9 @@ def test_explicit_export_dir_holding_files_is_refused_at_start_up(tiny_model_dir
     export_dir = tmp_path / "policy"
     export_dir.mkdir()
     (export_dir / "config.json").write_text("{}")
-    args = fit_args(tiny_model_dir, tmp_path, f"--trainer.callbacks.export_dir={export_dir}")
+    args = exporting_fit_args(
+        tiny_model_dir, tmp_path, f"--trainer.callbacks.export_dir={export_dir}"
+    )
     message = treg_refused(args, capsys)
     assert message == (
         f"{export_dir} (ExportOnFitEnd export_dir) already holds 1 entries (e.g. config.json); "
@@ -104,7 +82,7 @@ def test_explicit_export_dir_holding_files_is_refused_at_start_up(tiny_model_dir
 def test_existing_heat_map_is_refused_unless_overwrite(tiny_model_dir, tmp_path, capsys):
     heatmap = tmp_path / "map.html"
     heatmap.write_text("mine")
-    args = fit_args(
+    args = exporting_fit_args(
         tiny_model_dir,
         tmp_path,
         "--trainer.callbacks.export_dir=null",
@@ -120,7 +98,7 @@ def test_existing_heat_map_is_refused_unless_overwrite(tiny_model_dir, tmp_path,
 @pytest.fixture(scope="module")
 def checkpoint(tiny_model_dir, tmp_path_factory) -> tuple[Path, list[str]]:
     root = tmp_path_factory.mktemp("export")
-    args = fit_args(
+    args = exporting_fit_args(
         tiny_model_dir,
         root,
         "--data.rewards=null",

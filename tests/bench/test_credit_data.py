@@ -14,7 +14,7 @@ import pytest
 
 from builders import byte_tokenizer
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "credit_data.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "credit_data.py"
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ import yaml
 
 from treg_lightning.cli.main import cli_main
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-# Configs of `treg pairs` hold its own settings; tests/test_pairs_build.py parses them.
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+# Configs of `treg pairs` hold its own settings; tests/answers/test_pairs_build.py parses them.
 PAIRS_CONFIGS = {"onpolicy_demo.yaml"}
 RUN_CONFIGS = sorted(p for p in CONFIGS.glob("*.yaml") if p.name not in PAIRS_CONFIGS)
 STRATEGY_CONFIGS = sorted((CONFIGS / "strategy").glob("*.yaml"))
@@ -146,7 +146,7 @@ def test_paper_hyperparameters(name):
     assert data["batch_size"] * trainer["accumulate_grad_batches"] * trainer["devices"] == 128
     assert trainer["max_epochs"] == 1
     assert trainer["strategy"]["class_path"].endswith("ModelParallelStrategy")
-    # data_parallel_size is left to follow devices x num_nodes (tests/test_user_errors.py)
+    # data_parallel_size is left to follow devices x num_nodes (tests/cli/test_user_errors.py)
     assert trainer["strategy"]["init_args"]["data_parallel_size"] == "auto"
     assert trainer["strategy"]["init_args"]["tensor_parallel_size"] == 1
     assert m["fsdp_param_dtype"] == "bfloat16"

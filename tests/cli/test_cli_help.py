@@ -21,7 +21,7 @@ from treg_lightning.cli.main import TRegCLI, cli_main
 from treg_lightning.cli.noise import KNOWN_LOG_LINES, KNOWN_WARNINGS, known_noise_hidden
 from treg_lightning.losses.base import LossOutput, PreferenceLossModule
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 class ListedLoss(PreferenceLossModule):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from builders import annotate_args, tiny_fit_args, write_pairs
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 # `treg annotate` whose chunk writer, after the first chunk, waits for the file argv[1].
 HELD = """
 import os, sys, time

@@ -10,7 +10,7 @@ from unittest import mock
 import pytest
 import torch
 
-from builders import tiny_fit_args, write_pairs
+from builders import CLI_PAIRS, tiny_fit_args, write_pairs
 from treg_lightning.cli.main import TRegCLI
 from treg_lightning.cli.main import cli_main as _cli_main
 
@@ -19,20 +19,6 @@ def cli_main(args: list[str]) -> TRegCLI:
     """`treg ARGS`, keeping the CLI object (pytest's own argv must not reach LightningCLI)."""
     with mock.patch.object(sys, "argv", ["treg"]):
         return TRegCLI(args=args)
-
-
-PAIRS = [
-    ("What is 2 + 2?", "2 + 2 = 4.", "2 + 2 = 5, surely."),
-    ("Name a color.", "Blue.", "A color is a number."),
-    ("Say hi.", "Hi!", "No."),
-    ("What is the capital of France?", "Paris.", "Berlin, probably."),
-    ("Spell cat.", "C-A-T.", "K-A-T."),
-    ("Is ice cold?", "Yes, ice is cold.", "Ice is hot."),
-    ("Count to three.", "1, 2, 3.", "1, 3, 2."),
-    ("What is 3 * 3?", "9.", "6."),
-    ("Opposite of up?", "Down.", "Left."),
-    ("Is the sky green?", "No, it is usually blue.", "Yes."),
-]
 
 
 def common_args(model_dir: Path, data: Path, root: Path) -> list[str]:
@@ -60,7 +46,7 @@ def common_args(model_dir: Path, data: Path, root: Path) -> list[str]:
 def fitted(tiny_model_dir, tmp_path_factory):
     """`treg annotate`, then `treg fit` (4 steps) on the same config."""
     root = tmp_path_factory.mktemp("cli")
-    data = write_pairs(root / "pairs.jsonl", rows=PAIRS)
+    data = write_pairs(root / "pairs.jsonl", rows=CLI_PAIRS)
     args = common_args(tiny_model_dir, data, root)
     annotate = cli_main(["annotate", *args])
     meta_files = sorted((root / "cache").glob("*/meta.json"))

@@ -412,7 +412,7 @@ def test_shipped_onpolicy_config_parses(monkeypatch):
     import yaml
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    config = Path(__file__).resolve().parents[1] / "configs" / "onpolicy_demo.yaml"
+    config = Path(__file__).resolve().parents[2] / "configs" / "onpolicy_demo.yaml"
     out = io.StringIO()
     with (
         mock.patch.object(sys, "argv", ["treg"]),

@@ -28,7 +28,7 @@ from treg_lightning.rewards import ContrastiveRewards  # noqa: E402
 from treg_lightning.training.callbacks import ExportOnFitEnd  # noqa: E402
 from treg_lightning.training.guards import NonFiniteError, NonFiniteGuard  # noqa: E402
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH = 4  # 8 pairs, 2 per batch
 STEPS = 6  # the resume stops at step 3, mid-epoch 1
 

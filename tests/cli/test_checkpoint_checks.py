@@ -11,7 +11,7 @@ from unittest import mock
 import pytest
 import torch
 
-from builders import no_model_load, tiny_fit_args, write_pairs
+from builders import no_model_load, one_step_fit_args
 from treg_lightning.cli.main import TRegCLI, cli_main
 from treg_lightning.models.checkpoints import (
     check_checkpoint_file,
@@ -24,18 +24,12 @@ class NotATensor:
     """An object a pickle may hold but weights_only loading refuses."""
 
 
-def args_for(model_dir: Path, root: Path) -> list[str]:
-    rows = [(f"Add {i}.", f"{i}.", "No" * (i + 1)) for i in range(6)]
-    data = write_pairs(root / "pairs.jsonl", rows=rows)
-    return tiny_fit_args(model_dir, data, root, loss=None, devices=None, seed=None)
-
-
 @pytest.fixture(scope="module")
 def trained(tiny_model_dir, tmp_path_factory) -> Path:
     """A real checkpoint of a 1-step `treg fit` on the tiny model."""
     root = tmp_path_factory.mktemp("trained")
     with mock.patch.object(sys, "argv", ["treg"]):
-        cli = TRegCLI(args=["fit", *args_for(tiny_model_dir, root)])
+        cli = TRegCLI(args=["fit", *one_step_fit_args(tiny_model_dir, root)])
     return Path(cli.trainer.checkpoint_callback.best_model_path)
 
 
@@ -43,7 +37,7 @@ def refused(subcommand: str, ckpt: Path, model_dir: Path, root: Path, capsys) ->
     """`treg SUBCOMMAND --ckpt_path CKPT`: exit 2, nothing loaded or written; the message."""
     out = root / "exported"
     extra = [f"--output.path={out}"] if subcommand == "export" else []
-    args = [subcommand, *args_for(model_dir, root), f"--ckpt_path={ckpt}", *extra]
+    args = [subcommand, *one_step_fit_args(model_dir, root), f"--ckpt_path={ckpt}", *extra]
     with (
         no_model_load("treg_lightning.module.PreferenceModule.build_policy"),
         mock.patch.object(sys, "argv", ["treg"]),

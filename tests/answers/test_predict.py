@@ -16,8 +16,7 @@ from unittest import mock
 import pytest
 import torch
 
-from builders import write_pairs
-from test_cli import PAIRS
+from builders import CLI_PAIRS, write_pairs
 from treg_lightning.answers.generation import SamplingSettings, TransformersBackend, cut_at_stop
 from treg_lightning.answers.predictions import AnswerJob, PredictJob, PredictSettings, run_predict
 from treg_lightning.answers.settings import GenerationSettings
@@ -26,7 +25,7 @@ from treg_lightning.data.errors import DataFormatError
 from treg_lightning.data.prompt_files import read_prompts_file
 from treg_lightning.outputs import Output, OutputFolderError
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 PROMPTS = [
     "Hi",
     "What is the capital of France, and why is it that city?",
@@ -176,7 +175,7 @@ def setup(tiny_model_dir, tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     root = tmp_path_factory.mktemp("predict")
-    data = write_pairs(root / "pairs.jsonl", rows=PAIRS)
+    data = write_pairs(root / "pairs.jsonl", rows=CLI_PAIRS)
     prompts = root / "prompts.jsonl"
     prompts.write_text(
         "\n".join(json.dumps(p) for p in ["Say hi.", {"prompt": "Count to 3."}, "Why?"]) + "\n"
@@ -208,7 +207,7 @@ def test_predict_cli_data_prompts_and_no_overwrite(setup, tiny_model_dir):
     rows = read(out)
     # val_fraction 0.3 of the 10 pairs: 3 held-out pairs, each with its own prompt
     assert len(rows) == 3 and [r["index"] for r in rows] == [0, 1, 2]
-    prompts = {p for p, _, _ in PAIRS}
+    prompts = {p for p, _, _ in CLI_PAIRS}
     for row in rows:
         assert set(row) >= {"instruction", "output", "generator", "messages", "finish_reason"}
         assert row["instruction"] in prompts and row["generator"] == tiny_model_dir.name

@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from builders import write_pairs
-from test_cli import PAIRS
+from builders import CLI_PAIRS, write_pairs
 from treg_lightning.answers.evaluation import length_stats, win_rate
 from treg_lightning.cli.main import TRegCLI
 from treg_lightning.outputs import OutputFolderError
@@ -81,7 +80,7 @@ def evaluated(tiny_model_dir, tmp_path_factory):
         "epoch,step,train/loss_step,train/reward_accuracy_step,val/loss\n"
         "0,0,0.69,0.5,\n0,1,0.6,1.0,\n0,1,,,0.65\n"
     )
-    data = write_pairs(root / "pairs.jsonl", rows=PAIRS)
+    data = write_pairs(root / "pairs.jsonl", rows=CLI_PAIRS)
     reference = predictions(root / "reference.jsonl", REFERENCE, ["stop"] * 4)
     run = predictions(root / "run.jsonl", RUN, ["stop", "stop", "length", "stop"])
     runs = [

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "treg_lightning"
+SRC = Path(__file__).resolve().parents[2] / "src" / "treg_lightning"
 PICKLE_MODULES = {"pickle", "dill", "cloudpickle", "joblib", "shelve", "marshal", "_pickle"}
 
 

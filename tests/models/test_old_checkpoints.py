@@ -13,7 +13,7 @@ from unittest import mock
 import pytest
 import torch
 
-from test_checkpoint_checks import args_for
+from builders import one_step_fit_args
 from treg_lightning.cli.main import TRegCLI, cli_main
 from treg_lightning.losses.targets import ChosenSFT, ImplicitRewards, SelfGeneratedRewards
 from treg_lightning.models.renames import upgrade_hparams
@@ -32,7 +32,7 @@ def old_checkpoint(tiny_model_dir, tmp_path_factory) -> Path:
     """A real 1-step checkpoint whose saved regularizer is in the old form."""
     root = tmp_path_factory.mktemp("old")
     with mock.patch.object(sys, "argv", ["treg"]):
-        cli = TRegCLI(args=["fit", *args_for(tiny_model_dir, root)])
+        cli = TRegCLI(args=["fit", *one_step_fit_args(tiny_model_dir, root)])
     checkpoint = torch.load(cli.trainer.checkpoint_callback.best_model_path, weights_only=True)
     hparams = checkpoint["hyper_parameters"]
     assert "targets" in hparams["regularizer"]["init_args"]  # today's form
@@ -70,7 +70,7 @@ def test_todays_hparams_pass_unchanged():
 def _validate(ckpt: Path, model_dir: Path, root: Path) -> TRegCLI:
     args = [
         "validate",
-        *args_for(model_dir, root),
+        *one_step_fit_args(model_dir, root),
         "--data.val_fraction=0.34",
         f"--ckpt_path={ckpt}",
     ]
@@ -112,7 +112,7 @@ def test_old_sharded_folder_meta_is_upgraded(old_checkpoint, tiny_model_dir, tmp
         mock.patch.object(TRegCLI, "_run_subcommand"),
         mock.patch.object(sys, "argv", ["treg"]),
     ):
-        args = ["validate", *args_for(tiny_model_dir, tmp_path), f"--ckpt_path={folder}"]
+        args = ["validate", *one_step_fit_args(tiny_model_dir, tmp_path), f"--ckpt_path={folder}"]
         args.remove("--model.regularizer.alpha=0")  # would contradict the checkpoint's 0.5
         cli = TRegCLI(args=args)
     assert isinstance(cli.model.regularizer.targets, ChosenSFT)
@@ -124,7 +124,7 @@ def test_unknown_old_name_is_refused(old_checkpoint, tiny_model_dir, tmp_path, c
     checkpoint["hyper_parameters"]["regularizer"]["init_args"]["token_rewards"] = "oracle"
     ckpt = tmp_path / "odd.ckpt"
     torch.save(checkpoint, ckpt)
-    args = ["validate", *args_for(tiny_model_dir, tmp_path), f"--ckpt_path={ckpt}"]
+    args = ["validate", *one_step_fit_args(tiny_model_dir, tmp_path), f"--ckpt_path={ckpt}"]
     with mock.patch.object(sys, "argv", ["treg"]), pytest.raises(SystemExit) as info:
         cli_main(args)
     err = capsys.readouterr().err

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "replicate.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "replicate.py"
 
 
 def load_script():

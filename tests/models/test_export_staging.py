@@ -249,12 +249,12 @@ def test_finished_overwrite_replaces_the_weights_and_keeps_other_files(
 
 def test_export_on_fit_end_failing_leaves_the_earlier_export(tiny_model_dir, tmp_path):
     """ExportOnFitEnd with overwrite: true stages its export the same way."""
-    from test_run_outputs import fit_args
+    from builders import exporting_fit_args
 
     export_dir = tmp_path / "policy"
     export_dir.mkdir()
     (export_dir / "model.safetensors").write_bytes(b"the earlier export")
-    args = fit_args(
+    args = exporting_fit_args(
         tiny_model_dir,
         tmp_path,
         f"--trainer.callbacks.export_dir={export_dir}",
@@ -278,12 +278,12 @@ def test_export_on_fit_end_failing_leaves_the_earlier_export(tiny_model_dir, tmp
 def test_export_on_fit_end_refuses_a_readme_of_the_users_at_start_up(
     tiny_model_dir, tmp_path, capsys
 ):
-    from test_run_outputs import fit_args
+    from builders import exporting_fit_args
 
     export_dir = tmp_path / "policy"
     export_dir.mkdir()
     (export_dir / "README.md").write_text("# Mine\n")
-    args = fit_args(
+    args = exporting_fit_args(
         tiny_model_dir,
         tmp_path,
         f"--trainer.callbacks.export_dir={export_dir}",

@@ -20,7 +20,7 @@ import pytest
 from builders import annotate_args, no_model_load, tiny_fit_args, write_pairs
 from treg_lightning.cli.main import cli_main
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 def treg(args: list[str], capsys) -> tuple[int, str]:

@@ -25,7 +25,7 @@ from treg_lightning.plan.report import format_plan, parse_size
 from treg_lightning.plan.settings import settings_from_config
 from treg_lightning.plan.shapes import SHIPPED_SHAPES, shape_from_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # Run configs only: a `treg pairs` config (onpolicy_demo.yaml) has its own sections.
 CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if p.name != "onpolicy_demo.yaml")
 STRATEGIES = sorted((ROOT / "configs" / "strategy").glob("*.yaml"))

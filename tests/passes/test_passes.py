@@ -35,7 +35,7 @@ from treg_lightning.passes import (
 )
 from treg_lightning.passes.ranks import _raise_failure
 
-SCRIPT = Path(__file__).resolve().parent / "passes_ranks_script.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "passes_ranks_script.py"
 
 
 # --- the plan and the rank rule --------------------------------------------------------------
