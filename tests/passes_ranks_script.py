@@ -112,6 +112,7 @@ def export() -> None:
     A checkpoint that rank 0 cannot read is the injected failure."""
     from treg_lightning.models import export as export_module
     from treg_lightning.module import PreferenceModule
+    from treg_lightning.outputs import Output
     from treg_lightning.training.trainer import TRegTrainer
 
     real = export_module.export_checkpoint
@@ -126,7 +127,7 @@ def export() -> None:
     with mock.patch.object(export_module, "export_checkpoint", recorded):
         trainer = TRegTrainer(accelerator="cpu", devices=1, logger=False)
         trainer.export(PreferenceModule(sys.argv[4]), ckpt_path=sys.argv[5],
-                       output_dir=str(out / "export"))  # fmt: skip
+                       output=Output(str(out / "export")))  # fmt: skip
 
 
 SCENARIOS = {"step": step, "nested": nested, "merge": merge, "annotate": annotate,

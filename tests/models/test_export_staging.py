@@ -168,7 +168,7 @@ def test_a_readme_of_the_users_is_refused_before_anything_loads(
     assert err.strip().splitlines()[-1] == (
         f"error: {earlier / 'README.md'} is not a model card written by treg-lightning (your own "
         "README?): the export writes its model card under that name, so it would be lost. Move "
-        f"it out of {earlier}, or choose another --output_dir."
+        f"it out of {earlier}, or choose another --output.path."
     )
     assert snapshot(earlier) == before
     assert siblings(earlier) == []

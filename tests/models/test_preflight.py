@@ -86,7 +86,7 @@ def test_folders_that_hold_no_model(folders, tmp_path):
 def test_an_adapter_folder_is_named_as_such(folders):
     message = refused(ConfigError, folders["adapter"], "is a LoRA adapter folder")
     assert f"on the base model {str(folders['adapter'].parent / 'base')!r}" in message
-    assert "not a whole model" in message and "without --adapter_only" in message
+    assert "not a whole model" in message and "without --export.adapter_only" in message
     assert "merge_and_unload" in message and "holds no config.json" not in message
 
 
