@@ -310,8 +310,8 @@ MUTATIONS = [
     mutation(
         "audit: one response of a pair counted (the other's figure dropped)",
         [
+            "tests/rewards/test_audit.py::test_both_responses_of_a_pair_count",
             "tests/rewards/test_audit.py::test_audit_rows_by_hand",
-            "tests/rewards/test_audit.py::test_per_response_auroc_equals_sklearn_per_response",
         ],
         (
             "src/treg_lightning/rewards/audit.py",

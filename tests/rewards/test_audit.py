@@ -414,3 +414,20 @@ def test_audit_output_dir_under_a_read_only_folder_is_refused(
     err = refused_audit(audit_args(tmp_path, tiny_model_dir, f"--output.path={out}"), capsys)
     assert f"cannot write to {out} (--output.path)" in err, err
     assert not out.exists() and not (tmp_path / "cache").exists()
+
+
+def test_both_responses_of_a_pair_count():
+    """A pair whose chosen and rejected responses both carry negative marks gives two responses:
+    in the chosen one the marked token has the lowest r_hat (1.0), in the rejected one the
+    highest (0.0); the figure is their mean, 0.5, over 2 responses of 1 pair."""
+    row = {
+        "chosen_token_rewards": [-0.4, 0.1, 0.2],
+        "chosen_marks": [-1.0, NAN, NAN],
+        "rejected_token_rewards": [0.3, -0.1, 0.0],
+        "rejected_marks": [-1.0, NAN, NAN],
+    }
+    metrics = audit_rows([row], bootstrap=0)["metrics"]
+    assert metrics["auroc_negative"]["value"] == 0.5
+    assert (metrics["auroc_negative"]["pairs"], metrics["auroc_negative"]["responses"]) == (1, 2)
+    # k = 1 per response: the chosen's lowest token is marked (1), the rejected's is not (0)
+    assert metrics["precision_at_k"]["value"] == 0.5
