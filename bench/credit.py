@@ -575,6 +575,32 @@ def write_report(saved: Path, out: Path, tokenizer=None) -> dict:
     return results
 
 
+def reaudit(saved: Path, out: Path, work: Path) -> None:
+    """Copy ``saved``'s settings and records into ``out`` with the audit rows recomputed by
+    :func:`audit` (this checkout's ``treg audit`` definitions) on ``work``'s held-out pairs, for
+    every source the run trained with."""
+    import gzip
+    import shutil
+
+    settings = json.loads((saved / "settings.json").read_text())
+    size = Size(**{k: v for k, v in settings.items() if k in Size.__dataclass_fields__})
+    heldout = work / "pairs" / "heldout.jsonl"
+    if not heldout.is_file():
+        raise ConfigError(f"--reaudit needs the run's held-out pairs: {heldout} is missing; give "
+                          "the run's --work-dir.")  # fmt: skip
+    with gzip.open(saved / "tokens.json.gz", "rt", encoding="utf-8") as f:
+        records = json.load(f)
+    extras = json.loads((saved / "extras.json").read_text())
+    extras["audit"] = {key: audit(make_source(key, {}, size, work, {}), size, heldout,
+                                  records["pairs"])
+                       for key in extras["audit"]}  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("settings.json", "timings.json", "tokens.json.gz"):
+        if (saved / name).resolve() != (out / name).resolve():
+            shutil.copy2(saved / name, out / name)
+    (out / "extras.json").write_text(json.dumps(extras, indent=1) + "\n")
+
+
 def build_dry_run(work: Path) -> str:
     """The tiny byte-level model of ``bench/replicate.py --dry-run``; returns its folder."""
     spec = importlib.util.spec_from_file_location("replicate", BENCH / "replicate.py")
@@ -606,6 +632,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--report-from", type=Path, default=None,
                         help="a results folder: recompute its tables and plots from its "
                         "tokens.json.gz into --out, without training")  # fmt: skip
+    parser.add_argument("--reaudit", action="store_true",
+                        help="with --report-from: recompute the token-reward audit rows with "
+                        "this checkout's treg audit, from --work-dir's held-out pairs and "
+                        "reward caches, before the report")  # fmt: skip
     parser.add_argument("--model", default=None, help="override the size's model")
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
@@ -628,6 +658,9 @@ def main(argv: list[str] | None = None) -> dict:
 
         check_out(args.out, args.overwrite)
         model = json.loads((args.report_from / "settings.json").read_text())["model"]
+        if args.reaudit:
+            reaudit(args.report_from, args.out, args.work_dir)
+            return write_report(args.out, args.out, load_tokenizer(model))
         return write_report(args.report_from, args.out, load_tokenizer(model))
     given = {"model": args.model, "seeds": args.seeds, "steps": args.steps,
              "max_length": args.max_length, "max_prompt_length": args.max_prompt_length,

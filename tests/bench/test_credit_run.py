@@ -300,3 +300,19 @@ def test_a_changed_setting_does_not_reuse_scores(tmp_path):
     assert credit.saved_scores(tmp_path, replace(size, lr=0.5), files, "DPO", 0) != first
     files["train"].write_text("{} \n")
     assert credit.saved_scores(tmp_path, size, files, "DPO", 0) != first
+
+
+def test_reaudit_recomputes_the_audit_rows_and_keeps_the_rest(tiny_run, tmp_path):
+    root, results = tiny_run
+    saved = json.loads((root / "out" / "extras.json").read_text())
+    broken = tmp_path / "saved"
+    broken.mkdir()
+    for name in ("settings.json", "timings.json", "tokens.json.gz"):
+        (broken / name).write_bytes((root / "out" / name).read_bytes())
+    stale = {key: {"mean": 0.123, "low": None, "high": None} for key in saved["audit"]}
+    (broken / "extras.json").write_text(json.dumps({**saved, "audit": stale}))
+    again = load("credit").main(["--report-from", str(broken), "--out", str(tmp_path / "out"),
+                                 "--work-dir", str(root / "work"), "--reaudit"])  # fmt: skip
+    assert again["audit"] == results["audit"]  # recomputed, not the stale rows
+    for key in ("levels", "paired", "contrasts", "decision"):
+        assert again[key] == results[key], key
