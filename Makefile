@@ -8,6 +8,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+# OpenMP threads sleep instead of spinning while they wait: the suite's two-process tests share
+# two cores, where spinning threads wait for each other's time slices (bench/README.md, credit.py).
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: install test test-fast lint format bench mutation demo docs clean
 

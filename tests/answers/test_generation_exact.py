@@ -42,7 +42,7 @@ def demo_prompt_ids(tokenizer, count: int) -> list[list[int]]:
 def answers(tokenizer, prompts, shards, tmp_path) -> dict[int, list[list[int]]]:
     backend = TransformersBackend()  # a fresh process's backend: nothing generated before
     backend.setup(SmolLM2(), tokenizer, torch.device("cpu"), tmp_path)
-    sampling = SamplingSettings(max_new_tokens=32)
+    sampling = SamplingSettings(max_new_tokens=24)
     return {
         k: [
             g.token_ids
@@ -55,13 +55,13 @@ def answers(tokenizer, prompts, shards, tmp_path) -> dict[int, list[list[int]]]:
 @pytest.mark.slow
 def test_a_shard_generated_first_on_one_thread_equals_the_uninterrupted_run(tmp_path):
     tokenizer = load_tokenizer("smollm2")
-    prompts = demo_prompt_ids(tokenizer, 3 * SHARD)
+    prompts = demo_prompt_ids(tokenizer, 2 * SHARD)
     threads = torch.get_num_threads()
-    whole = answers(tokenizer, prompts, range(3), tmp_path)  # the uninterrupted run
+    whole = answers(tokenizer, prompts, range(2), tmp_path)  # the uninterrupted run
     try:
         torch.set_num_threads(1)  # the rerun, on another thread count
-        rerun = answers(tokenizer, prompts, [1, 2], tmp_path)  # shard 0 was kept
+        rerun = answers(tokenizer, prompts, [1], tmp_path)  # shard 0 was kept
     finally:
         torch.set_num_threads(threads)
     assert all(len(ids) > 0 for shard in whole.values() for ids in shard)
-    assert rerun == {k: whole[k] for k in (1, 2)}
+    assert rerun == {1: whole[1]}
