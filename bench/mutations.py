@@ -362,8 +362,8 @@ MUTATIONS = [
         [f"{PREFLIGHT}::test_vocabulary_compared_with_the_tokenizer_it_will_be_fed"],
         (
             "src/treg_lightning/models/preflight.py",
-            "    if ours != theirs:\n",
-            "    if len(ours) != len(theirs):\n",
+            "    if ours == theirs:\n        return []\n",
+            "    if len(ours) == len(theirs):\n        return []\n",
         ),
     ),
     # --- export and its model card ---------------------------------------------------------------

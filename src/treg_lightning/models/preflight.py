@@ -265,6 +265,14 @@ def require_kind(facts: ModelFacts, expected: str, setting: str) -> None:
     raise wrong_kind_error(where, facts.kind, facts.architecture, expected, facts.num_labels)
 
 
+def vocabulary_difference(ours: dict, theirs: dict, shown: int) -> list:
+    """Up to ``shown`` of the ``(token, id)`` entries only one of two vocabularies holds (in a
+    stable order); empty when both map every token to the same id."""
+    if ours == theirs:
+        return []
+    return sorted(set(ours.items()) ^ set(theirs.items()), key=str)[:shown]
+
+
 def check_vocabulary(
     facts: ModelFacts,
     tokenizer,
@@ -297,8 +305,8 @@ def check_vocabulary(
     if own is None:
         return  # no tokenizer of its own to compare with: the size check above is all
     ours, theirs = tokenizer.get_vocab(), own.get_vocab()
-    if ours != theirs:
-        diff = sorted(set(ours.items()) ^ set(theirs.items()), key=str)[:4]
+    diff = vocabulary_difference(ours, theirs, 4)
+    if diff:
         raise ConfigError(
             f"{where}: its tokenizer differs from {fed} ({tokenizer_name!r}): {len(theirs)} vs "
             f"{len(ours)} tokens, e.g. {diff}; the ids it would be fed mean other tokens to it. "

@@ -23,6 +23,7 @@ import torch
 
 from treg_lightning.errors import ConfigError
 from treg_lightning.forward.logprobs import causal_lm_token_logps, check_plain_logits, model_softcap
+from treg_lightning.models.preflight import vocabulary_difference
 from treg_lightning.pairs import SIDES, field
 from treg_lightning.rewards.prompts import ContrastiveTemplate, get_template
 
@@ -210,8 +211,8 @@ def check_same_vocab(tokenizer, evaluator_tokenizer, evaluator_name: str = "eval
     """Raise if the evaluator's tokenizer does not map every token to the same id: the cached
     response ids are scored by the evaluator as they are."""
     a, b = tokenizer.get_vocab(), evaluator_tokenizer.get_vocab()
-    if a != b:
-        diff = sorted(set(a.items()) ^ set(b.items()), key=str)[:5]
+    diff = vocabulary_difference(a, b, 5)
+    if diff:
         raise ConfigError(
             f"The {evaluator_name} model's tokenizer differs from the data tokenizer (vocab sizes "
             f"{len(b)} vs {len(a)}; e.g. {diff}): token rewards need the same vocabulary. Use an "
