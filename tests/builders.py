@@ -8,10 +8,12 @@ Test files and conftest files import them (``from builders import tiny_llama``: 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 from unittest import mock
 
@@ -487,3 +489,63 @@ def one_step_fit_args(model_dir: Path, root: Path) -> list[str]:
     rows = [(f"Add {i}.", f"{i}.", "No" * (i + 1)) for i in range(6)]
     data = write_pairs(root / "pairs.jsonl", rows=rows)
     return tiny_fit_args(model_dir, data, root, loss=None, devices=None, seed=None)
+
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def load_bench(name: str):
+    """The script ``bench/<name>.py`` imported as module ``name`` (``bench/`` on the path, so its
+    own ``import credit_data`` and the like resolve)."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# `--backend=pausekit.PauseAfter`: generation that stops, to be killed, after `calls` batches.
+PAUSE_KIT = """
+import time
+from pathlib import Path
+from treg_lightning.answers.generation import TransformersBackend
+
+class PauseAfter(TransformersBackend):
+    \"\"\"After `calls` generate calls, touch `marker` and wait to be killed.\"\"\"
+
+    def __init__(self, calls: int = 2, marker: str = "paused"):
+        super().__init__()
+        self.calls, self.marker = calls, marker
+
+    def generate(self, prompt_ids, sampling, key):
+        if self.calls == 0:
+            Path(self.marker).touch()
+            time.sleep(600)
+        self.calls -= 1
+        return super().generate(prompt_ids, sampling, key)
+"""
+
+
+def write_pause_kit(folder: Path) -> Path:
+    """``folder/pausekit.py`` (:data:`PAUSE_KIT`); run the subprocess with ``folder`` on its
+    path (:func:`checkout_env`)."""
+    path = folder / "pausekit.py"
+    path.write_text(PAUSE_KIT)
+    return path
+
+
+def answer_args(model, data, prompts, out) -> list[str]:
+    """The flags ``treg predict`` and ``treg pairs`` share in the answer tests: the model, the
+    data at lengths 96 / 64 on CPU without a logger, a prompts file and the output file."""
+    return [
+        f"--model.model={model}",
+        f"--data.source={data}",
+        "--data.max_length=96",
+        "--data.max_prompt_length=64",
+        "--trainer.accelerator=cpu",
+        "--trainer.logger=false",
+        f"--prompts.file={prompts}",
+        f"--output.path={out}",
+    ]

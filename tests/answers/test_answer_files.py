@@ -11,7 +11,7 @@ from unittest import mock
 
 import pytest
 
-from builders import no_model_load, save_tiny_model, write_pairs
+from builders import answer_args, no_model_load, save_tiny_model, write_pairs
 from treg_lightning.answers.evaluate_checks import check_answers_file
 from treg_lightning.answers.record_files import read_records
 from treg_lightning.cli.main import TRegCLI
@@ -55,14 +55,7 @@ def run(args: list[str]) -> None:
 
 def common(model, env, out: Path) -> list[str]:
     return [
-        f"--model.model={model}",
-        f"--data.source={env['data']}",
-        "--data.max_length=96",
-        "--data.max_prompt_length=64",
-        "--trainer.accelerator=cpu",
-        "--trainer.logger=false",
-        f"--prompts.file={env['prompts']}",
-        f"--output.path={out}",
+        *answer_args(model, env["data"], env["prompts"], out),
         "--sampling.max_new_tokens=5",
         "--generation.batch_size=2",
         "--generation.shard_size=2",

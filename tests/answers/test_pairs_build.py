@@ -20,12 +20,14 @@ import torch
 
 from builders import (
     NO_SYSTEM,
+    answer_args,
     byte_tokenizer,
     checkout_env,
     no_model_load,
     save_tiny_model,
     tiny_fit_args,
     write_pairs,
+    write_pause_kit,
 )
 from treg_lightning.answers.scorers import ImplicitRewardScorer, SequenceClassifierScorer
 from treg_lightning.answers.selection import BestWorst, Sample
@@ -92,14 +94,7 @@ def env(tiny_model_dir, tmp_path_factory):
 def pairs_args(model: Path, env: dict, out: Path, *extra: str) -> list[str]:
     return [
         "pairs",
-        f"--model.model={model}",
-        f"--data.source={env['data']}",
-        "--data.max_length=96",
-        "--data.max_prompt_length=64",
-        "--trainer.accelerator=cpu",
-        "--trainer.logger=false",
-        f"--prompts.file={env['prompts']}",
-        f"--output.path={out}",
+        *answer_args(model, env["data"], env["prompts"], out),
         *SEEDS,
         "--sampling.max_new_tokens=8",
         "--sampling.temperature=1.0",
@@ -266,31 +261,11 @@ def test_selection_against_a_hand_made_table():
 
 # --- resume ---------------------------------------------------------------------------------
 
-PAUSEKIT = '''
-import time
-from pathlib import Path
-from treg_lightning.answers.generation import TransformersBackend
-
-class PauseAfter(TransformersBackend):
-    """After `calls` generate calls, touch `marker` and wait to be killed."""
-
-    def __init__(self, calls: int = 2, marker: str = "paused"):
-        super().__init__()
-        self.calls, self.marker = calls, marker
-
-    def generate(self, prompt_ids, sampling, key):
-        if self.calls == 0:
-            Path(self.marker).touch()
-            time.sleep(600)
-        self.calls -= 1
-        return super().generate(prompt_ids, sampling, key)
-'''
-
 
 def test_sigkill_while_sampling_then_rerun_gives_the_same_files(env, tiny_model_dir, straight,
                                                                 tmp_path):  # fmt: skip
     """kill -9 in seed 21's samples (seed 13 done); the rerun writes the uninterrupted files."""
-    (tmp_path / "pausekit.py").write_text(PAUSEKIT)
+    write_pause_kit(tmp_path)
     out = tmp_path / "straight.jsonl"  # same name: the sidecars must be byte-equal too
     args = pairs_args(tiny_model_dir, env, out)
     marker = tmp_path / "paused"

@@ -16,7 +16,7 @@ from unittest import mock
 import pytest
 import torch
 
-from builders import CLI_PAIRS, write_pairs
+from builders import CLI_PAIRS, write_pairs, write_pause_kit
 from treg_lightning.answers.generation import SamplingSettings, TransformersBackend, cut_at_stop
 from treg_lightning.answers.predictions import AnswerJob, PredictJob, PredictSettings, run_predict
 from treg_lightning.answers.settings import GenerationSettings
@@ -311,27 +311,6 @@ def test_resume_keeps_finished_shards_and_never_mixes_settings(setup, tiny_model
 
 # --- subprocesses: kill -9 and two DDP processes --------------------------------------------
 
-PAUSEKIT = '''
-import time
-from pathlib import Path
-from treg_lightning.outputs import OutputFolderError
-from treg_lightning.answers.generation import TransformersBackend
-
-class PauseAfter(TransformersBackend):
-    """After `calls` generate calls, touch `marker` and wait to be killed."""
-
-    def __init__(self, calls: int = 2, marker: str = "paused"):
-        super().__init__()
-        self.calls, self.marker = calls, marker
-
-    def generate(self, prompt_ids, sampling, key):
-        if self.calls == 0:
-            Path(self.marker).touch()
-            time.sleep(600)
-        self.calls -= 1
-        return super().generate(prompt_ids, sampling, key)
-'''
-
 
 def start(args: list[str], tmp_path: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{tmp_path}", "OMP_NUM_THREADS": "1"}
@@ -345,7 +324,7 @@ def start(args: list[str], tmp_path: Path) -> subprocess.Popen:
 def test_sigkill_then_resume_gives_the_same_file(setup, tiny_model_dir, tmp_path, single):
     """kill -9 once 2 of 3 shards are written; the rerun generates the third and writes the
     file a straight run writes (batch_size 1 here, 2 there: padding changes no answer)."""
-    (tmp_path / "pausekit.py").write_text(PAUSEKIT)
+    write_pause_kit(tmp_path)
     args = base_args(tiny_model_dir, setup["data"], tmp_path / "out.jsonl")
     args += [f"--prompts.file={setup['prompts']}", "--generation.shard_size=1",
              "--generation.batch_size=1"]  # fmt: skip

@@ -24,7 +24,7 @@ from unittest import mock
 import pytest
 import torch
 
-from builders import SRC, write_pairs
+from builders import SRC, answer_args, write_pairs
 from treg_lightning.answers.generation import (
     VLLMBackend,
     engine_local_rank,
@@ -122,14 +122,7 @@ def env(tmp_path_factory, tiny_model_dir):
 def args(env, model, out: Path, *extra: str) -> list[str]:
     return [
         "predict",
-        f"--model.model={model}",
-        f"--data.source={env['data']}",
-        "--data.max_length=96",
-        "--data.max_prompt_length=64",
-        "--trainer.accelerator=cpu",
-        "--trainer.logger=false",
-        f"--prompts.file={env['prompts']}",
-        f"--output.path={out}",
+        *answer_args(model, env["data"], env["prompts"], out),
         f"--ckpt_path={env['ckpt']}",
         "--sampling.max_new_tokens=16",
         "--generation.shard_size=1",

@@ -6,7 +6,6 @@ file in the span format is scored, and a bad one stops the run before anything t
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import subprocess
 import sys
@@ -17,22 +16,13 @@ import numpy as np
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+from builders import BENCH, load_bench
+
 VARIANTS = ("DPO", "DPO + T-REG (spans, alpha 1)", "DPO + T-REG (shuffled spans, alpha 1)")
 
 
-def load(name: str):
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def build_data(folder: Path) -> Path:
-    credit_data = load("credit_data")
+    credit_data = load_bench("credit_data")
     record = credit_data.build(folder, seed=0, hh_path=None, layout=credit_data.Layout("v2"))
     (folder / "fingerprint.json").write_text(json.dumps(record))
     return folder
@@ -42,7 +32,7 @@ def build_data(folder: Path) -> Path:
 def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("credit")
     data = build_data(root / "data")  # the demo set only: no shared data needed
-    credit = load("credit")
+    credit = load_bench("credit")
     results = credit.main(["--size", "dry-run", "--seeds", "1", "--variants", *VARIANTS,
                            "--out", str(root / "out"), "--work-dir", str(root / "work"),
                            "--data", str(data)])  # fmt: skip
@@ -65,10 +55,10 @@ def token_logps(model, prompt_ids: list[int], ids: list[int]) -> np.ndarray:
 def test_records_match_a_recomputation(tiny_run, variant):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    credit_metrics = load("credit_metrics")
+    credit_metrics = load_bench("credit_metrics")
     root, results = tiny_run
     work = root / "work"
-    slug = load("credit").slug(variant)
+    slug = load_bench("credit").slug(variant)
     tokenizer = AutoTokenizer.from_pretrained(work / "tiny")
     base = AutoModelForCausalLM.from_pretrained(work / "tiny").eval()
     policy = AutoModelForCausalLM.from_pretrained(work / "policies" / f"{slug}-seed0").eval()
@@ -107,7 +97,7 @@ def test_records_match_a_recomputation(tiny_run, variant):
 
 def test_report_from_the_records_alone(tiny_run, tmp_path):
     root, results = tiny_run
-    again = load("credit").main(["--report-from", str(root / "out"), "--out", str(tmp_path)])
+    again = load_bench("credit").main(["--report-from", str(root / "out"), "--out", str(tmp_path)])
     for key in ("levels", "paired", "contrasts", "chance", "decision"):
         assert again[key] == results[key], key
     for name in ("results.md", "credit_share.png", "collateral.png", "heatmaps.png"):
@@ -122,12 +112,12 @@ def test_an_existing_result_is_not_overwritten(tiny_run):
     root, _ = tiny_run
     before = (root / "out" / "results.json").read_bytes()
     with pytest.raises(ConfigError, match="--overwrite"):
-        load("credit").main(["--report-from", str(root / "out"), "--out", str(root / "out")])
+        load_bench("credit").main(["--report-from", str(root / "out"), "--out", str(root / "out")])
     assert (root / "out" / "results.json").read_bytes() == before
 
 
 def test_variant_names_give_source_and_strength():
-    credit = load("credit")
+    credit = load_bench("credit")
     assert credit.source_key("DPO") is None and credit.source_key("DPO (minimal pairs)") is None
     assert credit.source_key("DPO + T-REG (shuffled spans, alpha 1)") == "shuffled spans"
     assert credit.source_key("DPO + T-REG (two-model, alpha 1)") == "two-model"
@@ -143,8 +133,8 @@ def test_variant_names_give_source_and_strength():
 
 def test_the_two_model_gate():
     """The two-model variant runs once the oracle's paired credit-share interval is above 0."""
-    credit = load("credit")
-    report = load("credit_report")
+    credit = load_bench("credit")
+    report = load_bench("credit_report")
 
     def runs(oracle_gain: float) -> dict:
         def record(i, gain):  # DPO's share 0.5 + noise; the oracle's share moved by gain
@@ -193,7 +183,7 @@ def heldout_file(tmp_path_factory):
 
 def test_an_external_heldout_file_is_scored(heldout_file):
     root, path, built, own = heldout_file
-    results = load("credit").main(["--size", "dry-run", "--seeds", "1", "--variants", "DPO",
+    results = load_bench("credit").main(["--size", "dry-run", "--seeds", "1", "--variants", "DPO",
                                    "--heldout", str(path), "--out", str(root / "out"),
                                    "--work-dir", str(root / "work"),
                                    "--data", str(root / "data")])  # fmt: skip
@@ -213,7 +203,7 @@ def test_an_external_heldout_file_is_scored(heldout_file):
 @pytest.fixture
 def tiny_size(tiny_model_dir):
 
-    return replace(load("credit").SIZES["dry-run"], model=str(tiny_model_dir))
+    return replace(load_bench("credit").SIZES["dry-run"], model=str(tiny_model_dir))
 
 
 def write(path: Path, *rows) -> Path:
@@ -236,7 +226,7 @@ GOOD = {"prompt": "Hi?", "chosen": "Hello.", "rejected": "Go away, idiot.",
 def test_a_bad_heldout_row_is_named(tiny_size, tokenizer_of, tmp_path, bad, field, says):
     from treg_lightning.data.errors import DataFormatError
 
-    pairs = load("credit_pairs")
+    pairs = load_bench("credit_pairs")
     path = write(tmp_path / "mine.jsonl", GOOD, {**GOOD, **bad})
     with pytest.raises(DataFormatError) as caught:
         pairs.external_heldout(path, tiny_size, tokenizer_of(tiny_size), tmp_path / "work")
@@ -257,7 +247,7 @@ def tokenizer_of():
 
 
 def test_a_good_heldout_file_is_copied_with_ids(tiny_size, tokenizer_of, tmp_path):
-    pairs = load("credit_pairs")
+    pairs = load_bench("credit_pairs")
     path = write(tmp_path / "mine.jsonl", GOOD, {**GOOD, "id": "x7", "kind": "insult"})
     out = pairs.external_heldout(path, tiny_size, tokenizer_of(tiny_size), tmp_path / "work")
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -280,7 +270,7 @@ def test_the_script_exits_2_before_training(tmp_path):
 
 def test_a_rerun_resumes_from_the_kept_scores(tiny_run, tmp_path, monkeypatch):
     root, results = tiny_run
-    credit = load("credit")
+    credit = load_bench("credit")
     trained = []
     monkeypatch.setattr(credit, "train", lambda *a, **k: trained.append(a) or 1 / 0)
     again = credit.main(["--size", "dry-run", "--seeds", "1", "--variants", *VARIANTS,
@@ -292,7 +282,7 @@ def test_a_rerun_resumes_from_the_kept_scores(tiny_run, tmp_path, monkeypatch):
 
 
 def test_a_changed_setting_does_not_reuse_scores(tmp_path):
-    credit = load("credit")
+    credit = load_bench("credit")
     files = {"train": tmp_path / "t.jsonl"}
     files["train"].write_text("{}\n")
     size = credit.SIZES["dry-run"]
@@ -311,7 +301,7 @@ def test_reaudit_recomputes_the_audit_rows_and_keeps_the_rest(tiny_run, tmp_path
         (broken / name).write_bytes((root / "out" / name).read_bytes())
     stale = {key: {"mean": 0.123, "low": None, "high": None} for key in saved["audit"]}
     (broken / "extras.json").write_text(json.dumps({**saved, "audit": stale}))
-    again = load("credit").main(["--report-from", str(broken), "--out", str(tmp_path / "out"),
+    again = load_bench("credit").main(["--report-from", str(broken), "--out", str(tmp_path / "out"),
                                  "--work-dir", str(root / "work"), "--reaudit"])  # fmt: skip
     assert again["audit"] == results["audit"]  # recomputed, not the stale rows
     for key in ("levels", "paired", "contrasts", "decision"):

@@ -3,29 +3,15 @@ paired bootstrap and the decision rule against hand-computed examples."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-
-
-def load(name: str):
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+from builders import load_bench
 
 
 @pytest.fixture(scope="module")
 def cm():
-    return load("credit_metrics")
+    return load_bench("credit_metrics")
 
 
 # d_t on five rejected tokens, the defect on tokens 0 and 3:
@@ -95,7 +81,7 @@ def test_report_tables_pair_each_seed_and_pair_with_dpo():
     """Two seeds x two pairs; the oracle's credit share minus DPO's per cell, by hand:
     DPO shares: seed 0 (0.5, 0.0), seed 1 (0.25, 1.0); oracle: (0.75, 0.5), (0.25, 1.0);
     differences (0.25, 0.5), (0.0, 0.0): mean 0.1875. Seen kinds only in pair 0."""
-    report = load("credit_report")
+    report = load_bench("credit_report")
 
     def record(pair: int, delta, chosen=(0.0,)):
         return {"id": f"p{pair}", "kind": "insult" if pair == 0 else "irrelevant",
@@ -130,7 +116,7 @@ def test_report_tables_pair_each_seed_and_pair_with_dpo():
     ],
 )
 def test_decision_rule(oracle, uniform, shuffled, verdict):
-    decide = load("credit_decision").decide
+    decide = load_bench("credit_decision").decide
 
     def interval(t):
         return dict(zip(("mean", "low", "high"), t, strict=True))
