@@ -418,16 +418,20 @@ def ensure_data(data_dir: Path, size: Size) -> None:
         )
 
 
-def saved_scores(work: Path, size: Size, files: dict, name: str, seed: int) -> Path:
-    """Where one (variant, seed)'s held-out scores are kept, so an interrupted run resumes
-    at the first unscored training. The folder is named by the settings and the selected
-    files' bytes: a changed setting or file never reuses an earlier score."""
+def scores_folder(work: Path, size: Size, files: dict) -> Path:
+    """Where each (variant, seed)'s held-out scores are kept (:func:`kept_scores`), so an
+    interrupted run resumes at the first unscored training. The folder is named by the settings
+    and the selected files' bytes: a changed setting or file never reuses an earlier score."""
     import hashlib
 
     key = json.dumps({"size": asdict(size), "files": {s: hashlib.sha256(p.read_bytes())
                       .hexdigest() for s, p in sorted(files.items())}}, sort_keys=True,
                      default=str)  # fmt: skip
-    folder = work / "scores" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    return work / "scores" / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def kept_scores(folder: Path, name: str, seed: int) -> Path:
+    """The scores file of one (variant, seed) in a :func:`scores_folder`."""
     return folder / f"{slug(name)}-seed{seed}.json"
 
 
@@ -447,9 +451,10 @@ def keep_scores(path: Path, records: list[dict]) -> None:
 
 
 def train_and_score(size, names, files, heldout_rows, tokenizer, work, clock, runs, notes):
+    folder = scores_folder(work, size, files)
     for seed in range(size.seeds):
         for name in names:
-            kept = saved_scores(work, size, files, name, seed)
+            kept = kept_scores(folder, name, seed)
             if kept.exists():
                 print(f"--- {name}, seed {seed}: scores from {kept}", flush=True)
                 runs.setdefault(name, []).append(load_scores(kept))

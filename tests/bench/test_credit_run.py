@@ -286,10 +286,10 @@ def test_a_changed_setting_does_not_reuse_scores(tmp_path):
     files = {"train": tmp_path / "t.jsonl"}
     files["train"].write_text("{}\n")
     size = credit.SIZES["dry-run"]
-    first = credit.saved_scores(tmp_path, size, files, "DPO", 0)
-    assert credit.saved_scores(tmp_path, replace(size, lr=0.5), files, "DPO", 0) != first
+    first = credit.scores_folder(tmp_path, size, files)
+    assert credit.scores_folder(tmp_path, replace(size, lr=0.5), files) != first
     files["train"].write_text("{} \n")
-    assert credit.saved_scores(tmp_path, size, files, "DPO", 0) != first
+    assert credit.scores_folder(tmp_path, size, files) != first
 
 
 def test_reaudit_recomputes_the_audit_rows_and_keeps_the_rest(tiny_run, tmp_path):
