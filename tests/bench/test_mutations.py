@@ -5,24 +5,14 @@ suite here instead of stopping the mutation check before its first mutation."""
 from __future__ import annotations
 
 import ast
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
+from builders import load_bench
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_mutations():
-    spec = importlib.util.spec_from_file_location("mutations", ROOT / "bench" / "mutations.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("mutations", module)
-    spec.loader.exec_module(module)
-    return module.MUTATIONS
-
-
-MUTATIONS = load_mutations()
+MUTATIONS = load_bench("mutations").MUTATIONS
 
 
 def test_names_are_unique_and_every_mutation_names_a_test():
